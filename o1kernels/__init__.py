@@ -1,0 +1,11 @@
+"""o1kernels: GPU kernels for o1-style test-time-compute decoding.
+
+Public API:
+  merge_states, shared_prefix_attention, TreeAttentionPlan, tree_attention,
+  step_rewards, available_backends.
+"""
+from ._backend import BACKENDS, available_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "available_backends", "__version__"]

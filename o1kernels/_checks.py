@@ -1,0 +1,60 @@
+"""Argument checks shared by the public ops.
+
+Every public op validates its inputs with these helpers before any kernel runs,
+so bad input raises a TypeError/ValueError naming the argument, the expected and
+the actual shape, dtype or device.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check that `t` is a tensor with `ndim` dims, one of `dtypes`, on `device`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of the other inputs), got {t.device}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """Check `t.shape` against `expected`, where None matches any size."""
+    shape = tuple(t.shape)
+    if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+        exp = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {exp}, got {list(shape)}")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0].dtype
+    for n, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first:
+            raise TypeError(f"{n} must have the dtype of {names[0]} ({first}), got {t.dtype}")
+
+
+def default_sm_scale(sm_scale, head_dim: int) -> float:
+    if sm_scale is None:
+        return head_dim ** -0.5
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
+    if not sm_scale > 0 or sm_scale == float("inf"):
+        raise ValueError(f"sm_scale must be a finite positive number, got {sm_scale}")
+    return float(sm_scale)
