@@ -1,0 +1,123 @@
+"""Helpers shared by the benchmark scripts: timing, device facts, result files."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Datasheet HBM bandwidth in GB/s (1e9 B/s), matched against the device name.
+# A measured device-to-device copy is reported next to it (see measured_copy_gbps).
+PEAK_GBPS = {
+    "H100 SXM": 3350.0,
+    "H100 80GB HBM3": 3350.0,
+    "H100 PCIe": 2000.0,
+    "H100 NVL": 3900.0,
+    "H200": 4800.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100-SXM4-40GB": 1555.0,
+    "A100-PCIE-40GB": 1555.0,
+    "A100 80GB PCIe": 1935.0,
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def peak_gbps(device: torch.device) -> float | None:
+    """Datasheet peak memory bandwidth of `device` in GB/s, or None when unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    for key, val in PEAK_GBPS.items():
+        if key in name:
+            return val
+    return None
+
+
+def measured_copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bandwidth of a large device-to-device copy (bytes read + bytes written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device, warmup=3, reps=20)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def bench(fn, device: torch.device, *, warmup: int = 5, reps: int = 50) -> float:
+    """Median wall time of fn() in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = None
+    for mod in ("flash_attn", "flashinfer"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def write_results(stem: str, device: torch.device, columns: list[str], rows: list[dict], notes: list[str]) -> tuple[Path, Path]:
+    """Write `rows` as JSON and a markdown table under benchmarks/results/; return both paths."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    date = _dt.date.today().isoformat()
+    meta = {"device": device_name(device), "date": date, "versions": versions(), "peak_gbps": peak_gbps(device), "notes": notes}
+    json_path = RESULTS_DIR / f"{stem}_{tag}.json"
+    md_path = RESULTS_DIR / f"{stem}_{tag}.md"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    md = [f"# {stem} on {meta['device']} ({date})", "", f"versions: {json.dumps(meta['versions'])}", ""]
+    md += [f"- {n}" for n in notes] + [""]
+    md.append(markdown_table(columns, rows))
+    md_path.write_text("\n".join(md) + "\n")
+    return json_path, md_path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
