@@ -5,7 +5,8 @@ Public API:
   step_rewards, available_backends.
 """
 from ._backend import BACKENDS, available_backends
+from .step_rewards import step_rewards
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "available_backends", "__version__"]
+__all__ = ["BACKENDS", "available_backends", "__version__", "step_rewards"]
