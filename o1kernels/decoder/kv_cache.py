@@ -1,0 +1,212 @@
+"""Paged KV cache shared across search branches.
+
+PagedKVPool: per layer, K and V page pools in vLLM/flash-attn layout [num_pages, page_size, Hkv, D] and a host
+reference count per page. KVTree: the branches of a search as chains of Segments (runs of tokens in pages).
+
+Sharing rule: every branch holds one reference on each page of its chain (ancestor segments + its own tail), so a
+page's refcount is the number of live branches that read it and it returns to the free list when that reaches 0.
+`fork` freezes the branch's tail into a read-only segment that becomes the last ancestor of the parent and of every
+child; each then writes new tokens into a tail of its own (a fresh page, never the partially filled last page of a
+frozen segment). Nothing is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class KVPoolExhausted(RuntimeError):
+    """The fixed-size pool has too few free pages."""
+
+
+class PagedKVPool:
+    """K/V pages of every layer plus reference counts.
+
+    k[layer], v[layer]: [num_pages, page_size, Hkv, D] in `dtype` on `device`. With num_pages=None the pool starts
+    small and grows (doubling, page indices stay valid) when it runs out; with a fixed num_pages running out raises
+    KVPoolExhausted saying how many pages were needed.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, page_size: int = 16,
+                 num_pages: int | None = None, dtype=torch.float32, device="cpu", initial_pages: int = 64):
+        for name, val in (("page_size", page_size), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                          ("head_dim", head_dim), ("initial_pages", initial_pages)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if num_pages is not None and (isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1):
+            raise ValueError(f"num_pages must be a positive integer or None (grow on demand), got {num_pages!r}")
+        self.page_size = page_size
+        self.growable = num_pages is None
+        size = initial_pages if num_pages is None else num_pages
+        shape = (size, page_size, num_kv_heads, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.refcount = np.zeros(size, dtype=np.int64)
+        self._free = list(range(size - 1, -1, -1))  # pop() hands out low page ids first
+        element = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * element
+        self.bytes_per_page = self.bytes_per_token * page_size
+        self.peak_pages = 0
+
+    @property
+    def num_pages(self) -> int:
+        return self.refcount.shape[0]
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def kv_bytes(self) -> int:
+        """Bytes of the pages referenced now."""
+        return self.pages_in_use * self.bytes_per_page
+
+    def _grow(self, needed: int) -> None:
+        old = self.num_pages
+        new = max(2 * old, old + needed)
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                extra = torch.empty((new - old, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                cache[i] = torch.cat((t, extra))
+        self.refcount = np.concatenate((self.refcount, np.zeros(new - old, dtype=np.int64)))
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
+
+    def alloc(self, n: int) -> list[int]:
+        """n free pages, each with refcount 1."""
+        if n > len(self._free):
+            if not self.growable:
+                raise KVPoolExhausted(
+                    f"KV pool exhausted: needs {n} free pages, has {len(self._free)} of {self.num_pages} "
+                    f"(page_size={self.page_size}, {self.bytes_per_page} bytes per page); create the decoder with a "
+                    f"larger num_pages, or num_pages=None to grow the pool on demand")
+            self._grow(n - len(self._free))
+        pages = [self._free.pop() for _ in range(n)]
+        self.refcount[pages] = 1
+        self.peak_pages = max(self.peak_pages, self.pages_in_use)
+        return pages
+
+    def retain(self, pages: list[int], times: int = 1) -> None:
+        if pages:
+            idx = np.asarray(pages)
+            if (self.refcount[idx] <= 0).any():
+                raise RuntimeError("retain of a free KV page (refcount bookkeeping error)")
+            self.refcount[idx] += times
+
+    def release(self, pages: list[int]) -> None:
+        """Drop one reference on each page; pages reaching 0 return to the free list."""
+        if not pages:
+            return
+        idx = np.asarray(pages)
+        if (self.refcount[idx] <= 0).any():
+            raise RuntimeError("release of a free KV page (refcount bookkeeping error)")
+        self.refcount[idx] -= 1
+        self._free.extend(int(p) for p in idx[self.refcount[idx] == 0])
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [N, Hkv, D] at flat slots [N] (page * page_size + slot) of `layer`."""
+        self.k[layer].view(-1, *self.k[layer].shape[2:])[slots] = k
+        self.v[layer].view(-1, *self.v[layer].shape[2:])[slots] = v
+
+
+@dataclass(eq=False)
+class Segment:
+    """A run of `length` tokens stored in order in `pages` (token t at pages[t // page_size], slot t % page_size)."""
+
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Branch:
+    ancestors: tuple[Segment, ...]  # read-only, shared with other branches
+    tail: Segment  # written by this branch only
+
+    def chain(self) -> list[Segment]:
+        return [*self.ancestors, self.tail]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.ancestors) + self.tail.length
+
+
+class KVTree:
+    """Branches over a PagedKVPool. `version` changes whenever any branch's pages or the set of branches change
+    (a cached TreeAttentionPlan keyed on it stays valid while it is unchanged)."""
+
+    def __init__(self, pool: PagedKVPool):
+        self.pool = pool
+        self.branches: dict[int, Branch] = {}
+        self._next_id = 0
+        self.version = 0
+
+    def _new(self, ancestors: tuple[Segment, ...]) -> int:
+        bid = self._next_id
+        self._next_id += 1
+        self.branches[bid] = Branch(ancestors, Segment())
+        self.version += 1
+        return bid
+
+    def new_branch(self) -> int:
+        """An empty root branch."""
+        return self._new(())
+
+    def get(self, branch) -> Branch:
+        if isinstance(branch, bool) or not isinstance(branch, int) or branch not in self.branches:
+            live = sorted(self.branches)
+            raise ValueError(f"unknown branch id {branch!r} (live branches: {live[:16]}{' ...' if len(live) > 16 else ''})")
+        return self.branches[branch]
+
+    def reserve(self, branch: int, num_tokens: int) -> None:
+        """Make room for num_tokens more tokens in the branch's tail (allocating pages if needed)."""
+        tail = self.get(branch).tail
+        need = -(-(tail.length + num_tokens) // self.pool.page_size) - len(tail.pages)
+        if need > 0:
+            tail.pages += self.pool.alloc(need)
+            self.version += 1
+
+    def trim(self, branch: int) -> None:
+        """Free the tail's pages past its length (unused reservation)."""
+        tail = self.get(branch).tail
+        keep = -(-tail.length // self.pool.page_size)
+        if keep < len(tail.pages):
+            self.pool.release(tail.pages[keep:])
+            del tail.pages[keep:]
+            self.version += 1
+
+    def append(self, branch: int, tokens: list[int]) -> torch.Tensor:
+        """Append tokens to the branch's tail; return their flat pool slots [len(tokens)] int64 (on the CPU)."""
+        self.reserve(branch, len(tokens))
+        tail = self.get(branch).tail
+        ps = self.pool.page_size
+        pos = np.arange(tail.length, tail.length + len(tokens))
+        slots = np.asarray(tail.pages, dtype=np.int64)[pos // ps] * ps + pos % ps
+        tail.length += len(tokens)
+        tail.tokens += tokens
+        return torch.from_numpy(slots)
+
+    def fork(self, branch: int, n: int) -> list[int]:
+        """n children sharing the branch's tokens read-only; the parent continues in a new tail of its own."""
+        parent = self.get(branch)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        self.trim(branch)
+        if parent.tail.length:
+            parent.ancestors = (*parent.ancestors, parent.tail)
+            parent.tail = Segment()
+        self.pool.retain([p for seg in parent.ancestors for p in seg.pages], times=n)
+        return [self._new(parent.ancestors) for _ in range(n)]
+
+    def release(self, branch: int) -> None:
+        br = self.get(branch)
+        self.pool.release([p for seg in br.chain() for p in seg.pages])
+        del self.branches[branch]
+        self.version += 1
+
+    def tokens(self, branch: int) -> list[int]:
+        return [t for seg in self.get(branch).chain() for t in seg.tokens]
+
+    def live_tokens(self) -> int:
+        """Tokens summed over live branches (what dense per-branch copies would hold)."""
+        return sum(b.length for b in self.branches.values())
