@@ -3,8 +3,15 @@ and PRM-guided search over candidate branches.
 
   model.py       ModelConfig, Transformer (HF parameter names, optional PRM reward head)
   checkpoint.py  save_checkpoint / load_checkpoint (HF directory: config.json + safetensors, sharded or not)
+  kv_cache.py    PagedKVPool (refcounted pages, vLLM layout) and KVTree (branches sharing pages)
+  engine.py      TreeDecoder: batched branch decoding on tree_attention / merge_states / step_rewards
+  naive.py       NaiveDecoder: dense KV copy per branch, per-branch attention, unfused scoring (the baseline)
 """
 from .checkpoint import load_checkpoint, save_checkpoint
+from .engine import StepOutput, TreeDecoder
+from .kv_cache import KVPoolExhausted, PagedKVPool
 from .model import ModelConfig, Transformer
+from .naive import NaiveDecoder
 
-__all__ = ["ModelConfig", "Transformer", "load_checkpoint", "save_checkpoint"]
+__all__ = ["KVPoolExhausted", "ModelConfig", "NaiveDecoder", "PagedKVPool", "StepOutput", "Transformer", "TreeDecoder",
+           "load_checkpoint", "save_checkpoint"]
