@@ -115,7 +115,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, *, prefix
     if name == "torch":
         o, lse = shared_prefix_attention_torch(*args)
     elif name == "triton":
-        from .triton_ops.tree_attention import shared_prefix_attention_triton
+        from .triton_ops.shared_prefix_attention import shared_prefix_attention_triton
 
         o, lse = shared_prefix_attention_triton(*args)
     else:
