@@ -1,0 +1,350 @@
+"""step_rewards: every backend against the float64 reference, layouts, edge cases, bad input."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from o1kernels import step_rewards
+from o1kernels._backend import backend_unavailable_reason
+from step_rewards_reference import reference_step_rewards
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+AGGREGATES = ("min", "prod", "last", "mean", "max")
+HEADS = ((2, "softmax", 1), (5, "softmax", 3), (1, "sigmoid", 0))  # (C, activation, positive_index)
+
+# (dtype, atol, rtol) for rewards in [0, 1] and chain scores. Inputs are exact in every dtype and
+# all math is fp32, except the hidden layer's dot on GPU when hidden and mlp_weight share a 16-bit
+# dtype: its operands are rounded to that dtype (unit roundoff 2^-11 fp16, 2^-8 bf16).
+FP32_MATH_TOL = (torch.float32, 2e-5, 1e-4)
+GPU_LOW_PRECISION_DOT_TOL = ((torch.float16, 2e-3, 1e-2), (torch.bfloat16, 1.5e-2, 5e-2))
+
+
+def tolerance(dtype, device, has_mlp):
+    if device.type == "cuda" and has_mlp:
+        for dt, atol, rtol in GPU_LOW_PRECISION_DOT_TOL:
+            if dt == dtype:
+                return atol, rtol
+    return FP32_MATH_TOL[1:]
+
+
+def backends(device: str = "cpu"):
+    """Backends to check on `device`, each skipped with its reason when unavailable."""
+    out = []
+    for name in ("torch", "triton", "cpu" if device == "cpu" else "cuda"):
+        reason = backend_unavailable_reason(name, torch.device(device))
+        out.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)) if reason else name)
+    return out
+
+
+@dataclasses.dataclass
+class Case:
+    bs: int = 4
+    seq_len: int = 37
+    hd: int = 100
+    num_classes: int = 2
+    activation: str = "softmax"
+    positive_index: int = 1
+    aggregate: str = "min"
+    dtype: torch.dtype = torch.float32
+    norm: bool = True
+    bias: bool = True
+    hm: int = 0  # 0: no hidden layer
+    mlp_bias: bool = True
+    mask: str = "mixed"
+
+    def __str__(self):
+        dt = str(self.dtype).replace("torch.", "")
+        mlp = f"-hm{self.hm}{'b' if self.mlp_bias else ''}" if self.hm else ""
+        return (f"bs{self.bs}-L{self.seq_len}-hd{self.hd}-c{self.num_classes}{self.activation[:3]}-{self.aggregate}-{dt}"
+                f"{'-norm' if self.norm else ''}{'-bias' if self.bias else ''}{mlp}-{self.mask}")
+
+
+def make_mask(bs: int, seq_len: int, kind: str) -> torch.Tensor:
+    """[bs, seq_len] bool. "mixed": random steps, plus sequences with 0 steps, 1 step at position 0,
+    steps at 0 and L-1, and every position a step (as many as the batch allows)."""
+    if kind == "none":
+        return torch.zeros(bs, seq_len, dtype=torch.bool)
+    if kind == "all":
+        return torch.ones(bs, seq_len, dtype=torch.bool)
+    mask = torch.rand(bs, seq_len) < 0.35
+    mask[:, -1] = True
+    if bs == 1:
+        mask[0, 0] = True
+        return mask
+    mask[0] = False
+    mask[1] = False
+    mask[1, 0] = True
+    if bs > 2:
+        mask[2, 0] = True
+    if bs > 3:
+        mask[3] = True
+    return mask
+
+
+def make_inputs(case: Case, device="cpu"):
+    """(hidden, step_mask, weight, bias, kwargs) with random, non-zero values of moderate scale."""
+    head_in = case.hm or case.hd
+    hidden = (torch.randn(case.bs, case.seq_len, case.hd) * 2).to(case.dtype)
+    weight = (torch.randn(case.num_classes, head_in) * 2 / head_in ** 0.5).to(case.dtype)
+    bias = (torch.randn(case.num_classes) * 0.5).to(case.dtype) if case.bias else None
+    kwargs = dict(activation=case.activation, positive_index=case.positive_index, aggregate=case.aggregate)
+    if case.norm:
+        kwargs["norm_weight"] = (torch.rand(case.hd) + 0.5).to(case.dtype)
+    if case.hm:
+        kwargs["mlp_weight"] = (torch.randn(case.hm, case.hd) / case.hd ** 0.5).to(case.dtype)
+        kwargs["mlp_bias"] = (torch.randn(case.hm) * 0.2).to(case.dtype) if case.mlp_bias else None
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    kwargs = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return move(hidden), make_mask(case.bs, case.seq_len, case.mask).to(device), move(weight), move(bias), kwargs
+
+
+def assert_matches(name, actual, expected, atol, rtol):
+    """float32 output equal to the float64 reference: same NaN positions, finite values within tolerance."""
+    assert actual.dtype == torch.float32, f"{name}: dtype {actual.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().cpu().double()
+    nan_a, nan_e = actual.isnan(), expected.isnan()
+    assert torch.equal(nan_a, nan_e), f"{name}: NaN at {nan_a.nonzero().tolist()[:8]}, expected at {nan_e.nonzero().tolist()[:8]}"
+    a, e = actual[~nan_e], expected[~nan_e]
+    assert torch.isfinite(a).all(), f"{name}: non-finite values {a[~torch.isfinite(a)][:8].tolist()}"
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bad.any():
+        worst = err.argsort(descending=True)[:5]
+        rows = "\n".join(f"  got {a[i]:.8g} expected {e[i]:.8g} |err| {err[i]:.3g}" for i in worst.tolist())
+        pytest.fail(f"{name}: {int(bad.sum())}/{a.numel()} values beyond atol={atol} rtol={rtol}; worst:\n{rows}")
+
+
+def check_case(case: Case, backend: str, device="cpu"):
+    hidden, mask, weight, bias, kwargs = make_inputs(case, device)
+    scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
+    ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+    atol, rtol = tolerance(case.dtype, torch.device(device), bool(case.hm))
+    assert_matches("step_scores", scores, ref_scores, atol, rtol)
+    assert_matches("chain_scores", chain, ref_chain, atol, rtol)
+
+
+# Every activation/head width with every aggregate (dtypes rotate).
+ACT_AGG_CASES = [Case(num_classes=c, activation=act, positive_index=pi, aggregate=agg, dtype=DTYPES[i % 3])
+                 for i, ((c, act, pi), agg) in enumerate((h, a) for h in HEADS for a in AGGREGATES)]
+# Head variants: with/without norm, bias and the hidden layer (Hm 72 with bias, 32 without), every dtype;
+# Hd 48/100/160 (below, not a multiple of, and over several K blocks).
+HEAD_CASES = [Case(bs=3, seq_len=20, hd=(48, 100, 160)[i % 3], dtype=dtype, norm=norm, bias=i % 2 == 0, hm=hm,
+                   mlp_bias=mlp_bias, aggregate=AGGREGATES[i % 5], num_classes=HEADS[i % 3][0],
+                   activation=HEADS[i % 3][1], positive_index=HEADS[i % 3][2])
+              for i, (dtype, norm, (hm, mlp_bias)) in enumerate(
+                  (d, n, m) for d in DTYPES for n in (False, True) for m in ((0, False), (72, True), (32, False)))]
+# Batch and step-count extremes: Bs 1 and 64, a single token, no steps at all, many steps per sequence.
+SHAPE_CASES = [
+    Case(bs=1, seq_len=1, hd=48, mask="all", aggregate="last"),
+    Case(bs=1, seq_len=9, hd=48, mask="none", hm=32),
+    Case(bs=1, seq_len=17, hd=160, mask="mixed", aggregate="prod", dtype=torch.bfloat16),
+    Case(bs=64, seq_len=5, hd=48, aggregate="mean", dtype=torch.float16),
+    Case(bs=64, seq_len=3, hd=100, hm=32, aggregate="last", num_classes=1, activation="sigmoid", positive_index=0),
+    Case(bs=2, seq_len=70, hd=48, mask="all", aggregate="prod", hm=72, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("case", ACT_AGG_CASES + HEAD_CASES + SHAPE_CASES, ids=str)
+def test_matches_reference(case, backend):
+    check_case(case, backend)
+
+
+def pack(hidden, mask, lengths):
+    """Padded [Bs, L, Hd] -> packed [T, Hd], [T], cu_seqlens keeping the first lengths[b] tokens of each row."""
+    keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < torch.tensor(lengths, device=hidden.device)[:, None]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return hidden[keep], mask[keep], cu.to(hidden.device)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("case", [Case(bs=6, seq_len=30, aggregate=agg, hm=hm, dtype=DTYPES[i % 3])
+                                  for i, (agg, hm) in enumerate(zip(AGGREGATES, (0, 72, 0, 32, 0)))], ids=str)
+def test_packed_matches_padded_and_reference(case, backend):
+    """Packed varlen input (including an empty and a one-token sequence) equals the padded result."""
+    hidden, mask, weight, bias, kwargs = make_inputs(case)
+    lengths = [30, 0, 1, 17, 30, 8]
+    packed_hidden, packed_mask, cu = pack(hidden, mask, lengths)
+    # With no steps in the padding, the padded call computes the same steps: bitwise the same results.
+    in_seq = torch.arange(30)[None, :] < torch.tensor(lengths)[:, None]
+    padded_scores, padded_chain = step_rewards(hidden, mask & in_seq, weight, bias, backend=backend, **kwargs)
+    scores, chain = step_rewards(packed_hidden, packed_mask, weight, bias, cu_seqlens=cu, backend=backend, **kwargs)
+    torch.testing.assert_close(scores, padded_scores[in_seq], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(chain, padded_chain, rtol=0, atol=0, equal_nan=True)
+    ref_scores, ref_chain = reference_step_rewards(packed_hidden, packed_mask, weight, bias, cu_seqlens=cu, **kwargs)
+    atol, rtol = tolerance(case.dtype, hidden.device, bool(case.hm))
+    assert_matches("step_scores", scores, ref_scores, atol, rtol)
+    assert_matches("chain_scores", chain, ref_chain, atol, rtol)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_math_shepherd_style_two_lm_head_rows(backend):
+    """Math-Shepherd: P("+") from the '+'/'-' rows of the LM head equals the full-vocabulary computation."""
+    vocab, hd, plus_id, minus_id = 40, 64, 7, 3
+    hidden = torch.randn(5, 12, hd)
+    lm_head = torch.randn(vocab, hd) / hd ** 0.5
+    tag_mask = make_mask(5, 12, "mixed")
+    scores, chain = step_rewards(hidden, tag_mask, lm_head[[plus_id, minus_id]], positive_index=0, aggregate="min",
+                                 backend=backend)
+    logits = hidden.double() @ lm_head.double().T  # [Bs, L, vocab]: what the original scoring code computes
+    pair = logits[..., [plus_id, minus_id]].softmax(-1)[..., 0]
+    expected = torch.where(tag_mask, pair, torch.nan)
+    assert_matches("step_scores", scores, expected, *FP32_MATH_TOL[1:])
+    ref_chain = torch.tensor([expected[b][tag_mask[b]].min().item() if tag_mask[b].any() else float("nan") for b in range(5)],
+                             dtype=torch.float64)
+    assert_matches("chain_scores", chain, ref_chain, *FP32_MATH_TOL[1:])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_non_contiguous_inputs(backend):
+    """Strided hidden (sliced rows, batch-transposed) and transposed weights."""
+    case = Case(bs=3, seq_len=11, hd=48, hm=32, aggregate="mean")
+    _, mask, _, bias, kwargs = make_inputs(case)
+    hidden = torch.randn(case.seq_len, case.bs, case.hd + 5)[:, :, 2:2 + case.hd].transpose(0, 1)
+    weight = torch.randn(case.hm, case.num_classes).T / case.hm ** 0.5
+    kwargs["mlp_weight"] = torch.randn(case.hd, case.hm).T / case.hd ** 0.5
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not kwargs["mlp_weight"].is_contiguous()
+    scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
+    ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+    assert_matches("step_scores", scores, ref_scores, *FP32_MATH_TOL[1:])
+    assert_matches("chain_scores", chain, ref_chain, *FP32_MATH_TOL[1:])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mixed_weight_dtypes(backend):
+    """bf16 hidden with fp32 norm weight, fp16 hidden layer and fp32 head: fp32 math throughout."""
+    hidden = torch.randn(4, 13, 100).to(torch.bfloat16)
+    mask = make_mask(4, 13, "mixed")
+    kwargs = dict(norm_weight=torch.rand(100) + 0.5, mlp_weight=(torch.randn(72, 100) / 10).half(),
+                  mlp_bias=torch.randn(72).to(torch.bfloat16), aggregate="max")
+    weight, bias = torch.randn(2, 72) / 8, torch.randn(2).half()
+    scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
+    ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+    assert_matches("step_scores", scores, ref_scores, *FP32_MATH_TOL[1:])
+    assert_matches("chain_scores", chain, ref_chain, *FP32_MATH_TOL[1:])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_empty_inputs(backend):
+    weight = torch.randn(2, 16)
+    scores, chain = step_rewards(torch.randn(0, 5, 16), torch.zeros(0, 5, dtype=torch.bool), weight, backend=backend)
+    assert scores.shape == (0, 5) and chain.shape == (0,)
+    scores, chain = step_rewards(torch.randn(0, 16), torch.zeros(0, dtype=torch.bool), weight,
+                                 cu_seqlens=torch.zeros(3, dtype=torch.int64), backend=backend)
+    assert scores.shape == (0,) and chain.shape == (2,) and chain.isnan().all()
+
+
+def test_auto_backend_matches_reference():
+    check_case(Case(bs=2, seq_len=9, hd=48), "auto")
+
+
+# ---------------------------------------------------------------- bad input
+
+def _good():
+    return dict(hidden=torch.randn(2, 5, 8), step_mask=torch.rand(2, 5) < 0.5, weight=torch.randn(2, 8))
+
+
+BAD_INPUTS = [
+    # (id, overrides, exception, message regex)
+    ("hidden-not-tensor", dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+    ("hidden-int", dict(hidden=torch.ones(2, 5, 8, dtype=torch.int32)), TypeError, "hidden must have dtype"),
+    ("hidden-2d-padded", dict(hidden=torch.randn(10, 8)), ValueError, r"hidden must have shape \[Bs, L, Hd\]"),
+    ("hidden-3d-packed", dict(cu_seqlens=torch.tensor([0, 5, 10])), ValueError, "hidden must have 2 dimensions"),
+    ("mask-shape", dict(step_mask=torch.zeros(2, 6, dtype=torch.bool)), ValueError, r"step_mask must have shape \[2, 5\]"),
+    ("mask-dtype", dict(step_mask=torch.zeros(2, 5, dtype=torch.uint8)), TypeError, "step_mask must have dtype in \\(bool\\)"),
+    ("mask-device", dict(step_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta")), ValueError, "step_mask must be on cpu"),
+    ("weight-hd", dict(weight=torch.randn(2, 9)), ValueError, r"weight must have shape \[C, Hd\] with Hd = hidden.shape\[-1\] = 8"),
+    ("weight-1d", dict(weight=torch.randn(8)), ValueError, "weight must have 2 dimensions"),
+    ("weight-int", dict(weight=torch.ones(2, 8, dtype=torch.int64)), TypeError, "weight must have dtype"),
+    ("weight-device", dict(weight=torch.randn(2, 8, device="meta")), ValueError, "weight must be on cpu"),
+    ("weight-too-many-classes", dict(weight=torch.randn(65, 8)), ValueError, "at most 64 rows"),
+    ("bias-shape", dict(bias=torch.randn(3)), ValueError, r"bias must have shape \[2\]"),
+    ("bias-device", dict(bias=torch.randn(2, device="meta")), ValueError, "bias must be on cpu"),
+    ("norm-weight-hd", dict(norm_weight=torch.randn(7)), ValueError, r"norm_weight must have shape \[8\]"),
+    ("norm-eps", dict(norm_eps=-1.0), ValueError, "norm_eps"),
+    ("mlp-weight-hd", dict(mlp_weight=torch.randn(4, 7)), ValueError, "mlp_weight must have shape \\[Hm, Hd\\] with Hd"),
+    ("weight-hm", dict(mlp_weight=torch.randn(4, 8)), ValueError, r"weight must have shape \[C, Hm\] with Hm = mlp_weight.shape\[0\] = 4"),
+    ("mlp-bias-hm", dict(mlp_weight=torch.randn(4, 8), weight=torch.randn(2, 4), mlp_bias=torch.randn(5)), ValueError,
+     r"mlp_bias must have shape \[4\]"),
+    ("mlp-bias-alone", dict(mlp_bias=torch.randn(4)), ValueError, "mlp_bias was given without mlp_weight"),
+    ("softmax-one-class", dict(weight=torch.randn(1, 8)), ValueError, "softmax.*C >= 2"),
+    ("sigmoid-two-classes", dict(activation="sigmoid"), ValueError, "sigmoid.*C == 1"),
+    ("positive-index-high", dict(positive_index=2), ValueError, r"positive_index must be in \[0, 2\)"),
+    ("positive-index-negative", dict(positive_index=-1), ValueError, "positive_index"),
+    ("positive-index-float", dict(positive_index=1.0), TypeError, "positive_index must be an int"),
+    ("activation", dict(activation="relu"), ValueError, "activation must be one of"),
+    ("aggregate", dict(aggregate="sum"), ValueError, "aggregate must be one of"),
+    ("backend", dict(backend="fast"), ValueError, "backend must be one of"),
+    ("cu-seqlens-dtype", dict(hidden=torch.randn(10, 8), step_mask=torch.zeros(10, dtype=torch.bool),
+                              cu_seqlens=torch.tensor([0.0, 10.0])), TypeError, "cu_seqlens must have dtype"),
+    ("cu-seqlens-2d", dict(hidden=torch.randn(10, 8), step_mask=torch.zeros(10, dtype=torch.bool),
+                           cu_seqlens=torch.tensor([[0, 10]])), ValueError, "cu_seqlens must have 1 dimensions"),
+    ("cu-seqlens-end", dict(hidden=torch.randn(10, 8), step_mask=torch.zeros(10, dtype=torch.bool),
+                            cu_seqlens=torch.tensor([0, 4, 9])), ValueError, "cu_seqlens must start at 0 and end at T"),
+    ("cu-seqlens-decreasing", dict(hidden=torch.randn(10, 8), step_mask=torch.zeros(10, dtype=torch.bool),
+                                   cu_seqlens=torch.tensor([0, 6, 4, 10])), ValueError, "cu_seqlens must be non-decreasing"),
+    ("packed-mask-shape", dict(hidden=torch.randn(10, 8), step_mask=torch.zeros(2, 5, dtype=torch.bool),
+                               cu_seqlens=torch.tensor([0, 5, 10])), ValueError, r"step_mask must have shape \[10\]"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input(overrides, exc, match):
+    args = _good()
+    args.update(overrides)
+    hidden, step_mask, weight = args.pop("hidden"), args.pop("step_mask"), args.pop("weight")
+    bias = args.pop("bias", None)
+    with pytest.raises(exc, match=match):
+        step_rewards(hidden, step_mask, weight, bias, **args)
+
+
+# ---------------------------------------------------------------- GPU
+
+GPU_CASES = ACT_AGG_CASES[::2] + HEAD_CASES + SHAPE_CASES + [
+    Case(bs=16, seq_len=300, hd=1536, hm=1536, dtype=torch.bfloat16, aggregate="prod"),
+    Case(bs=4, seq_len=64, hd=8192, hm=8192, dtype=torch.bfloat16),
+    Case(bs=4, seq_len=64, hd=8192, num_classes=16, positive_index=15, dtype=torch.float16, aggregate="last"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", backends("cuda"))
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_matches_reference_cuda(case, backend):
+    check_case(case, backend, "cuda")
+
+
+@pytest.mark.cuda
+def test_packed_matches_reference_cuda():
+    device = "cuda"
+    case = Case(bs=6, seq_len=30, hm=72, dtype=torch.bfloat16, aggregate="mean")
+    hidden, mask, weight, bias, kwargs = make_inputs(case, device)
+    packed_hidden, packed_mask, cu = pack(hidden, mask, [30, 0, 1, 17, 30, 8])
+    scores, chain = step_rewards(packed_hidden, packed_mask, weight, bias, cu_seqlens=cu, backend="triton", **kwargs)
+    ref_scores, ref_chain = reference_step_rewards(packed_hidden, packed_mask, weight, bias, cu_seqlens=cu, **kwargs)
+    atol, rtol = tolerance(case.dtype, torch.device(device), True)
+    assert_matches("step_scores", scores, ref_scores, atol, rtol)
+    assert_matches("chain_scores", chain, ref_chain, atol, rtol)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay():
+    """The Triton path has no host sync: it captures in a CUDA graph and replays on new inputs."""
+    case = Case(bs=8, seq_len=40, hd=256, hm=128, dtype=torch.bfloat16)
+    hidden, mask, weight, bias, kwargs = make_inputs(case, "cuda")
+    step_rewards(hidden, mask, weight, bias, backend="triton", **kwargs)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scores, chain = step_rewards(hidden, mask, weight, bias, backend="triton", **kwargs)
+    hidden.copy_(torch.randn_like(hidden))
+    mask.copy_(make_mask(case.bs, case.seq_len, "mixed").cuda())
+    graph.replay()
+    ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+    atol, rtol = tolerance(case.dtype, hidden.device, True)
+    assert_matches("step_scores", scores, ref_scores, atol, rtol)
+    assert_matches("chain_scores", chain, ref_chain, atol, rtol)
