@@ -225,12 +225,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
     old_ctx = scaling["original_max_position_embeddings"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    # smooth = 0 above old_ctx/low (divided), 1 below old_ctx/high (kept), linear in old_ctx/wavelen between.
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, scaled)
-    scaled = torch.where(wavelen < old_ctx / high, inv_freq, scaled)
-    return scaled.float()
+    return ((1 - smooth) * inv_freq / factor + smooth * inv_freq).float()
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
