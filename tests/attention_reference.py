@@ -133,3 +133,15 @@ def report_mismatch(name: str, got: torch.Tensor, ref: torch.Tensor, atol: float
                  f"ref {ref64.flatten()[j]:.6g}" for j in worst]
         raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} entries beyond atol={atol} rtol={rtol}; "
                              f"max err {err.max():.3g}\n" + "\n".join(lines))
+
+
+def backends_on(device: str) -> list[str]:
+    """Concrete backends usable on `device` (Triton on the CPU through its interpreter)."""
+    from o1kernels import available_backends
+
+    return [name for name, reason in available_backends(device).items() if reason is None]
+
+
+def random_values(shape, dtype, device="cpu"):
+    """Uniform values in [-1, 1) in `dtype` (never zeros: every test input is random)."""
+    return (torch.rand(shape, device=device) * 2 - 1).to(dtype)

@@ -1,0 +1,240 @@
+"""TreeAttentionPlan + tree_attention against float64 attention over each query's explicit key list."""
+import random
+
+import pytest
+import torch
+
+import o1kernels
+from o1kernels import TreeAttentionPlan, tree_attention
+from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
+                                 tree_attention_f64, tree_segments)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = backends_on("cpu")
+
+
+def _pool(num_pages, page_size, hkv, d, dtype, device):
+    k = torch.randn(num_pages, page_size, hkv, d, device=device).to(dtype)
+    v = random_values((num_pages, page_size, hkv, d), dtype, device)
+    return k, v
+
+
+def _check(q, k, v, segments, plan, backend, lengths=None, sm_scale=None):
+    lengths = [s[1] for s in segments] if lengths is None else lengths
+    o, lse = tree_attention(q, k, v, plan, sm_scale=sm_scale, return_lse=True, backend=backend)
+    assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, plan.page_size, lengths, scale)
+    report_mismatch(f"o ({backend})", o, o_ref, *TOLERANCES[q.dtype])
+    report_mismatch(f"lse ({backend})", lse, lse_ref, *LSE_TOLERANCES[q.dtype])
+
+
+# (depth, max leaves, max segment length, page_size, Hq, Hkv, D, kv_chunk_size, queries_per_tile)
+TREE_CASES = [
+    (1, 3, 97, 16, 4, 4, 16, None, None),   # one segment shared by all; GQA 1
+    (2, 8, 40, 8, 8, 2, 64, 32, None),      # two levels, GQA 4, kv split in chunks
+    (3, 6, 33, 4, 8, 1, 32, 16, 2),         # MQA, query tiles of 2
+    (4, 10, 21, 4, 16, 2, 16, 8, 3),        # depth 4, GQA 8, many small chunks
+    (4, 6, 17, 4, 4, 2, 24, 16, 4),         # head_dim not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"depth{c[0]}-hq{c[4]}-hkv{c[5]}-d{c[6]}")
+def test_random_tree_matches_float64(backend, dtype, case, device="cpu"):
+    depth, leaves_max, seg_len_max, page_size, hq, hkv, d, chunk, tile = case
+    rng = random.Random(str(case))
+    nodes, leaves = random_tree(leaves_max, depth, seg_len_max, rng)
+    segments, num_pages = tree_segments(nodes, leaves, page_size, 3, rng)
+    num_queries = len(leaves) + 1  # the last query row is listed by no segment: o = 0, lse = -inf
+    plan = TreeAttentionPlan(segments, num_queries, page_size, device=device, kv_chunk_size=chunk, queries_per_tile=tile)
+    q = (torch.randn(num_queries, hq, d, device=device) * 2).to(dtype)
+    k, v = _pool(num_pages, page_size, hkv, d, dtype, device)
+    _check(q, k, v, segments, plan, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_dim_256_and_strided_q(backend):
+    rng = random.Random(5)
+    nodes, leaves = random_tree(4, 2, 20, rng)
+    segments, num_pages = tree_segments(nodes, leaves, 8, 2, rng)
+    q = torch.randn(len(leaves), 4, 512)[:, :, ::2].to(torch.float16)  # non-contiguous q, D = 256
+    k, v = _pool(num_pages, 8, 2, 256, torch.float16, "cpu")
+    plan = TreeAttentionPlan(segments, len(leaves), 8, kv_chunk_size=8)
+    _check(q, k, v, segments, plan, backend, sm_scale=0.2)
+
+
+def _grown_tree(device):
+    """Root prompt of 37 tokens (pages 5,2,7) shared by 3 branches, each with a tail of capacity 16."""
+    segments = [([5, 2, 7], 37, [0, 1, 2]), ([0, 3], 1, [0]), ([4, 9], 0, [1]), ([8, 1], 16, [2])]
+    return segments, TreeAttentionPlan(segments, 3, 16, device=device, kv_chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_lengths_grows_segments_without_replanning(backend, device="cpu"):
+    segments, plan = _grown_tree(device)
+    q = torch.randn(3, 4, 32, device=device)
+    k, v = _pool(10, 16, 2, 32, torch.float32, device)
+    _check(q, k, v, segments, plan, backend)
+    for lengths in ([48, 2, 1, 16], torch.tensor([10, 32, 17, 0], dtype=torch.int32, device=device)):
+        plan.set_lengths(lengths)
+        expected = lengths if isinstance(lengths, list) else lengths.tolist()
+        _check(q, k, v, segments, plan, backend, lengths=expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lengths_out_of_range_are_clamped(backend):
+    segments, plan = _grown_tree("cpu")
+    q = torch.randn(3, 4, 32)
+    k, v = _pool(10, 16, 2, 32, torch.float32, "cpu")
+    plan.seg_lens.copy_(torch.tensor([1000, -5, 32, 33]))  # bypasses set_lengths' checks
+    _check(q, k, v, segments, plan, backend, lengths=[48, 0, 32, 32])
+
+
+def test_plan_layout_covers_each_segment_once_per_query():
+    rng = random.Random(3)
+    nodes, leaves = random_tree(12, 4, 50, rng)
+    segments, _ = tree_segments(nodes, leaves, 4, 0, rng)
+    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=12, queries_per_tile=3)
+    seg_queries = plan.seg_queries.tolist()
+    covered = {}  # (query, segment) -> tokens covered by the query's partial slots
+    slot_owner = {}
+    for i in range(plan.num_work):
+        s, lo, hi = plan.work_seg[i].item(), plan.work_kv_start[i].item(), plan.work_kv_end[i].item()
+        assert 0 <= lo < hi <= plan.seg_capacity[s].item() and hi - lo <= plan.kv_chunk_size
+        rows = seg_queries[plan.work_q_start[i]:plan.work_q_end[i]]
+        assert 0 < len(rows) <= plan.queries_per_tile
+        for j, qi in enumerate(rows):
+            covered.setdefault((qi, s), []).extend(range(lo, hi))
+            slot_owner[plan.work_out[i].item() + j] = qi
+    for s, (pages, _, queries) in enumerate(segments):
+        assert plan.seg_pages_host[s] == pages
+        pt = plan.page_table[plan.seg_page_start[s]:plan.seg_page_start[s] + len(pages)].tolist()
+        assert pt == pages
+        for qi in queries:
+            assert sorted(covered[(qi, s)]) == list(range(len(pages) * 4))
+    assert sorted(slot_owner) == list(range(plan.num_partials))
+    indptr = plan.query_slot_indptr.tolist()
+    for qi in range(len(leaves)):
+        assert all(slot_owner[sl] == qi for sl in plan.query_slots[indptr[qi]:indptr[qi + 1]].tolist())
+    assert plan.max_page == max(p for pages, _, _ in segments for p in pages)
+    assert all(t.dtype == torch.int32 for t in (plan.page_table, plan.seg_lens, plan.work_out, plan.query_slots))
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+def _plan_error(segments, num_queries=3, page_size=4, **kw):
+    return lambda: TreeAttentionPlan(segments, num_queries, page_size, **kw)
+
+
+GOOD_SEGMENTS = [([0, 1], 5, [0, 1]), ([2], 3, [2])]
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (_plan_error(GOOD_SEGMENTS, num_queries=-1), ValueError, "num_queries must be a non-negative int"),
+    (_plan_error(GOOD_SEGMENTS, num_queries=2.0), ValueError, "num_queries"),
+    (_plan_error(GOOD_SEGMENTS, page_size=0), ValueError, "page_size must be a positive int"),
+    (_plan_error(GOOD_SEGMENTS, kv_chunk_size=0), ValueError, "kv_chunk_size"),
+    (_plan_error(GOOD_SEGMENTS, queries_per_tile=0), ValueError, "queries_per_tile"),
+    (_plan_error(5), TypeError, "segments must be a sequence"),
+    (_plan_error([([0], 1)]), TypeError, r"segments\[0\] must be a \(pages, length, queries\)"),
+    (_plan_error([([0], 1, [0]), (torch.tensor([1.0]), 1, [1])]), TypeError, r"segments\[1\].pages must be a 1-D integer"),
+    (_plan_error([([0, -2], 5, [0])]), ValueError, r"segments\[0\].pages must be non-negative"),
+    (_plan_error([([0], 1, [0]), ([1], 5, [1])]), ValueError, r"segments\[1\].length must be an int in \[0, 4\]"),
+    (_plan_error([([0], -1, [0])]), ValueError, r"segments\[0\].length"),
+    (_plan_error([([0], 1, [0, 3])]), ValueError, r"segments\[0\].queries must be in \[0, 3\), got 3"),
+    (_plan_error([([0], 1, [1, 1])]), ValueError, r"segments\[0\].queries must be distinct"),
+    (_plan_error([([0], 1, [0.5])]), TypeError, r"segments\[0\].queries\[0\] must be an int"),
+])
+def test_plan_rejects_bad_input(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_set_lengths_rejects_bad_input():
+    plan = TreeAttentionPlan(GOOD_SEGMENTS, 3, 4)
+    with pytest.raises(ValueError, match="lengths must have num_segments=2 entries"):
+        plan.set_lengths([1])
+    with pytest.raises(ValueError, match=r"lengths\[0\] must be in \[0, 8\]"):
+        plan.set_lengths([9, 0])
+    with pytest.raises(ValueError, match=r"lengths\[1\] must be in \[0, 4\]"):
+        plan.set_lengths(torch.tensor([1, -1]))
+    with pytest.raises(TypeError, match="lengths must have dtype"):
+        plan.set_lengths(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \[2\]"):
+        plan.set_lengths(torch.tensor([1, 2, 3]))
+    assert plan.seg_lens.tolist() == [5, 3]
+
+
+def _call_args():
+    plan = TreeAttentionPlan(GOOD_SEGMENTS, 3, 4)
+    return dict(q=torch.randn(3, 4, 16), k_cache=torch.randn(3, 4, 2, 16), v_cache=torch.randn(3, 4, 2, 16), plan=plan)
+
+
+@pytest.mark.parametrize("name,bad,exc,match", [
+    ("q", torch.randn(3, 64), ValueError, "q must have 3 dimensions"),
+    ("q", torch.zeros(3, 4, 16, dtype=torch.int64), TypeError, "q must have dtype"),
+    ("k_cache", torch.randn(3, 4, 2, 16, dtype=torch.float16), TypeError, "k_cache and v_cache must have q's dtype"),
+    ("k_cache", torch.randn(3, 4, 2, 8), ValueError, r"k_cache must have shape \[\*, \*, \*, 16\]"),
+    ("v_cache", torch.randn(3, 4, 1, 16), ValueError, r"v_cache must have shape \[3, 4, 2, 16\]"),
+    ("v_cache", torch.randn(3, 4, 2, 16, device="meta"), ValueError, "v_cache must be on cpu"),
+    (("k_cache", "v_cache"), torch.randn(3, 4, 3, 16), ValueError, r"num q heads \(4\) must be a positive multiple of num kv heads \(3\)"),
+    ("plan", "plan", TypeError, "plan must be a TreeAttentionPlan"),
+    ("plan", lambda: TreeAttentionPlan(GOOD_SEGMENTS, 4, 4), ValueError, r"plan.num_queries \(4\) must equal q.shape\[0\] \(3\)"),
+    ("plan", lambda: TreeAttentionPlan([([0, 1], 3, [0])], 3, 2), ValueError, r"plan.page_size \(2\) must equal k_cache.shape\[1\] \(4\)"),
+    ("plan", lambda: TreeAttentionPlan([([0, 3], 5, [0])], 3, 4), ValueError, "plan uses page 3 but k_cache has only 3 pages"),
+    ("plan", lambda: TreeAttentionPlan(GOOD_SEGMENTS, 3, 4, device="meta"), ValueError, "plan is on meta but q is on cpu"),
+])
+def test_tree_attention_rejects_bad_input(name, bad, exc, match):
+    args = _call_args()
+    for n in (name,) if isinstance(name, str) else name:
+        args[n] = bad() if callable(bad) else bad
+    with pytest.raises(exc, match=match):
+        tree_attention(**args)
+
+
+def test_tree_attention_rejects_bad_options():
+    with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
+        tree_attention(**_call_args(), sm_scale=-1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tree_attention(**_call_args(), backend="flash")
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        tree_attention(**_call_args(), backend="cuda")
+    if "triton" in BACKENDS:
+        args = _call_args()
+        args["q"], args["k_cache"], args["v_cache"] = torch.randn(3, 4, 512), torch.randn(3, 4, 2, 512), torch.randn(3, 4, 2, 512)
+        with pytest.raises(ValueError, match="head_dim up to 256, got 512"):
+            tree_attention(**args, backend="triton")
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_attention_cuda(dtype):
+    for backend in backends_on("cuda"):
+        for case in TREE_CASES:
+            test_random_tree_matches_float64(backend, dtype, case, device="cuda")
+        test_set_lengths_grows_segments_without_replanning(backend, device="cuda")
+
+
+@pytest.mark.cuda
+def test_tree_attention_cuda_graph_replay_after_set_lengths():
+    segments, plan = _grown_tree("cuda")
+    q = torch.randn(3, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = _pool(10, 16, 2, 64, torch.bfloat16, "cuda")
+    for backend in backends_on("cuda"):
+        tree_attention(q, k, v, plan, backend=backend)  # compile / warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+        for lengths in ([40, 5, 16, 3], [48, 32, 0, 17]):
+            plan.set_lengths(torch.tensor(lengths, dtype=torch.int32, device="cuda"))
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            torch.cuda.synchronize()
+            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
+            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
