@@ -36,6 +36,7 @@ TREE_CASES = [
     (3, 6, 33, 4, 8, 1, 32, 16, 2),         # MQA, query tiles of 2
     (4, 10, 21, 4, 16, 2, 16, 8, 3),        # depth 4, GQA 8, many small chunks
     (4, 6, 17, 4, 4, 2, 24, 16, 4),         # head_dim not a power of two
+    (2, 4, 300, 16, 8, 2, 32, 128, 8),      # long segments: several BLOCK_N blocks per chunk
 ]
 
 
