@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import o1kernels
 from o1kernels import TreeAttentionPlan, shared_prefix_attention, tree_attention
 from attention_reference import LSE_TOLERANCES, TOLERANCES, attention_f64, backends_on, random_values, report_mismatch
 

@@ -4,7 +4,6 @@ import random
 import pytest
 import torch
 
-import o1kernels
 from o1kernels import TreeAttentionPlan, tree_attention
 from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
                                  tree_attention_f64, tree_segments)
@@ -239,3 +238,10 @@ def test_tree_attention_cuda_graph_replay_after_set_lengths():
             o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
             report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
             report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+
+
+def test_auto_backend_matches_float64():
+    segments, plan = _grown_tree("cpu")
+    q = torch.randn(3, 4, 32, dtype=torch.bfloat16)
+    k, v = _pool(10, 16, 2, 32, torch.bfloat16, "cpu")
+    _check(q, k, v, segments, plan, "auto")
