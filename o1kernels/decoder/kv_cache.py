@@ -41,8 +41,10 @@ class PagedKVPool:
         self.growable = num_pages is None
         size = initial_pages if num_pages is None else num_pages
         shape = (size, page_size, num_kv_heads, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zero-filled, not empty: slots past a segment's length are read (and given weight 0) by attention
+        # backends, and uninitialised memory can hold NaN/inf bit patterns, which 0 * x does not remove.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.refcount = np.zeros(size, dtype=np.int64)
         self._free = list(range(size - 1, -1, -1))  # pop() hands out low page ids first
         element = torch.empty((), dtype=dtype).element_size()
@@ -67,7 +69,7 @@ class PagedKVPool:
         new = max(2 * old, old + needed)
         for cache in (self.k, self.v):
             for i, t in enumerate(cache):
-                extra = torch.empty((new - old, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                extra = torch.zeros((new - old, *t.shape[1:]), dtype=t.dtype, device=t.device)
                 cache[i] = torch.cat((t, extra))
         self.refcount = np.concatenate((self.refcount, np.zeros(new - old, dtype=np.int64)))
         self._free = list(range(new - 1, old - 1, -1)) + self._free
