@@ -1,9 +1,106 @@
 """Build script for o1kernels.
 
-The Python package always installs. The compiled extension o1kernels._C is
-added by the csrc issue; until then the package is pure Python.
+The Python package always installs. The compiled extension o1kernels._C (csrc/) is added when
+torch is importable at build time (`pip install --no-build-isolation -e .`):
+  - CUDA build (CUDA kernels + C++ CPU kernels) when torch has CUDA (torch.version.cuda) and a
+    CUDA toolkit is found (CUDA_HOME / nvcc). Arch list from TORCH_CUDA_ARCH_LIST, default
+    "8.0;9.0a" (sm_80 and sm_90a; "8.0" alone with nvcc < 12). MAX_JOBS sets the parallel
+    compile jobs (default: from CPU count and memory).
+  - CPU build (C++ CPU kernels only) otherwise.
+  - O1K_NO_EXTENSION=1 skips the extension.
+If the extension cannot be built (no torch, no compiler, a compile error) the install still
+succeeds without it, after printing why; o1kernels.available_backends() then reports the
+"cpu"/"cuda" backends unavailable.
 """
+import glob
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _banner(lines):
+    bar = "=" * 78
+    sys.stderr.write("\n".join(["", bar] + [f"o1kernels: {line}" for line in lines] + [bar, ""]) + "\n")
+    sys.stderr.flush()
+
+
+def _default_max_jobs():
+    """Parallel nvcc/c++ jobs: one per CPU, at most one per 3 GiB of memory."""
+    cpus = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return cpus
+    return max(1, min(cpus, int(mem_gib // 3)))
+
+
+def _nvcc_version(cuda_home):
+    import re
+    import subprocess
+
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for o1kernels._C, or ([], {}) with the reason printed."""
+    if os.environ.get("O1K_NO_EXTENSION", "0") not in ("", "0"):
+        _banner(["O1K_NO_EXTENSION is set: installing without the compiled extension o1kernels._C."])
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # build isolation hides torch, or torch is not installed
+        _banner([f"torch is not importable at build time ({type(exc).__name__}: {exc}).",
+                 "Installing WITHOUT the compiled extension o1kernels._C (backends 'cpu'/'cuda' unavailable).",
+                 "Install torch first and use: pip install --no-build-isolation -e ."])
+        return [], {}
+
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is not None and not with_cuda:
+        _banner([f"torch {torch.__version__} has CUDA {torch.version.cuda} but no CUDA toolkit was found "
+                 "(set CUDA_HOME): building the CPU-only extension."])
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/torch_bindings/op_checks.cpp",
+                                                     "csrc/torch_bindings/registration.cpp"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-std=c++17"]
+    if with_cuda:
+        major, minor = _nvcc_version(cpp_extension.CUDA_HOME)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a" if major >= 12 else "8.0"
+        sources += ["csrc/torch_bindings/cuda_ops.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = cpp_extension.CUDAExtension(
+            "o1kernels._C", sources, include_dirs=include_dirs, define_macros=[("O1K_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]})
+        kind = (f"CUDA extension (nvcc {major}.{minor}, TORCH_CUDA_ARCH_LIST="
+                f"{os.environ['TORCH_CUDA_ARCH_LIST']})")
+    else:
+        ext = cpp_extension.CppExtension("o1kernels._C", sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx_flags})
+        kind = "CPU extension"
+    os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, but a failed build leaves a working pure-Python install."""
+
+        def run(self):
+            _banner([f"building the {kind} o1kernels._C with MAX_JOBS={os.environ['MAX_JOBS']}"])
+            try:
+                super().run()
+            except Exception as exc:
+                _banner([f"building o1kernels._C FAILED ({type(exc).__name__}: {exc}).",
+                         "Installing WITHOUT it: backends 'cpu'/'cuda' are unavailable "
+                         "(see o1kernels.available_backends()). The compiler output is above."])
+
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     name="o1kernels",
@@ -13,4 +110,6 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors", "tqdm"],
     extras_require={"test": ["pytest"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

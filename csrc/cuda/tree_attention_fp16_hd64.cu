@@ -1,0 +1,9 @@
+// Tensor-core tree attention partials for __half, head_dim 64 (one instantiation per file so
+// builds parallelise).
+#include "o1kernels/tree_attention.cuh"
+
+namespace o1k {
+namespace detail {
+template cudaError_t launch_tree_attention_mma_dispatch<__half, 64>(const TreeAttentionParams&, cudaStream_t);
+}  // namespace detail
+}  // namespace o1k
