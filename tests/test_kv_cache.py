@@ -65,8 +65,14 @@ def test_pool_grows_and_keeps_data():
 def test_random_forks_and_releases_do_not_leak(seed):
     rng = random.Random(seed)
     tree = KVTree(small_pool(initial_pages=4))
+
+    def append(branch, tokens):  # store each token id as its K vector, to read the branches back from the pages
+        slots = tree.append(branch, tokens)
+        k = torch.tensor(tokens, dtype=torch.float32)[:, None, None].expand(-1, 2, 4)
+        tree.pool.write(0, torch.tensor(slots), k, -k)
+
     live = [tree.new_branch()]
-    tree.append(live[0], list(range(rng.randint(1, 13))))
+    append(live[0], list(range(rng.randint(1, 13))))
     for _ in range(300):
         op = rng.random()
         if op < 0.3 and len(live) < 40:
@@ -75,7 +81,7 @@ def test_random_forks_and_releases_do_not_leak(seed):
             b = live.pop(rng.randrange(len(live)))
             tree.release(b)
         elif op < 0.8:
-            tree.append(rng.choice(live), [rng.randrange(50) for _ in range(rng.randint(1, 9))])
+            append(rng.choice(live), [rng.randrange(50) for _ in range(rng.randint(1, 9))])
         elif op < 0.9:
             b = rng.choice(live)
             tree.reserve(b, rng.randint(1, 9))
@@ -84,9 +90,11 @@ def test_random_forks_and_releases_do_not_leak(seed):
         np.testing.assert_array_equal(tree.pool.refcount, expected_refcounts(tree))
         used = int((tree.pool.refcount > 0).sum())
         assert tree.pool.pages_in_use == used
-    # every live branch reads exactly its own tokens from the pages
+    # every live branch reads exactly its own tokens from its chain's pages (no branch overwrote a shared page)
     for b in live:
-        assert len(tree.tokens(b)) == tree.branches[b].length
+        stored = [tree.pool.k[0][seg.pages[t // 4], t % 4, 0, 0].item() for seg in tree.branches[b].chain()
+                  for t in range(seg.length)]
+        assert stored == tree.tokens(b) and len(stored) == tree.branches[b].length
     for b in live:
         tree.release(b)
     assert tree.pool.pages_in_use == 0 and not tree.pool.refcount.any()
@@ -103,14 +111,14 @@ def test_fork_shares_pages_and_children_write_fresh_pages():
     written = set()
     for i, c in enumerate(kids):
         assert tree.tokens(c) == list(range(10))
-        slots = tree.append(c, [100 + i] * 3).tolist()
+        slots = tree.append(c, [100 + i] * 3)
         pages = {s // 4 for s in slots}
         assert not pages & set(prompt_pages), "a child wrote into a shared page"
         assert not pages & written
         written |= pages
         assert tree.tokens(c) == list(range(10)) + [100 + i] * 3
     # the parent also continues in a fresh tail
-    assert not {s // 4 for s in tree.append(root, [7]).tolist()} & set(prompt_pages)
+    assert not {s // 4 for s in tree.append(root, [7])} & set(prompt_pages)
     tree.release(root)
     assert tree.pool.refcount[prompt_pages].tolist() == [3, 3, 3]
 

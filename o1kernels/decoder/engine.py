@@ -220,7 +220,7 @@ class TreeDecoder(SearchDecoder):
 
     def _prefill(self, ids: list[int]):
         branch = self.tree.new_branch()
-        slots = self.tree.append(branch, ids).to(self.model.device)
+        slots = torch.tensor(self.tree.append(branch, ids), device=self.model.device)
         t = len(ids)
 
         def attend(layer, q, k, v):
@@ -272,7 +272,7 @@ class TreeDecoder(SearchDecoder):
     def _decode(self, branches: list[int], toks: list[int]) -> torch.Tensor:
         dev = self.model.device
         positions = torch.tensor([self.tree.get(b).length for b in branches], device=dev)
-        slots = torch.cat([self.tree.append(b, [t]) for b, t in zip(branches, toks)]).to(dev)
+        slots = torch.tensor([s for b, t in zip(branches, toks) for s in self.tree.append(b, [t])], device=dev)
         plan = self._decode_plan(branches)
 
         def attend(layer, q, k, v):
@@ -288,7 +288,7 @@ class TreeDecoder(SearchDecoder):
         segs, _ = self._segments_of([branch], rows_per_branch=len(ids))
         plan = TreeAttentionPlan(segs, len(ids), self.pool.page_size, device=dev)  # context only: before the append
         self.stats["plans_built"] += 1
-        slots = self.tree.append(branch, ids).to(dev)
+        slots = torch.tensor(self.tree.append(branch, ids), device=dev)
         self.tree.trim(branch)
 
         def attend(layer, q, k, v):

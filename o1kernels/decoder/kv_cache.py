@@ -177,16 +177,15 @@ class KVTree:
             del tail.pages[keep:]
             self.version += 1
 
-    def append(self, branch: int, tokens: list[int]) -> torch.Tensor:
-        """Append tokens to the branch's tail; return their flat pool slots [len(tokens)] int64 (on the CPU)."""
+    def append(self, branch: int, tokens: list[int]) -> list[int]:
+        """Append tokens to the branch's tail; return their flat pool slots (page * page_size + slot)."""
         self.reserve(branch, len(tokens))
         tail = self.get(branch).tail
         ps = self.pool.page_size
-        pos = np.arange(tail.length, tail.length + len(tokens))
-        slots = np.asarray(tail.pages, dtype=np.int64)[pos // ps] * ps + pos % ps
+        slots = [tail.pages[t // ps] * ps + t % ps for t in range(tail.length, tail.length + len(tokens))]
         tail.length += len(tokens)
         tail.tokens += tokens
-        return torch.from_numpy(slots)
+        return slots
 
     def fork(self, branch: int, n: int) -> list[int]:
         """n children sharing the branch's tokens read-only; the parent continues in a new tail of its own."""
