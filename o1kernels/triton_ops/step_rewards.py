@@ -196,7 +196,7 @@ def _launch_config(device: torch.device, has_mlp: bool) -> dict:
     """Block sizes and program-count cap. GPU values are untuned starting points (no GPU
     was available when this was written); CPU values keep the interpreter's loops short."""
     if device.type == "cuda":
-        blocks = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3) if has_mlp else \
+        blocks = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=128, num_warps=4, num_stages=3) if has_mlp else \
             dict(BLOCK_M=32, BLOCK_K=128, BLOCK_N=16, num_warps=4, num_stages=2)
         return dict(blocks, programs=4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
                     BLOCK_R=128)
