@@ -50,8 +50,8 @@ class CharTokenizer:
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids) -> str:
-        """Token ids -> text; <pad>/<bos>/<eos> are dropped."""
-        return "".join(self.vocab[i] for i in ids if i > self.eos_id)
+        """Token ids -> text; <pad>/<bos>/<eos> are dropped, ids outside the vocabulary become U+FFFD."""
+        return "".join(self.vocab[i] if i < len(self.vocab) else "\ufffd" for i in ids if i > self.eos_id)
 
 
 @dataclass(frozen=True)
