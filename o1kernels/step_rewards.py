@@ -112,7 +112,9 @@ def _validate(hidden, step_mask, weight, bias, norm_weight, norm_eps, mlp_weight
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(aggregate, str) or aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 <= norm_eps < float("inf"):
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)):
+        raise TypeError(f"norm_eps must be a float, got {type(norm_eps).__name__}")
+    if not 0 <= norm_eps < float("inf"):
         raise ValueError(f"norm_eps must be a finite non-negative float, got {norm_eps!r}")
 
     if norm_weight is not None:
