@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from o1kernels._backend import backend_unavailable_reason
 from o1kernels.decoder import ModelConfig, NaiveDecoder, Transformer, TreeDecoder
 
 # (dtype, atol, rtol) between two decoders / the full forward on the same weights. fp32: only summation orders
@@ -148,8 +149,12 @@ def test_plan_built_once_per_step_and_reused():
     assert dec.stats["tokens_generated"] == 27 and dec.stats["decode_iterations"] == 9
 
 
-@pytest.mark.parametrize("backend", ["triton"])
-def test_triton_backend_matches_naive(backend):
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_kernel_backends_match_naive(backend):
+    """Triton (through the interpreter) and the compiled C++ backend, when built."""
+    reason = backend_unavailable_reason(backend, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
     model = make_model(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, num_hidden_layers=1)
     prompt = torch.randint(0, VOCAB, (9,)).tolist()
     state = torch.get_rng_state()
