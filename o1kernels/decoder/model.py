@@ -233,7 +233,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [N, D] float32 for integer positions [N] (halves repeated, HF rotate_half convention)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -337,7 +337,9 @@ class Transformer(nn.Module):
         self.model = Backbone(config, **factory)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
         self.reward_head = RewardHead(config, **factory) if config.reward_head else None
-        self.inv_freq = rope_inv_freq(config)  # not a parameter: never saved, kept float32
+        # RoPE inverse frequencies: not a parameter or buffer (never saved, never cast by .to(dtype)), float32,
+        # copied once per device it is used on.
+        self._inv_freq = {torch.device("cpu"): rope_inv_freq(config)}
         if self.model.embed_tokens.weight.device.type != "meta":
             self.init_weights(init_std)
         self.tie_weights()
@@ -367,7 +369,9 @@ class Transformer(nn.Module):
 
     def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         """input_ids, positions [N] -> last layer's hidden states [N, H] BEFORE the final norm."""
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        if positions.device not in self._inv_freq:
+            self._inv_freq[positions.device] = self._inv_freq[torch.device("cpu")].to(positions.device)
+        cos, sin = rope_cos_sin(self._inv_freq[positions.device], positions)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
