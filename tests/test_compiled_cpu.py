@@ -1,0 +1,381 @@
+"""The compiled extension o1kernels._C on the CPU: its torch ops against float64 references,
+fake tensors, torch.library.opcheck, torch.compile(fullgraph=True), and the C++ argument checks.
+
+backend="cpu" is also checked against the float64 references over the op owners' full case lists
+in test_tree_attention.py, test_shared_prefix_attention.py, test_merge_states.py and
+test_step_rewards.py (they run every available backend); this file covers what only the compiled
+layer has: the ops called directly (each split-K partial before merging, the CSR merge), the
+device-side planning of shared_prefix_attention, tracing, and TORCH_CHECKs.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import o1kernels
+from o1kernels import TreeAttentionPlan, _ext
+from attention_reference import (LSE_TOLERANCES, TOLERANCES, attention_f64, random_tree, random_values, report_mismatch,
+                                 tree_segments)
+from step_rewards_reference import reference_step_rewards
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR} (csrc/tools/compile_check.sh fails CI on this)")
+if _ext._C is not None:
+    from o1kernels import _compiled
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ops = torch.ops.o1kernels
+
+
+def plan_fields(plan):
+    return (plan.page_table, plan.seg_page_start, plan.seg_capacity, plan.seg_lens, plan.seg_queries, plan.work_seg,
+            plan.work_kv_start, plan.work_kv_end, plan.work_q_start, plan.work_q_end, plan.work_out)
+
+
+def segment_tokens(cache, pages, page_size, lo, hi):
+    """Tokens [lo, hi) of a segment living in `pages`, gathered one by one: [hi - lo, Hkv, D]."""
+    rows = [cache[pages[t // page_size], t % page_size] for t in range(lo, hi)]
+    return torch.stack(rows) if rows else cache.new_zeros((0,) + tuple(cache.shape[2:]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 64), (6, 6, 24)])
+def test_each_partial_matches_float64(dtype, hq, hkv, d):
+    """Every work item's partial (one kv chunk of one segment), checked before any merging."""
+    rng = random.Random(f"{dtype}{hq}{hkv}{d}")
+    nodes, leaves = random_tree(6, 3, 30, rng)
+    segments, num_pages = tree_segments(nodes, leaves, 4, 2, rng)
+    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=8, queries_per_tile=2)
+    q = (torch.randn(len(leaves), hq, d) * 2).to(dtype)
+    k = torch.randn(num_pages, 4, hkv, d).to(dtype)
+    v = random_values((num_pages, 4, hkv, d), dtype)
+    part_o = torch.full((plan.num_partials, hq, d), math.nan)
+    part_lse = torch.full((plan.num_partials, hq), math.nan)
+    ops.tree_attention_partial(q, k, v, *plan_fields(plan), plan.max_work_queries, d ** -0.5, part_o, part_lse)
+    o_ref, lse_ref = torch.empty(part_o.shape, dtype=torch.float64), torch.empty(part_lse.shape, dtype=torch.float64)
+    for w in range(plan.num_work):
+        pages, length, _ = segments[int(plan.work_seg[w])]
+        lo, hi = int(plan.work_kv_start[w]), min(int(plan.work_kv_end[w]), length)
+        keys = segment_tokens(k, pages, 4, lo, max(lo, hi))
+        values = segment_tokens(v, pages, 4, lo, max(lo, hi))
+        for j in range(int(plan.work_q_end[w]) - int(plan.work_q_start[w])):
+            query = int(plan.seg_queries[int(plan.work_q_start[w]) + j])
+            slot = int(plan.work_out[w]) + j
+            o_ref[slot], lse_ref[slot] = attention_f64(q[query], keys, values, d ** -0.5)
+    # Partials are fp32 results of rounded inputs: the q-dtype tolerances apply.
+    report_mismatch("part_o", part_o, o_ref, *TOLERANCES[dtype])
+    report_mismatch("part_lse", part_lse, lse_ref, *LSE_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_partials_matches_float64(dtype):
+    """CSR merge with shuffled slots, -inf partials, a query whose partials are all -inf and one with none."""
+    num_partials, h, d = 12, 3, 40
+    part_o = torch.randn(num_partials, h, d)
+    part_lse = torch.randn(num_partials, h) * 3
+    part_lse[[1, 4, 7]] = -math.inf
+    part_o[[1, 4, 7]] = 0
+    slots_of = [[5, 0, 9], [1, 4], [], [11, 2, 8, 3, 7], [10, 6]]
+    indptr = torch.tensor([0] + [len(s) for s in slots_of], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    slots = torch.tensor([x for s in slots_of for x in s], dtype=torch.int32)
+    o = torch.full((len(slots_of), h, d), math.nan).to(dtype)
+    lse = torch.full((len(slots_of), h), math.nan)
+    ops.merge_partials(part_o, part_lse, indptr, slots, o, lse)
+    o_ref = torch.zeros(len(slots_of), h, d, dtype=torch.float64)
+    lse_ref = torch.full((len(slots_of), h), -math.inf, dtype=torch.float64)
+    for n, s in enumerate(slots_of):
+        if s:
+            lse_ref[n] = torch.logsumexp(part_lse[s].double(), dim=0)
+            weights = torch.exp(part_lse[s].double() - lse_ref[n]).nan_to_num(0.0)  # -inf - -inf: no weight
+            o_ref[n] = (weights.unsqueeze(-1) * part_o[s].double()).sum(0)
+    # Outputs are stored in `dtype`: one rounding of a convex combination of values of size ~3.
+    atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1e-2)}[dtype]
+    report_mismatch("o", o, o_ref, atol, rtol)
+    report_mismatch("lse", lse, lse_ref, 1e-5, 1e-5)
+
+
+def test_shared_prefix_device_planning_clamps_unchecked_values():
+    """The compiled entry point (which the CUDA path reaches without host checks) clamps lengths into
+    [0, P] / [0, S] and groups into [0, G-1]; groups of 0, 1 and many branches, P and S over one chunk."""
+    b, g, p, s, hq, hkv, d = 7, 3, 300, 260, 4, 2, 16
+    q = torch.randn(b, hq, d) * 2
+    pk, pv = torch.randn(g, p, hkv, d), random_values((g, p, hkv, d), torch.float32)
+    sk, sv = torch.randn(b, s, hkv, d), random_values((b, s, hkv, d), torch.float32)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    prefix_lens, suffix_lens = i32(999, 270, -4), i32(-1, 0, 5, 260, 1000, 257, 3)
+    groups = i32(0, 9, 0, -3, 0, 1, 0)  # clamped: 0, 2, 0, 0, 0, 1, 0 (group 2: one branch, group 1: one)
+    o, lse = _compiled.shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens, suffix_lens, groups, 0.3)
+    outs, lses = [], []
+    for i in range(b):
+        gi = min(max(int(groups[i]), 0), g - 1)
+        pl, sl = min(max(int(prefix_lens[gi]), 0), p), min(max(int(suffix_lens[i]), 0), s)
+        o_i, lse_i = attention_f64(q[i], torch.cat([pk[gi, :pl], sk[i, :sl]]), torch.cat([pv[gi, :pl], sv[i, :sl]]), 0.3)
+        outs.append(o_i)
+        lses.append(lse_i)
+    report_mismatch("o", o, torch.stack(outs), *TOLERANCES[torch.float32])
+    report_mismatch("lse", lse, torch.stack(lses), *LSE_TOLERANCES[torch.float32])
+
+
+# ---- tracing: fake tensors, opcheck, torch.compile ----
+
+def small_attention_inputs(dtype=torch.float32):
+    plan = TreeAttentionPlan([([2, 0], 7, [0, 1, 2]), ([5], 3, [1]), ([4, 1], 5, [2])], 3, 4, kv_chunk_size=4,
+                             queries_per_tile=2)
+    q = torch.randn(3, 8, 32).to(dtype)
+    k, v = torch.randn(6, 4, 2, 32).to(dtype), random_values((6, 4, 2, 32), dtype)
+    return q, k, v, plan
+
+
+def small_step_inputs(packed=False):
+    hidden, mask = torch.randn(3, 10, 32) * 2, torch.rand(3, 10) < 0.4
+    kwargs = dict(norm_weight=torch.rand(32) + 0.5, mlp_weight=torch.randn(16, 32) / 6, mlp_bias=torch.randn(16),
+                  aggregate="mean")
+    if packed:
+        hidden, mask = hidden.reshape(30, 32), mask.reshape(30)
+        kwargs["cu_seqlens"] = torch.tensor([0, 10, 10, 30], dtype=torch.int32)
+    return hidden, mask, torch.randn(2, 16) / 4, torch.randn(2), kwargs
+
+
+def test_fake_tensor_shape_propagation():
+    q, k, v, plan = small_attention_inputs(torch.bfloat16)
+    hidden, mask, weight, bias, kwargs = small_step_inputs(packed=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        o, lse = _compiled.tree_attention(q, k, v, plan, 0.2)
+        assert (o.shape, o.dtype, lse.shape, lse.dtype) == ((3, 8, 32), torch.bfloat16, (3, 8), torch.float32)
+        pk, sk = torch.randn(2, 9, 2, 32, dtype=torch.bfloat16), torch.randn(3, 5, 2, 32, dtype=torch.bfloat16)
+        o, lse = _compiled.shared_prefix_attention(
+            q, pk, pk, sk, sk, torch.tensor([9, 2], dtype=torch.int32), torch.tensor([5, 0, 3], dtype=torch.int32),
+            torch.tensor([1, 0, 1], dtype=torch.int32), 0.2)
+        assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
+        o, lse = _compiled.merge_states(q, lse, q.float(), lse)
+        assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
+        args = (hidden, mask, kwargs["cu_seqlens"], weight, bias, kwargs["norm_weight"], 1e-6, kwargs["mlp_weight"],
+                kwargs["mlp_bias"], "softmax", 1, "mean")
+        scores, chain = _compiled.step_rewards(*args)
+        assert (scores.shape, chain.shape, scores.dtype) == ((30,), (3,), torch.float32)
+
+
+def opcheck_samples():
+    q, k, v, plan = small_attention_inputs()
+    part_o, part_lse = torch.empty(plan.num_partials, 8, 32), torch.empty(plan.num_partials, 8)
+    yield "tree_attention_partial", (q, k, v, *plan_fields(plan), plan.max_work_queries, 0.2, part_o, part_lse)
+    part_lse = torch.randn(plan.num_partials, 8)
+    yield "merge_partials", (torch.randn(plan.num_partials, 8, 32), part_lse, plan.query_slot_indptr,
+                             plan.query_slots, torch.empty(3, 8, 32), torch.empty(3, 8))
+    yield "merge_states", (q, torch.randn(3, 8), q * 2, torch.randn(3, 8), torch.empty(3, 8, 32), torch.empty(3, 8))
+    hidden, mask, weight, bias, kwargs = small_step_inputs()
+    yield "step_rewards", (hidden, mask, None, weight, bias, kwargs["norm_weight"], 1e-6, kwargs["mlp_weight"],
+                           kwargs["mlp_bias"], "softmax", 1, "mean", torch.empty(3, 10), torch.empty(3))
+
+
+@pytest.mark.parametrize("name,args", list(opcheck_samples()), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck(name, args):
+    """Schema (declared mutations), fake implementation and AOT dispatch agree with the real op."""
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """A decode step through the public API (backend="cpu") compiles without graph breaks, and the
+    compiled graph reads plan.seg_lens at run time (set_lengths needs no recompile)."""
+    q, k, v, plan = small_attention_inputs()
+    hidden, mask, weight, bias, kwargs = small_step_inputs()
+
+    def step(q, k, v, plan, hidden, mask):
+        o, lse = o1kernels.tree_attention(q, k, v, plan, return_lse=True, backend="cpu")
+        o2, lse2 = o1kernels.merge_states(o, lse, o * 0.5, lse - 1.0, backend="cpu")
+        scores, chain = o1kernels.step_rewards(hidden, mask, weight, bias, backend="cpu", **kwargs)
+        return o2, lse2, scores, chain
+
+    compiled = torch.compile(step, fullgraph=True)
+    for lengths in ([7, 3, 5], [2, 0, 8]):
+        plan.set_lengths(lengths)
+        for got, expected in zip(compiled(q, k, v, plan, hidden, mask), step(q, k, v, plan, hidden, mask)):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_shared_prefix_traces_fullgraph():
+    """The device-side planning of shared_prefix_attention traces without graph breaks. (aot_eager:
+    Inductor's codegen of the index glue takes ~30 s on a 2-core CI machine and adds nothing here.)"""
+    q = torch.randn(5, 4, 16)
+    pk, sk = torch.randn(2, 9, 2, 16), torch.randn(5, 6, 2, 16)
+    args = (q, pk, pk * 0.5, sk, sk * 0.5, torch.tensor([9, 4], dtype=torch.int32),
+            torch.tensor([6, 0, 3, 6, 1], dtype=torch.int32), torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32), 0.25)
+    compiled = torch.compile(_compiled.shared_prefix_attention, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(*args), _compiled.shared_prefix_attention(*args)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---- bad input reaching the C++ layer directly ----
+
+def tree_args(**overrides):
+    q, k, v, plan = small_attention_inputs()
+    args = dict(zip(("page_table", "seg_page_start", "seg_capacity", "seg_lens", "seg_queries", "work_seg",
+                     "work_kv_start", "work_kv_end", "work_q_start", "work_q_end", "work_out"),
+                    (t.clone() for t in plan_fields(plan))))
+    args.update(q=q, k_cache=k, v_cache=v, max_work_queries=plan.max_work_queries, sm_scale=0.2,
+                part_o=torch.empty(plan.num_partials, 8, 32), part_lse=torch.empty(plan.num_partials, 8))
+    for name, fn in overrides.items():
+        args[name] = fn(args[name], args)
+    return args
+
+
+def set_at(index, value):
+    def fn(t, _):
+        t[index] = value
+        return t
+    return fn
+
+
+TREE_BAD = {
+    "q 2-D": (dict(q=lambda t, _: t[0]), "q must have 3 dimensions"),
+    "q int": (dict(q=lambda t, _: t.int()), "q must be float16, bfloat16 or float32"),
+    "k dtype": (dict(k_cache=lambda t, _: t.half()), "k_cache must be Float"),
+    "v shape": (dict(v_cache=lambda t, _: t[:5]), r"v_cache must have shape \[6, 4, 2, 32\]"),
+    "k head_dim": (dict(k_cache=lambda t, _: t[..., :16], v_cache=lambda t, _: t[..., :16]), "k_cache must have head_dim 32"),
+    "gqa": (dict(k_cache=lambda t, _: torch.randn(6, 4, 3, 32), v_cache=lambda t, _: torch.randn(6, 4, 3, 32)),
+            "must be a positive multiple"),
+    "head_dim 288": (dict(q=lambda t, _: t.repeat(1, 1, 9), k_cache=lambda t, _: t.repeat(1, 1, 1, 9),
+                          v_cache=lambda t, _: t.repeat(1, 1, 1, 9)), r"head_dim must be in \[1, 256\]"),
+    "q strided": (dict(q=lambda t, _: t.transpose(0, 2).contiguous().transpose(0, 2)), "q must be contiguous in its last"),
+    "index int64": (dict(page_table=lambda t, _: t.long()), "page_table must be Int"),
+    "seg_lens len": (dict(seg_lens=lambda t, _: t[:2]), "seg_lens must have 3 entries"),
+    "work_out len": (dict(work_out=lambda t, _: t[1:]), "work_out must have"),
+    "part_o dtype": (dict(part_o=lambda t, _: t.double()), "part_o must be Float"),
+    "part_o shape": (dict(part_o=lambda t, _: t[:, :4]), "part_o must have shape"),
+    "part_lse strided": (dict(part_lse=lambda t, _: torch.empty(8, t.shape[0]).T), "part_lse must be contiguous"),
+    "sm_scale": (dict(sm_scale=lambda t, _: 0.0), "sm_scale must be finite and positive"),
+    "page value": (dict(page_table=set_at(0, 6)), r"page_table\[0\] = 6 is outside \[0, 6\)"),
+    "query value": (dict(seg_queries=set_at(1, 3)), r"seg_queries\[1\] = 3 is outside \[0, 3\)"),
+    "segment pages": (dict(seg_page_start=set_at(2, 4)), "segment 2 .* needs pages beyond page_table"),
+    "work_seg value": (dict(work_seg=set_at(0, 9)), r"work_seg\[0\] = 9 is outside"),
+    "kv range": (dict(work_kv_end=set_at(0, 99)), "work item 0 has token range"),
+    "query range": (dict(work_q_end=set_at(0, 50)), "work item 0 has query range"),
+    "max_work_queries": (dict(max_work_queries=lambda t, _: 1), "more than max_work_queries = 1"),
+    "slot value": (dict(work_out=set_at(0, 40)), "work item 0 writes partial slots"),
+}
+
+
+@pytest.mark.parametrize("overrides,match", TREE_BAD.values(), ids=TREE_BAD.keys())
+def test_tree_attention_partial_rejects(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.tree_attention_partial(**tree_args(**overrides))
+
+
+def merge_partials_args(**overrides):
+    args = dict(part_o=torch.randn(5, 2, 8), part_lse=torch.randn(5, 2),
+                query_slot_indptr=torch.tensor([0, 2, 2, 5], dtype=torch.int32),
+                query_slots=torch.tensor([4, 0, 1, 3, 2], dtype=torch.int32), o=torch.empty(3, 2, 8),
+                lse=torch.empty(3, 2))
+    for name, fn in overrides.items():
+        args[name] = fn(args[name], args)
+    return args
+
+
+MERGE_PARTIALS_BAD = {
+    "part_o half": (dict(part_o=lambda t, _: t.half()), "part_o must be Float"),
+    "indptr end": (dict(query_slot_indptr=set_at(3, 4)), "query_slot_indptr must start at 0 and end at"),
+    "indptr order": (dict(query_slot_indptr=set_at(1, 3)), "query_slot_indptr must be non-decreasing"),
+    "slot value": (dict(query_slots=set_at(2, 5)), r"query_slots\[2\] = 5 is outside \[0, 5\)"),
+    "o shape": (dict(o=lambda t, _: t[:2]), r"o must have shape \[3, 2, 8\]"),
+    "lse dtype": (dict(lse=lambda t, _: t.half()), "lse must be Float"),
+    "head_dim": (dict(part_o=lambda t, _: torch.randn(5, 2, 300), o=lambda t, _: torch.empty(3, 2, 300)),
+                 r"head_dim must be in \[1, 256\]"),
+}
+
+
+@pytest.mark.parametrize("overrides,match", MERGE_PARTIALS_BAD.values(), ids=MERGE_PARTIALS_BAD.keys())
+def test_merge_partials_rejects(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.merge_partials(**merge_partials_args(**overrides))
+
+
+def merge_states_args(**overrides):
+    args = dict(o_a=torch.randn(4, 2, 8), lse_a=torch.randn(4, 2), o_b=torch.randn(4, 2, 8), lse_b=torch.randn(4, 2),
+                o=torch.empty(4, 2, 8), lse=torch.empty(4, 2))
+    for name, fn in overrides.items():
+        args[name] = fn(args[name], args)
+    return args
+
+
+MERGE_STATES_BAD = {
+    "o_b dtype": (dict(o_b=lambda t, _: t.bfloat16()), "o_b must be Float"),
+    "o_a 2-D": (dict(o_a=lambda t, _: t[0]), "o_a must have 3 dimensions"),
+    "lse_a shape": (dict(lse_a=lambda t, _: t[:3]), r"lse_a must have shape \[4, 2\]"),
+    "lse_b dtype": (dict(lse_b=lambda t, _: t.double()), "lse_b must be Float"),
+    "o strided": (dict(o=lambda t, _: torch.empty(8, 2, 4).transpose(0, 2)), "o must"),
+}
+
+
+@pytest.mark.parametrize("overrides,match", MERGE_STATES_BAD.values(), ids=MERGE_STATES_BAD.keys())
+def test_merge_states_rejects(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.merge_states(**merge_states_args(**overrides))
+
+
+def step_args(**overrides):
+    hidden, mask, weight, bias, kwargs = small_step_inputs()
+    args = dict(hidden=hidden, step_mask=mask, cu_seqlens=None, weight=weight, bias=bias,
+                norm_weight=kwargs["norm_weight"], norm_eps=1e-6, mlp_weight=kwargs["mlp_weight"],
+                mlp_bias=kwargs["mlp_bias"], activation="softmax", positive_index=1, aggregate="mean",
+                step_scores=torch.empty(3, 10), chain_scores=torch.empty(3))
+    for name, fn in overrides.items():
+        args[name] = fn(args[name], args)
+    return args
+
+
+def packed(cu):
+    return dict(hidden=lambda t, _: t.reshape(30, 32), step_mask=lambda t, _: t.reshape(30),
+                step_scores=lambda t, _: torch.empty(30), cu_seqlens=lambda t, _: cu)
+
+
+STEP_BAD = {
+    "hidden int": (dict(hidden=lambda t, _: t.int()), "hidden must be float16, bfloat16 or float32"),
+    "hidden 2-D": (dict(hidden=lambda t, _: t[0]), r"hidden \(padded layout, without cu_seqlens\) must have 3"),
+    "mask dtype": (dict(step_mask=lambda t, _: t.to(torch.uint8)), "step_mask must be Bool"),
+    "mask shape": (dict(step_mask=lambda t, _: t[:, :9]), r"step_mask must have shape \[3, 10\]"),
+    "activation": (dict(activation=lambda t, _: "tanh"), "activation must be 'softmax' or 'sigmoid'"),
+    "aggregate": (dict(aggregate=lambda t, _: "sum"), "aggregate must be one of"),
+    "norm_eps": (dict(norm_eps=lambda t, _: -1.0), "norm_eps must be finite and >= 0"),
+    "norm_weight": (dict(norm_weight=lambda t, _: t[:31]), r"norm_weight must have shape \[32\]"),
+    "mlp_weight Hd": (dict(mlp_weight=lambda t, _: t[:, :31]), r"mlp_weight must have shape \[Hm, Hd\] with Hd = 32"),
+    "mlp_bias alone": (dict(mlp_weight=lambda t, _: None), "mlp_bias was given without mlp_weight"),
+    "mlp_bias shape": (dict(mlp_bias=lambda t, _: t[:15]), r"mlp_bias must have shape \[16\]"),
+    "weight K": (dict(weight=lambda t, _: t[:, :15]), r"weight must have shape \[C, 16\]"),
+    "bias shape": (dict(bias=lambda t, _: t[:1]), r"bias must have shape \[2\]"),
+    "softmax C=1": (dict(weight=lambda t, _: t[:1], bias=lambda t, _: t[:1], positive_index=lambda t, _: 0),
+                    "softmax' needs weight with C >= 2"),
+    "sigmoid C=2": (dict(activation=lambda t, _: "sigmoid", positive_index=lambda t, _: 0), "sigmoid' needs weight with C == 1"),
+    "positive_index": (dict(positive_index=lambda t, _: 2), r"positive_index must be in \[0, 2\)"),
+    "sigmoid index": (dict(activation=lambda t, _: "sigmoid", weight=lambda t, _: t[:1], bias=lambda t, _: t[:1]),
+                      "positive_index must be 0 with activation 'sigmoid'"),
+    "C=65": (dict(weight=lambda t, _: torch.randn(65, 16), bias=lambda t, _: None), "1 to 64 rows"),
+    "scores dtype": (dict(step_scores=lambda t, _: t.double()), "step_scores must be Float"),
+    "chain shape": (dict(chain_scores=lambda t, _: t[:2]), r"chain_scores must have shape \[3\]"),
+    "cu_seqlens float": (packed(torch.tensor([0.0, 10.0, 10.0, 30.0])), "cu_seqlens must be int32 or int64"),
+    "cu_seqlens end": (packed(torch.tensor([0, 10, 10, 29])), "cu_seqlens must start at 0 and end at T"),
+    "cu_seqlens order": (packed(torch.tensor([0, 10, 9, 30])), "cu_seqlens must be non-decreasing"),
+}
+
+
+@pytest.mark.parametrize("overrides,match", STEP_BAD.values(), ids=STEP_BAD.keys())
+def test_step_rewards_rejects(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.step_rewards(**step_args(**overrides))
+
+
+def test_valid_direct_calls_pass_the_checks():
+    """The argument builders above are valid as given, so each rejection is due to its one change."""
+    ops.tree_attention_partial(**tree_args())
+    ops.merge_partials(**merge_partials_args())
+    ops.merge_states(**merge_states_args())
+    args = step_args()
+    ops.step_rewards(**args)
+    kwargs = {k: args[k] for k in ("norm_weight", "mlp_weight", "mlp_bias", "activation", "positive_index",
+                                   "aggregate")}
+    ref_scores, ref_chain = reference_step_rewards(args["hidden"], args["step_mask"], args["weight"], args["bias"],
+                                                   **kwargs)
+    torch.testing.assert_close(args["step_scores"].double(), ref_scores, rtol=1e-4, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(args["chain_scores"].double(), ref_chain, rtol=1e-4, atol=2e-5, equal_nan=True)
