@@ -120,8 +120,9 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, prefix_le
         c = torch.arange(num_prefix_chunks, device=device).view(1, -1, 1)
         t = torch.arange(num_tiles, device=device).view(1, 1, -1)
         shape = (num_groups, num_prefix_chunks, num_tiles)
-        q_start = (start.view(-1, 1, 1) + t * tile).expand(shape)
-        q_end = torch.maximum(torch.minimum((start + count).view(-1, 1, 1), q_start + tile), q_start)
+        group_end = (start + count).view(-1, 1, 1)
+        q_start = torch.minimum(start.view(-1, 1, 1) + t * tile, group_end).expand(shape)  # past the end: empty
+        q_end = torch.minimum(group_end, q_start + tile)
         kv_start = (c * chunk).expand(shape)
         fields = (
             torch.arange(num_groups, device=device, dtype=torch.int32),  # page_table: prefix g is page g

@@ -99,14 +99,16 @@ def test_merge_partials_matches_float64(dtype):
 
 def test_shared_prefix_device_planning_clamps_unchecked_values():
     """The compiled entry point (which the CUDA path reaches without host checks) clamps lengths into
-    [0, P] / [0, S] and groups into [0, G-1]; groups of 0, 1 and many branches, P and S over one chunk."""
-    b, g, p, s, hq, hkv, d = 7, 3, 300, 260, 4, 2, 16
+    [0, P] / [0, S] and groups into [0, G-1]. 20 branches in query tiles of 16: 17 branches on group 0
+    (two tiles), one on group 1, two on group 2 (clamped from 9 and -3); P and S over one kv chunk."""
+    b, g, p, s, hq, hkv, d = 20, 3, 300, 260, 4, 2, 16
     q = torch.randn(b, hq, d) * 2
     pk, pv = torch.randn(g, p, hkv, d), random_values((g, p, hkv, d), torch.float32)
     sk, sv = torch.randn(b, s, hkv, d), random_values((b, s, hkv, d), torch.float32)
     i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    prefix_lens, suffix_lens = i32(999, 270, -4), i32(-1, 0, 5, 260, 1000, 257, 3)
-    groups = i32(0, 9, 0, -3, 0, 1, 0)  # clamped: 0, 2, 0, 0, 0, 1, 0 (group 2: one branch, group 1: one)
+    prefix_lens = i32(999, 270, -4)
+    suffix_lens = i32(-1, 0, 5, 260, 1000, 257, 3, *torch.randint(0, s + 1, (b - 7,)).tolist())
+    groups = i32(0, 9, 0, -3, 0, 1, *([0] * (b - 6)))
     o, lse = _compiled.shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens, suffix_lens, groups, 0.3)
     outs, lses = [], []
     for i in range(b):
