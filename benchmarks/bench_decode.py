@@ -11,7 +11,8 @@ greedy tokens of the two decoders agree.
 GPU (default when CUDA is available): a ~1.2B-parameter random-weight Llama-shaped model (hidden 2048, 16 layers,
 Hq=32, Hkv=8, D=128, intermediate 8192, vocab 32000) in bf16, P in {1K, 4K, 16K}, N in {16, 64, 256}, S = 256; the
 naive decoder is skipped where its KV copies would not fit in free GPU memory.
-CPU (--device cpu): a small fp32 model and small sizes (about two minutes on 2 cores).
+CPU (--device cpu): a small fp32 model, P in {1K, 4K}, N in {16, 64}, S = 32, one thread (about two
+minutes).
 
   python benchmarks/bench_decode.py [--device cpu|cuda] [--backend auto|torch|triton|cpu|cuda] [--page-size 16]
                                     [--reps N] [--threads N]
@@ -42,7 +43,7 @@ MODELS = {
 }
 SIZES = {  # (prompt lengths, branch counts, new tokens)
     "cuda": ((1024, 4096, 16384), (16, 64, 256), 256),
-    "cpu": ((256, 1024), (4, 16), 16),
+    "cpu": ((1024, 4096), (16, 64), 32),
 }
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 COLUMNS = ["P", "N", "S", "ours_tok/s", "naive_tok/s", "speedup", "ours_kv_MB", "naive_kv_MB", "kv_ratio",
@@ -84,13 +85,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--backend", default="auto", help="backend of tree_attention/merge_states/step_rewards")
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU: on our shared 2-core machine two threads made decode "
+                         "40x slower, 23 vs 950 tok/s at P=1024 N=16, from threads spinning against other processes)")
     ap.add_argument("--reps", type=int, default=None, help="runs per decoder and size, median reported "
                     "(default 1 on GPU, 3 on CPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reps is None:
@@ -157,6 +162,7 @@ def main() -> None:
         "same_tokens: greedy tokens of the two decoders identical in every run",
     ]
     if device.type == "cpu":
+        notes.append(f"torch CPU threads: {torch.get_num_threads()}")
         notes.append("CPU run: small model and sizes; ours on CPU uses the torch/compiled reference attention, not a "
                      "GPU kernel, so its speed here says little about the GPU")
     json_path, md_path = write_results("bench_decode", device, COLUMNS, rows, notes)
