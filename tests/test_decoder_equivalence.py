@@ -185,11 +185,16 @@ def test_bad_arguments():
             (lambda: dec.generate_step([b], max_new_tokens=2, top_p=0.0), ValueError, "top_p"),
             (lambda: dec.generate_step([b, b], max_new_tokens=2), ValueError, "branches must be distinct"),
             (lambda: dec.generate_step([b], max_new_tokens=2, generator=3), TypeError, "generator"),
+            (lambda: dec.generate_step([b], max_new_tokens=2, stop_ids=5), TypeError, "stop_ids must be a set"),
+            (lambda: dec.generate_step([b], max_new_tokens=2, stop_ids={1}, eos_id=VOCAB), ValueError,
+             r"stop_ids \(with eos_id\)\[1\] must be a token id"),
         ]
         for call, exc, match in cases:
             with pytest.raises(exc, match=match):
                 call()
         assert dec.tokens(b) == [1, 2]  # nothing was appended by the rejected calls
+    with pytest.raises(ValueError, match="backend must be one of"):
+        TreeDecoder(model, backend="fast")
     with pytest.raises(TypeError, match="model must be an o1kernels.decoder.Transformer"):
         TreeDecoder(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="differs from the model's device"):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from o1kernels._backend import resolve_backend
 from o1kernels.merge_states import merge_states
-from o1kernels.tree_attention import TreeAttentionPlan, tree_attention
+from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
 
 from .kv_cache import KVTree, PagedKVPool
 from .model import Transformer
@@ -151,9 +152,13 @@ class SearchDecoder:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+            raise TypeError(f"stop_ids must be a set of token ids, got {type(stop_ids).__name__}")
         stop = set(stop_ids)
         if eos_id is not None:
             stop.add(eos_id)
+        _check_token_ids("stop_ids (with eos_id)", sorted(stop, key=str), self.model.config.vocab_size,
+                         allow_empty=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
@@ -206,6 +211,7 @@ class TreeDecoder(SearchDecoder):
                  num_pages: int | None = None):
         super().__init__(model)
         cfg = model.config
+        resolve_backend(backend, model.device, SUPPORTED_BACKENDS)  # a bad or unavailable backend fails here
         self.backend = backend
         self.pool = PagedKVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size=page_size,
                                 num_pages=num_pages, dtype=model.dtype, device=model.device)
