@@ -104,9 +104,10 @@ class NaiveDecoder(SearchDecoder):
 
     def _prefill(self, ids: list[int]):
         cfg, dev = self.model.config, self.model.device
-        empty = lambda: torch.empty(cfg.num_key_value_heads, 0, cfg.head_dim, dtype=self.model.dtype, device=dev)  # noqa: E731
-        bid = self._new_branch([empty() for _ in range(cfg.num_hidden_layers)],
-                               [empty() for _ in range(cfg.num_hidden_layers)], 0, [])
+        shape = (cfg.num_key_value_heads, 0, cfg.head_dim)
+        k = [torch.empty(shape, dtype=self.model.dtype, device=dev) for _ in range(cfg.num_hidden_layers)]
+        v = [torch.empty(shape, dtype=self.model.dtype, device=dev) for _ in range(cfg.num_hidden_layers)]
+        bid = self._new_branch(k, v, 0, [])
         return bid, self._run([self.branches[bid]], ids, len(ids))[-1]
 
     def _begin_step(self, branches, max_new_tokens):
