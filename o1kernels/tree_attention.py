@@ -238,6 +238,8 @@ def attend_segment_torch(q_rows, k, v, length, sm_scale):
     scores = scores.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    # Slots past `length` may hold stale or unwritten values (NaN): 0 * NaN would leak.
+    v = torch.where(valid[:, None, None], v, 0.0)
     return torch.einsum("nht,thd->nhd", probs, v), lse
 
 

@@ -92,6 +92,21 @@ def test_lengths_out_of_range_are_clamped(backend):
     _check(q, k, v, segments, plan, backend, lengths=[48, 0, 32, 32])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slots_past_length_are_never_read(backend):
+    """Pool slots past a segment's current length hold NaN (stale or unwritten KV): outputs stay exact."""
+    segments, plan = _grown_tree("cpu")
+    lengths = [37, 1, 0, 9]
+    plan.set_lengths(lengths)
+    q = torch.randn(3, 4, 32)
+    k, v = _pool(10, 16, 2, 32, torch.float32, "cpu")
+    for (pages, _, _), length in zip(segments, lengths):
+        for t in range(length, len(pages) * 16):
+            k[pages[t // 16], t % 16] = float("nan")
+            v[pages[t // 16], t % 16] = float("nan")
+    _check(q, k, v, segments, plan, backend, lengths=lengths)
+
+
 def test_plan_layout_covers_each_segment_once_per_query():
     rng = random.Random(3)
     nodes, leaves = random_tree(12, 4, 50, rng)
