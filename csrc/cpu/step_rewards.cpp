@@ -1,6 +1,8 @@
 // CPU fused step rewards (same contract as csrc/include/o1kernels/step_rewards.cuh): only the
-// hidden rows at step positions are read; RMSNorm, optional hidden layer, head, activation in
-// fp32 per step (at::parallel_for over steps), then each sequence's aggregate in position order.
+// hidden rows at step positions are read, gathered into one fp32 matrix and RMSNormed
+// (at::parallel_for over steps); the optional hidden layer and the head are fp32 matrix products
+// over all step rows (at::addmm, deterministic: no atomics); then the activation per step and
+// each sequence's aggregate in position order.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -81,54 +83,46 @@ void step_rewards_cpu(O1K_STEP_REWARDS_ARGS) {
     }
   }
   seq_first_step[s.num_seqs] = static_cast<int64_t>(step_token.size());
+  const int64_t num_steps = static_cast<int64_t>(step_token.size()), hd = s.hidden_dim;
 
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const at::Tensor b_head = float_or_empty(bias), nw = float_or_empty(norm_weight);
-  const at::Tensor mlp_w = float_or_empty(mlp_weight), mlp_b = float_or_empty(mlp_bias);
-  const int64_t hd = s.hidden_dim, hm = s.mlp_dim, num_classes = s.num_classes;
-  const int64_t head_in = mlp_weight.has_value() ? hm : hd;
-  const float* w_ptr = w.data_ptr<float>();
-  const float* bias_ptr = b_head.defined() ? b_head.data_ptr<float>() : nullptr;
+  // x [num_steps, Hd] fp32: the step rows only, RMSNormed.
+  at::Tensor x = at::empty({num_steps, hd}, hidden.options().dtype(at::kFloat));
+  const at::Tensor nw = float_or_empty(norm_weight);
   const float* nw_ptr = nw.defined() ? nw.data_ptr<float>() : nullptr;
-  const float* mlp_w_ptr = mlp_w.defined() ? mlp_w.data_ptr<float>() : nullptr;
-  const float* mlp_b_ptr = mlp_b.defined() ? mlp_b.data_ptr<float>() : nullptr;
   const int64_t stride_b = s.packed ? 0 : hidden.stride(0), stride_l = hidden.stride(s.packed ? 0 : 1);
-  const int64_t num_steps = static_cast<int64_t>(step_token.size());
-  std::vector<float> rewards(num_steps);
-
   O1K_DISPATCH_FLOAT(hidden.scalar_type(), "step_rewards_cpu", [&] {
     const scalar_t* h_ptr = hidden.data_ptr<scalar_t>();
-    const int64_t grain = mlp_w_ptr != nullptr ? 1 : 16;
-    at::parallel_for(0, num_steps, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> x(hd), units(hm), logits(num_classes);
+    float* x_ptr = x.data_ptr<float>();
+    at::parallel_for(0, num_steps, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t token = step_token[i];
         const scalar_t* row = h_ptr + (token / s.seq_len) * stride_b + (token % s.seq_len) * stride_l;
-        for (int64_t d = 0; d < hd; ++d) x[d] = static_cast<float>(row[d]);
-        if (nw_ptr != nullptr) {
-          float sum_squares = 0.f;
-          for (int64_t d = 0; d < hd; ++d) sum_squares += x[d] * x[d];
-          const float scale = 1.f / std::sqrt(sum_squares / static_cast<float>(hd) + static_cast<float>(norm_eps));
-          for (int64_t d = 0; d < hd; ++d) x[d] *= scale * nw_ptr[d];
-        }
-        const float* head_input = x.data();
-        if (mlp_w_ptr != nullptr) {
-          for (int64_t j = 0; j < hm; ++j) {
-            float dot = mlp_b_ptr != nullptr ? mlp_b_ptr[j] : 0.f;
-            for (int64_t d = 0; d < hd; ++d) dot += x[d] * mlp_w_ptr[j * hd + d];
-            units[j] = std::max(dot, 0.f);
-          }
-          head_input = units.data();
-        }
-        for (int64_t c = 0; c < num_classes; ++c) {
-          float dot = bias_ptr != nullptr ? bias_ptr[c] : 0.f;
-          for (int64_t k = 0; k < head_in; ++k) dot += head_input[k] * w_ptr[c * head_in + k];
-          logits[c] = dot;
-        }
-        rewards[i] = activation_reward(s, logits.data(), positive_index);
+        float* xi = x_ptr + i * hd;
+        for (int64_t d = 0; d < hd; ++d) xi[d] = static_cast<float>(row[d]);
+        if (nw_ptr == nullptr) continue;
+        float sum_squares = 0.f;
+        for (int64_t d = 0; d < hd; ++d) sum_squares += xi[d] * xi[d];
+        const float scale = 1.f / std::sqrt(sum_squares / static_cast<float>(hd) + static_cast<float>(norm_eps));
+        for (int64_t d = 0; d < hd; ++d) xi[d] *= scale * nw_ptr[d];
       }
     });
   });
+
+  // Hidden layer and head as blocked fp32 matrix products over all step rows at once
+  // (per-step dot loops were 11-41x slower than torch's gather + matmul at Hd = 256).
+  if (mlp_weight.has_value()) {
+    const at::Tensor mlp_w = float_or_empty(mlp_weight);
+    x = mlp_bias.has_value() ? at::addmm(float_or_empty(mlp_bias), x, mlp_w.t()) : at::mm(x, mlp_w.t());
+    x.relu_();
+  }
+  const at::Tensor w = weight.to(at::kFloat);
+  const at::Tensor logits = (bias.has_value() ? at::addmm(float_or_empty(bias), x, w.t()) : at::mm(x, w.t()))
+                                .contiguous();  // [num_steps, C]
+  const float* logits_ptr = logits.data_ptr<float>();
+  std::vector<float> rewards(num_steps);
+  for (int64_t i = 0; i < num_steps; ++i) {
+    rewards[i] = activation_reward(s, logits_ptr + i * s.num_classes, positive_index);
+  }
 
   float* scores = step_scores.data_ptr<float>();
   std::fill(scores, scores + s.num_tokens, kNaN);

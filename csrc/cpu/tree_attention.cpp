@@ -1,12 +1,11 @@
 // CPU tree attention partials: same contract as the CUDA kernel (csrc/include/o1kernels/api.h),
-// at::parallel_for over (work item, kv head), fp32 math. Unlike the CUDA op, every index of
+// at::parallel_for over work items, fp32 math. Unlike the CUDA op, every index of
 // the plan is checked here against the tensors it addresses (reading CPU values is free).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "torch_bindings/ops.h"
 
@@ -54,6 +53,10 @@ void check_plan_values(const TreeAttentionSizes& s, const PlanView& v, int64_t n
   }
 }
 
+// One work item = one kv chunk of one segment and the queries reading it. Its K/V rows are
+// gathered once (through the page table) into fp32 [Hkv, n, D] buffers and its queries into
+// [Hkv, queries x GQA group, D] (pre-scaled by sm_scale), so every kv head is two batched
+// fp32 matrix products (scores, then P.V) and an exp over the scores, not scalar dot loops.
 template <typename scalar_t>
 void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tensor& q, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, float sm_scale, float* part_o, float* part_lse) {
@@ -61,51 +64,62 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
   const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
-  at::parallel_for(0, s.num_work * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys, values, scores, q_row(D), out(D);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t w = item / hkv, kv_head = item % hkv, seg = v.work_seg[w];
-      const int64_t capacity = v.seg_capacity[seg];
+  const int64_t q_stride_n = q.stride(0), q_stride_h = q.stride(1);
+  const int64_t k_stride_page = k_cache.stride(0), k_stride_slot = k_cache.stride(1), k_stride_h = k_cache.stride(2);
+  const int64_t v_stride_page = v_cache.stride(0), v_stride_slot = v_cache.stride(1), v_stride_h = v_cache.stride(2);
+  const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
+  at::parallel_for(0, s.num_work, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t seg = v.work_seg[w], capacity = v.seg_capacity[seg];
       const int64_t length = std::min<int64_t>(std::max<int64_t>(v.seg_lens[seg], 0), capacity);
       const int64_t lo = v.work_kv_start[w], hi = std::min<int64_t>(v.work_kv_end[w], length);
-      const int64_t n = std::max<int64_t>(hi - lo, 0);
-      keys.resize(n * D);
-      values.resize(n * D);
-      scores.resize(n);
+      const int64_t n = std::max<int64_t>(hi - lo, 0), num_q = v.work_q_end[w] - v.work_q_start[w];
+      const int32_t* queries = v.seg_queries + v.work_q_start[w];
+      if (num_q == 0) continue;
+      if (n == 0) {  // empty chunk: o = 0, lse = -inf
+        const int64_t first = v.work_out[w] * hq, count = num_q * hq;
+        std::fill(part_o + first * D, part_o + (first + count) * D, 0.f);
+        std::fill(part_lse + first, part_lse + first + count, -std::numeric_limits<float>::infinity());
+        continue;
+      }
+      const int64_t rows = num_q * group;  // row j * group + g of kv head h is query j, head h * group + g
+      at::Tensor keys = at::empty({hkv, n, D}, fp32), values = at::empty({hkv, n, D}, fp32);
+      at::Tensor scaled_q = at::empty({hkv, rows, D}, fp32);
+      float *keys_ptr = keys.data_ptr<float>(), *values_ptr = values.data_ptr<float>();
+      float* scaled_q_ptr = scaled_q.data_ptr<float>();
       const int32_t* pages = v.page_table + v.seg_page_start[seg];
       for (int64_t t = 0; t < n; ++t) {
         const int64_t tok = lo + t, page = pages[tok / s.page_size], slot = tok % s.page_size;
-        const scalar_t* k_row = k_ptr + page * k_cache.stride(0) + slot * k_cache.stride(1) + kv_head * k_cache.stride(2);
-        const scalar_t* v_row = v_ptr + page * v_cache.stride(0) + slot * v_cache.stride(1) + kv_head * v_cache.stride(2);
-        for (int64_t d = 0; d < D; ++d) {
-          keys[t * D + d] = static_cast<float>(k_row[d]);
-          values[t * D + d] = static_cast<float>(v_row[d]);
+        for (int64_t h = 0; h < hkv; ++h) {
+          const scalar_t* k_src = k_ptr + page * k_stride_page + slot * k_stride_slot + h * k_stride_h;
+          const scalar_t* v_src = v_ptr + page * v_stride_page + slot * v_stride_slot + h * v_stride_h;
+          float* k_dst = keys_ptr + (h * n + t) * D;
+          float* v_dst = values_ptr + (h * n + t) * D;
+          for (int64_t d = 0; d < D; ++d) k_dst[d] = static_cast<float>(k_src[d]);
+          for (int64_t d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_src[d]);
         }
       }
-      for (int64_t j = 0; j < v.work_q_end[w] - v.work_q_start[w]; ++j) {
-        const int64_t qi = v.seg_queries[v.work_q_start[w] + j], slot = v.work_out[w] + j;
-        for (int64_t hh = 0; hh < group; ++hh) {
-          const int64_t head = kv_head * group + hh;
-          const scalar_t* q_src = q_ptr + qi * q.stride(0) + head * q.stride(1);
-          for (int64_t d = 0; d < D; ++d) q_row[d] = static_cast<float>(q_src[d]);
-          float max_score = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < n; ++t) {
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += q_row[d] * keys[t * D + d];
-            scores[t] = dot * sm_scale;
-            max_score = std::max(max_score, scores[t]);
-          }
-          std::fill(out.begin(), out.end(), 0.f);
-          float sum = 0.f;
-          for (int64_t t = 0; t < n; ++t) {
-            const float prob = std::exp(scores[t] - max_score);
-            sum += prob;
-            for (int64_t d = 0; d < D; ++d) out[d] += prob * values[t * D + d];
-          }
-          const int64_t idx = slot * hq + head;
-          const float inv = n > 0 ? 1.f / sum : 0.f;
-          for (int64_t d = 0; d < D; ++d) part_o[idx * D + d] = out[d] * inv;
-          part_lse[idx] = n > 0 ? max_score + std::log(sum) : -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < num_q; ++j) {
+        for (int64_t head = 0; head < hq; ++head) {
+          const scalar_t* src = q_ptr + queries[j] * q_stride_n + head * q_stride_h;
+          float* dst = scaled_q_ptr + ((head / group) * rows + j * group + head % group) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * sm_scale;
+        }
+      }
+      at::Tensor probs = at::bmm(scaled_q, keys.transpose(1, 2));  // scores [Hkv, rows, n]
+      const at::Tensor max_score = probs.amax(2, /*keepdim=*/true);
+      probs.sub_(max_score).exp_();
+      const at::Tensor sum = probs.sum(2);                    // [Hkv, rows]
+      const at::Tensor out = at::bmm(probs, values);          // [Hkv, rows, D], unnormalised
+      const float *out_ptr = out.data_ptr<float>(), *max_ptr = max_score.data_ptr<float>();
+      const float* sum_ptr = sum.data_ptr<float>();
+      for (int64_t j = 0; j < num_q; ++j) {
+        for (int64_t head = 0; head < hq; ++head) {
+          const int64_t row = (head / group) * rows + j * group + head % group;
+          const int64_t idx = (v.work_out[w] + j) * hq + head;
+          const float inv = 1.f / sum_ptr[row];
+          for (int64_t d = 0; d < D; ++d) part_o[idx * D + d] = out_ptr[row * D + d] * inv;
+          part_lse[idx] = max_ptr[row] + std::log(sum_ptr[row]);
         }
       }
     }
