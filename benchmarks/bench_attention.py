@@ -130,8 +130,15 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (median reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default 1 on CPU, as the other benchmarks: on our shared 2-core machine "
+                         "two threads gave time-slice spikes of 100x in single calls)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads is None and device.type == "cpu":
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
@@ -152,6 +159,7 @@ def main():
                   "triton ran under TRITON_INTERPRET=1: its CPU times are no speed measurement")
         notes.add("the torch backends are readable references (a Python loop over segments / groups), not fast "
                   "paths; CPU times of ms-scale calls are noisy when other jobs share the cores")
+        notes.add(f"torch CPU threads: {torch.get_num_threads()}")
     rows = []
     for p, b, s in itertools.product(shapes["P"], shapes["B"], shapes["S"]):
         q, pk, pv, sk, sv = make_inputs(p, b, s, shapes["Hq"], shapes["Hkv"], shapes["D"], dtype, device)
