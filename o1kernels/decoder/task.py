@@ -60,9 +60,9 @@ class TaskConfig:
 
     min_operands: int = 3
     max_operands: int = 5
-    min_operand: int = 10
-    max_operand: int = 99
-    max_value: int = 999
+    min_operand: int = 1
+    max_operand: int = 49
+    max_value: int = 99
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:

@@ -1,0 +1,155 @@
+"""Inference scaling on the tiny arithmetic task: accuracy vs number of candidates N.
+
+    python benchmarks/scaling.py [--problems 200] [--ns 1,4,16,64] [--temperature 1.0] [--device cpu]
+
+For each of `--problems` held-out task problems (a seeded stream disjoint from the training data):
+- Sampling strategies: the largest N independent samples are drawn once per problem. For N' < N, the
+  N/N' disjoint groups of N' samples are each scored as an independent run and averaged (the samples
+  are i.i.d., so each group is an N'-sample run; averaging lowers the variance). From each group:
+  majority (most frequent answer, no PRM), best-of-N (highest PRM score) and weighted best-of-N
+  (largest sum of PRM scores per answer).
+- beam_search and dvts are run separately for every N (beam width 4; N=1 uses width 1, which is plain
+  sampling with one beam).
+Greedy decoding (temperature 0, one sample) is reported as a reference row.
+Writes benchmarks/results/scaling_<cpu|gpu>.json/.md and, when matplotlib is importable, scaling_<tag>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint  # noqa: E402
+from o1kernels.decoder.search import SearchConfig, choose, search  # noqa: E402
+from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E402
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "o1kernels" / "decoder" / "weights" / "tiny-arith"
+PROBLEM_SEED = 777  # disjoint from the training streams (seeds 1-3) and the CLI's problems
+SAMPLE_METHODS = {"majority": "majority", "best_of_n": "argmax", "weighted_best_of_n": "weighted"}
+
+
+def make_decoder(model, kind: str, backend: str):
+    return TreeDecoder(model, backend=backend) if kind == "tree" else NaiveDecoder(model)
+
+
+def run_batched(model, tok, problems, strategy, config, args):
+    """search() over problems in chunks of at most args.max_branches live branches -> (results, tokens, seconds)."""
+    per_chunk = max(1, args.max_branches // config.n)
+    results, tokens, t0 = [], 0, time.perf_counter()
+    for start in range(0, len(problems), per_chunk):
+        chunk = problems[start:start + per_chunk]
+        res, stats = search(make_decoder(model, args.decoder, args.backend), tok,
+                            [tok.encode(p.prompt, bos=True) for p in chunk], strategy, config,
+                            has_prm=model.reward_head is not None)
+        results += res
+        tokens += stats["tokens_generated"]
+    return results, tokens, time.perf_counter() - t0
+
+
+def accuracy(problems, answers) -> float:
+    return sum(a == p.answer for p, a in zip(problems, answers)) / len(problems)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--problems", type=int, default=200)
+    parser.add_argument("--ns", default="1,4,16,64", help="comma-separated N values")
+    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--aggregate", default="last")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-branches", type=int, default=512, help="live branches per decoder (batching)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", help="kernel backend of the tree decoder")
+    parser.add_argument("--decoder", choices=("tree", "naive"), default="tree",
+                        help="tree (shared paged KV, our kernels) or naive (dense KV per branch); same results")
+    parser.add_argument("--strategies", default="beam_search,dvts", help="tree strategies to run per N")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    device = torch.device(args.device)
+    ns = sorted(int(x) for x in args.ns.split(","))
+    model = load_checkpoint(args.model, device=device, dtype=torch.float32)
+    tok = CharTokenizer()
+    problems = generate_problems(args.problems, PROBLEM_SEED)
+    base = dict(max_steps=8, max_step_tokens=12, temperature=args.temperature, aggregate=args.aggregate,
+                seed=args.seed)
+    rows = []
+
+    def add(strategy, n, acc, tokens, seconds):
+        rows.append({"strategy": strategy, "n": n, "accuracy": acc, "tokens_per_problem": tokens / len(problems),
+                     "seconds": seconds})
+        print(f"{strategy:>20} N={n:<3} accuracy {acc:.3f}  ({tokens / len(problems):.0f} tokens/problem, "
+              f"{seconds:.0f} s)", flush=True)
+
+    res, tokens, sec = run_batched(model, tok, problems, "majority", SearchConfig(n=1, **{**base, "temperature": 0.0}),
+                                   args)
+    add("greedy", 1, accuracy(problems, [r.answer for r in res]), tokens, sec)
+
+    n_max = ns[-1]
+    res, tokens, sec = run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **base),
+                                   args)
+    for n in ns:
+        for strategy, method in SAMPLE_METHODS.items():
+            groups = [[r.candidates[g * n:(g + 1) * n] for r in res] for g in range(n_max // n)]
+            accs = [accuracy(problems, [None if (i := choose(c, method)) is None else c[i].answer for c in group])
+                    for group in groups]
+            add(strategy, n, sum(accs) / len(accs), tokens * n / n_max, sec * n / n_max)
+
+    for strategy in [s for s in args.strategies.split(",") if s]:
+        for n in ns:
+            width = min(args.beam_width, n)
+            res, tokens, sec = run_batched(model, tok, problems, strategy,
+                                           SearchConfig(n=n, beam_width=width, **base), args)
+            add(strategy, n, accuracy(problems, [r.answer for r in res]), tokens, sec)
+
+    notes = [f"model {args.model.name}, {len(problems)} problems (seed {PROBLEM_SEED}), temperature "
+             f"{args.temperature}, aggregate {args.aggregate}, beam width {args.beam_width}, sampling seed {args.seed}, "
+             f"{args.decoder} decoder",
+             "sampling strategies: N' < N scored on the N/N' disjoint groups of the N samples and averaged; "
+             "tokens_per_problem/seconds of those rows are the N-sample run's, scaled by N'/N"]
+    columns = ["strategy", "n", "accuracy", "tokens_per_problem", "seconds"]
+    json_path, md_path = write_results("scaling", device, columns, rows, notes)
+    print(markdown_table(columns, rows))
+    print(f"wrote {json_path} and {md_path}")
+    plot(rows, ns, RESULTS_DIR / f"scaling_{'gpu' if device.type == 'cuda' else 'cpu'}.png")
+
+
+def plot(rows, ns, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != "greedy"):
+        pts = [(r["n"], r["accuracy"]) for r in rows if r["strategy"] == strategy]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+    greedy = [r["accuracy"] for r in rows if r["strategy"] == "greedy"]
+    if greedy:
+        ax.axhline(greedy[0], color="gray", linestyle="--", label="greedy (1 sample)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("N (candidates / beams per problem)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Tiny arithmetic task: accuracy vs test-time compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
