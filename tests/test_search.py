@@ -34,7 +34,8 @@ def _cands(pairs):
 
 def test_choose_rules():
     c = _cands([(1, 0.9), (2, 0.5), (2, 0.6), (3, 0.1), (None, 0.95)])
-    assert choose(c, "argmax") == 4  # plain best-of-N ignores answers
+    assert choose(c, "argmax") == 0  # best score among the candidates with an answer
+    assert choose(_cands([(None, 0.2), (None, 0.7)]), "argmax") == 1  # none answered: best score of all
     assert choose(c, "majority") == 1  # answer 2 twice; first candidate with it
     assert choose(c, "weighted") == 2  # 2: 1.1 > 1: 0.9; its best-scored candidate
     ties = _cands([(5, 0.5), (6, 0.5)])
@@ -45,7 +46,8 @@ def test_choose_rules():
 
 
 @pytest.mark.parametrize("kwargs", [dict(n=0), dict(beam_width=0), dict(max_steps=0), dict(temperature=-1.0),
-                                    dict(top_p=0.0), dict(aggregate="median"), dict(n=2.5)])
+                                    dict(top_p=0.0), dict(aggregate="median"), dict(n=2.5),
+                                    dict(filter_duplicates=1)])
 def test_bad_search_config(kwargs):
     with pytest.raises(ValueError):
         SearchConfig(**kwargs)
@@ -117,20 +119,35 @@ def _prompt_of(h):
     return tuple(v for v in h if v < 0)
 
 
-@pytest.mark.parametrize("n,width", [(8, 2), (8, 4), (4, 4), (6, 3)])
-def test_beam_search_keeps_top_n_over_width_and_refills(n, width):
+@pytest.mark.parametrize("filter_duplicates", [False, True])
+@pytest.mark.parametrize("n,width", [(8, 2), (8, 4), (4, 4), (6, 3), (16, 2)])
+def test_beam_search_keeps_top_n_over_width_and_refills(n, width, filter_duplicates):
     dec = ScriptedDecoder()
-    results, _ = search(dec, TOK, [[1, 2], [1, 3]], "beam_search", SearchConfig(n=n, beam_width=width, seed=1))
+    cfg = SearchConfig(n=n, beam_width=width, seed=1, filter_duplicates=filter_duplicates)
+    results, _ = search(dec, TOK, [[1, 2], [1, 3]], "beam_search", cfg)
     assert not dec.hist, "every branch must be released"
     assert len(dec.before) == 4  # 3 steps + the answer step, then all beams are finished
+    saw_duplicates = False
     for after, nxt in zip(dec.after, dec.before[1:]):
         for prompt in {_prompt_of(h) for h, _ in after}:
             outs = [(h, s) for h, s in after if _prompt_of(h) == prompt]
-            kept = [h for h, _ in sorted(outs, key=lambda x: -x[1])[: n // width]]
+            ranked = [h for h, _ in sorted(outs, key=lambda x: -x[1])]
+            if filter_duplicates:
+                saw_duplicates |= len(set(ranked)) < len(ranked)
+                ranked = list(dict.fromkeys(ranked))
+            kept = ranked[: n // width]
+            # the kept beams are refilled round-robin to n beams
+            expected = Counter(kept[i % len(kept)] for i in range(n))
             parents = Counter(h for h in nxt if _prompt_of(h) == prompt)
-            assert len(outs) == n and parents == Counter(kept * width)
+            assert len(outs) == n and parents == expected
+    if filter_duplicates and n == 16:
+        assert saw_duplicates, "the scripted run should have produced duplicate beams to filter"
     for r in results:
-        assert len(r.candidates) == n
+        texts = [c.text for c in r.candidates]
+        if filter_duplicates:
+            assert 0 < len(texts) <= n and len(set(texts)) == len(texts)
+        else:
+            assert len(texts) == n
         scores = [c.score for c in r.candidates]
         assert scores == sorted(scores, reverse=True) and r.chosen == 0
 
@@ -179,10 +196,15 @@ def test_strategy_on_tiny_model(tiny, strategy, decoder_kind):
     expected = {"dvts": 2, "beam_search": 4}.get(strategy, 4)
     total = 0
     for p, r in zip(problems, results):
-        assert len(r.candidates) == expected and r.strategy == strategy
+        texts = [c.text for c in r.candidates]
+        if strategy == "beam_search":  # duplicates filtered (the default)
+            assert 0 < len(texts) <= expected and len(set(texts)) == len(texts)
+        else:
+            assert len(texts) == expected
+        assert r.strategy == strategy
         for c in r.candidates:
             assert c.steps == [TOK.decode(t) for t in c.step_tokens]
-            assert len(c.step_scores) == len(c.steps) and all(0 < s < 1 for s in c.step_scores)
+            assert len(c.step_scores) == len(c.steps) and all(0 <= s <= 1 for s in c.step_scores)
             assert c.score == aggregate_scores(c.step_scores, "last")
             assert c.answer == extract_answer(c.text)
             assert len(check_steps(p, c.steps)) == len(c.steps)

@@ -3,11 +3,15 @@
 Strategies (each runs many prompts batched into one decoder; every `generate_step` call advances
 all live branches of all prompts by one step):
   majority            N samples, the most frequent final answer wins (self-consistency, no PRM).
-  best_of_n           N samples scored by the PRM; the candidate with the highest aggregated score wins.
+  best_of_n           N samples scored by the PRM; the candidate with the highest aggregated score wins
+                      (among those that reached an answer, when any did).
   weighted_best_of_n  N samples; the answer with the largest SUM of aggregated scores wins.
   beam_search         N beams, beam width M: each iteration every active beam writes one step, all are
                       scored, the top N/M are kept and each is forked back into M children (sharing its
-                      KV read-only); pruned beams are released. Finished beams leave the pool.
+                      KV read-only); pruned beams are released. Finished beams leave the pool. With
+                      filter_duplicates (search-and-learn's option; on by default here) beams whose text
+                      equals a better-ranked beam's are pruned before the top N/M are taken, and the
+                      result lists each distinct finished chain once.
   dvts                diverse verifier tree search: N/M independent subtrees; each iteration a subtree's
                       node is forked into M children, each writes one step and the best-scored one is kept.
 
@@ -48,6 +52,7 @@ class SearchConfig:
     top_p: float = 1.0
     aggregate: str = "last"
     seed: int = 0
+    filter_duplicates: bool = True  # beam_search: prune beams whose text repeats a kept beam's
 
     def __post_init__(self):
         for name in ("n", "beam_width", "max_steps", "max_step_tokens"):
@@ -60,6 +65,8 @@ class SearchConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if not isinstance(self.filter_duplicates, bool):
+            raise ValueError(f"filter_duplicates must be a bool, got {self.filter_duplicates!r}")
 
 
 def aggregate_scores(scores: list[float | None], how: str) -> float | None:
@@ -112,12 +119,14 @@ class SearchResult:
 
 
 def choose(candidates: list[Candidate], method: str) -> int | None:
-    """Index of the chosen candidate: "majority" (most frequent answer), "argmax" (highest score) or
-    "weighted" (answer with the largest sum of scores, then its best candidate). Ties go to the earliest."""
+    """Index of the chosen candidate: "majority" (most frequent answer), "argmax" (highest score among the
+    candidates that reached an answer; among all scored ones when none did) or "weighted" (answer with the
+    largest sum of scores, then its best candidate). Ties go to the earliest."""
     answered = [i for i, c in enumerate(candidates) if c.answer is not None]
     if method == "argmax":
-        scored = [i for i in range(len(candidates)) if candidates[i].score is not None]
-        return max(scored, key=lambda i: candidates[i].score, default=None)
+        pool = [i for i in answered if candidates[i].score is not None]
+        pool = pool or [i for i in range(len(candidates)) if candidates[i].score is not None]
+        return max(pool, key=lambda i: candidates[i].score, default=None)
     if not answered:
         return None
     if method == "majority":
@@ -220,8 +229,11 @@ def _beam_search(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
             mine = [b for b in live if b.prompt == r]
             completed[r].extend(b.chain for b in mine if b.done)
             active = [b for b in mine if not b.done]
-            # Top n / width by aggregated score (stable: ties keep the earlier beam).
+            # Top n / width by aggregated score (stable: ties keep the earlier beam), duplicates filtered first.
             order = sorted(range(len(active)), key=lambda i: -_score_or_low(active[i].chain))
+            if run.config.filter_duplicates:
+                firsts = {id(c) for c in _unique_texts([active[i].chain for i in order])}
+                order = [i for i in order if id(active[i].chain) in firsts]
             kept = [active[i] for i in sorted(order[:keep])]
             run.release(b for b in mine if b not in kept)
             # Refill to n beams: the kept beams round-robin, as search-and-learn duplicates them.
@@ -229,7 +241,10 @@ def _beam_search(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
             for i, b in enumerate(kept):
                 next_live.extend(run.fork(b, copies[i]))
         live = next_live
-    return [sorted(c, key=lambda x: -_score_or_low(x))[:n] for c in completed]
+    ranked = [sorted(c, key=lambda x: -_score_or_low(x)) for c in completed]
+    if run.config.filter_duplicates:  # one candidate per distinct text, the best-ranked
+        ranked = [_unique_texts(c) for c in ranked]
+    return [c[:n] for c in ranked]
 
 
 def _dvts(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
@@ -250,6 +265,12 @@ def _dvts(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
             else:
                 nodes.append(g[best])
     return finals
+
+
+def _unique_texts(chains: list[Candidate]) -> list[Candidate]:
+    """The chains whose text no earlier chain in the list has, in order."""
+    seen: set[str] = set()
+    return [c for c in chains if not (c.text in seen or seen.add(c.text))]
 
 
 def _score_or_low(c: Candidate) -> float:
