@@ -9,7 +9,9 @@ For each of `--problems` held-out task problems (a seeded stream disjoint from t
   majority (most frequent answer, no PRM), best-of-N (highest PRM score) and weighted best-of-N
   (largest sum of PRM scores per answer).
 - beam_search and dvts are run separately for every N (beam width 4; N=1 uses width 1, which is plain
-  sampling with one beam).
+  sampling with one beam); beam search filters duplicate beams (SearchConfig.filter_duplicates).
+PRM selection (best-of-N, beam search, DVTS) takes the best-scored candidate among those that reached an
+answer.
 Greedy decoding (temperature 0, one sample) is reported as a reference row.
 Writes benchmarks/results/scaling_<cpu|gpu>.json/.md and, when matplotlib is importable, scaling_<tag>.png.
 """
@@ -63,7 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ns", default="1,4,16,64", help="comma-separated N values")
     parser.add_argument("--beam-width", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--aggregate", default="last")
+    parser.add_argument("--aggregate", default="prod", help="step-score aggregation (see o1kernels.decode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-branches", type=int, default=512, help="live branches per decoder (batching)")
     parser.add_argument("--device", default="cpu")
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
 
     notes = [f"model {args.model.name}, {len(problems)} problems (seed {PROBLEM_SEED}), temperature "
              f"{args.temperature}, aggregate {args.aggregate}, beam width {args.beam_width}, sampling seed {args.seed}, "
-             f"{args.decoder} decoder",
+             f"{args.decoder} decoder, beam search filters duplicate beams",
              "sampling strategies: N' < N scored on the N/N' disjoint groups of the N samples and averaged; "
              "tokens_per_problem/seconds of those rows are the N-sample run's, scaled by N'/N"]
     columns = ["strategy", "n", "accuracy", "tokens_per_problem", "seconds"]

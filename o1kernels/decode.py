@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-tokens", type=int, default=12, help="tokens per step at most (default 12)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--aggregate", default="last", help=f"step-score aggregation: {', '.join(AGGREGATES)}")
+    p.add_argument("--aggregate", default="prod",
+                   help=f"step-score aggregation: {', '.join(AGGREGATES)} (default prod: best for the shipped PRM on "
+                        "held-out problems; search-and-learn's default is last)")
+    p.add_argument("--keep-duplicate-beams", action="store_true",
+                   help="beam_search: keep beams whose text repeats a better one (default: filter them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator and of the problems")
     p.add_argument("--decoder", choices=("tree", "naive"), default="tree",
                    help="tree: shared paged KV on our kernels; naive: dense KV copy per branch (baseline)")
@@ -71,7 +75,8 @@ def _check_args(args) -> None:
     try:
         config = SearchConfig(n=args.n, beam_width=args.beam_width, max_steps=args.max_steps,
                               max_step_tokens=args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                              aggregate=args.aggregate, seed=args.seed)
+                              aggregate=args.aggregate, seed=args.seed,
+                              filter_duplicates=not args.keep_duplicate_beams)
         check_strategy(args.strategy, config, has_prm=True)
     except ValueError as exc:
         raise UsageError(str(exc).replace("beam_width", "--beam-width").replace("n=", "--n=")) from None

@@ -1,5 +1,6 @@
 """CLI `python -m o1kernels.decode`: --json fields, text report, and one-line errors for bad arguments."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_json_fields(capsys):
     assert report["strategy"] == "weighted_best_of_n" and report["n"] == 4 and len(report["candidates"]) == 4
     for c in report["candidates"]:
         assert set(c) >= {"text", "step_scores", "score"}
-        assert len(c["step_scores"]) == len(c["steps"]) and c["score"] == c["step_scores"][-1]
+        assert len(c["step_scores"]) == len(c["steps"])
+        assert c["score"] == pytest.approx(math.prod(c["step_scores"]), rel=1e-12)  # default --aggregate prod
         assert c["answer"] == extract_answer(c["text"])
     assert report["tokens_generated"] == sum(len(s) for c in report["candidates"] for s in c["steps"]) + sum(
         c["finished"] for c in report["candidates"])  # <eos> tokens do not show in the text
