@@ -10,16 +10,18 @@ greedy tokens of the two decoders agree.
 
 GPU (default when CUDA is available): a ~1.2B-parameter random-weight Llama-shaped model (hidden 2048, 16 layers,
 Hq=32, Hkv=8, D=128, intermediate 8192, vocab 32000) in bf16, P in {1K, 4K, 16K}, N in {16, 64, 256}, S = 256; the
-naive decoder is skipped where its KV copies would not fit in free GPU memory.
+naive decoder is skipped where its KV copies would not fit in 80% of free GPU (CPU: available) memory.
 CPU (--device cpu): a small fp32 model, P in {1K, 4K}, N in {16, 64}, S = 32, one thread (about two
 minutes).
 
   python benchmarks/bench_decode.py [--device cpu|cuda] [--backend auto|torch|triton|cpu|cuda] [--page-size 16]
-                                    [--reps N] [--threads N]
+                                    [--prompt-lens 1024,4096] [--branches 16,64] [--new-tokens S] [--reps N]
+                                    [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -74,6 +76,13 @@ def run_decoder(make_decoder, model, prompt: list[int], n: int, new_tokens: int)
             "mem_MB": mem, "tokens": out.new_tokens}
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the GPU, or physical memory available on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median decode tokens/s (fork time: median too)."""
     mid = sorted(runs, key=lambda r: r["tok_s"])[len(runs) // 2]
@@ -88,6 +97,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on CPU: on our shared 2-core machine two threads made decode "
                          "40x slower, 23 vs 950 tok/s at P=1024 N=16, from threads spinning against other processes)")
+    ap.add_argument("--prompt-lens", default=None, help="comma-separated P values (default: the device's set)")
+    ap.add_argument("--branches", default=None, help="comma-separated N values (default: the device's set)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="S (default 256 on GPU, 32 on CPU)")
     ap.add_argument("--reps", type=int, default=None, help="runs per decoder and size, median reported "
                     "(default 1 on GPU, 3 on CPU)")
     args = ap.parse_args()
@@ -106,6 +118,15 @@ def main() -> None:
     model = Transformer(cfg, device=device, dtype=DTYPES[device.type]).eval()
     params = sum(p.numel() for p in model.parameters())
     prompts, branch_counts, new_tokens = SIZES[device.type]
+    try:
+        prompts = tuple(int(x) for x in args.prompt_lens.split(",")) if args.prompt_lens else prompts
+        branch_counts = tuple(int(x) for x in args.branches.split(",")) if args.branches else branch_counts
+    except ValueError:
+        sys.exit(f"--prompt-lens/--branches must be comma-separated integers, got {args.prompt_lens!r}, "
+                 f"{args.branches!r}")
+    new_tokens = args.new_tokens or new_tokens
+    if min(prompts) < 1 or min(branch_counts) < 1 or new_tokens < 1:
+        sys.exit("--prompt-lens, --branches and --new-tokens must be >= 1")
     ps = args.page_size
 
     def ours(prompt_len, n, s):
@@ -127,8 +148,7 @@ def main() -> None:
             row = {"P": p_len, "N": n, "S": new_tokens,
                    "ideal_kv_ratio": n * (p_len + new_tokens) / (p_len + n * new_tokens)}
             naive_bytes = n * (p_len + new_tokens) * bytes_per_token
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-            naive_fits = free is None or naive_bytes <= 0.8 * free
+            naive_fits = naive_bytes <= 0.8 * free_memory(device)
             fast_runs, slow_runs = [], []
             for _ in range(args.reps):  # interleaved, so load changes hit both decoders alike
                 fast_runs.append(run_decoder(ours(p_len, n, new_tokens), model, prompt, n, new_tokens))
@@ -138,7 +158,7 @@ def main() -> None:
             row.update({"ours_tok/s": fast["tok_s"], "ours_kv_MB": fast["kv_MB"], "ours_fork_ms": fast["fork_ms"],
                         "ours_mem_MB": fast["mem_MB"]})
             if not naive_fits:
-                row["naive_tok/s"] = f"skipped: needs {naive_bytes / 2**30:.0f} GiB"
+                row["naive_tok/s"] = f"skipped: needs {naive_bytes / 2**30:.1f} GiB"
             else:
                 slow = median_run(slow_runs)
                 row.update({"naive_tok/s": slow["tok_s"], "naive_kv_MB": slow["kv_MB"],
