@@ -230,11 +230,11 @@ def _beam_search(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
             completed[r].extend(b.chain for b in mine if b.done)
             active = [b for b in mine if not b.done]
             # Top n / width by aggregated score (stable: ties keep the earlier beam), duplicates filtered first.
-            order = sorted(range(len(active)), key=lambda i: -_score_or_low(active[i].chain))
+            ranked = sorted(active, key=lambda b: -_score_or_low(b.chain))
             if run.config.filter_duplicates:
-                firsts = {id(c) for c in _unique_texts([active[i].chain for i in order])}
-                order = [i for i in order if id(active[i].chain) in firsts]
-            kept = [active[i] for i in sorted(order[:keep])]
+                ranked = _first_per_text(ranked, lambda b: b.chain.text)
+            top = ranked[:keep]
+            kept = [b for b in active if b in top]  # in beam order (_Branch compares by identity)
             run.release(b for b in mine if b not in kept)
             # Refill to n beams: the kept beams round-robin, as search-and-learn duplicates them.
             copies = Counter(i % len(kept) for i in range(n)) if kept else {}
@@ -243,7 +243,7 @@ def _beam_search(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
         live = next_live
     ranked = [sorted(c, key=lambda x: -_score_or_low(x)) for c in completed]
     if run.config.filter_duplicates:  # one candidate per distinct text, the best-ranked
-        ranked = [_unique_texts(c) for c in ranked]
+        ranked = [_first_per_text(c, lambda x: x.text) for c in ranked]
     return [c[:n] for c in ranked]
 
 
@@ -267,10 +267,10 @@ def _dvts(run: _Run, prompts: list[list[int]]) -> list[list[Candidate]]:
     return finals
 
 
-def _unique_texts(chains: list[Candidate]) -> list[Candidate]:
-    """The chains whose text no earlier chain in the list has, in order."""
+def _first_per_text(items: list, text: Callable[[object], str]) -> list:
+    """The items whose text(item) no earlier item in the list has, in order."""
     seen: set[str] = set()
-    return [c for c in chains if not (c.text in seen or seen.add(c.text))]
+    return [x for x in items if not (text(x) in seen or seen.add(text(x)))]
 
 
 def _score_or_low(c: Candidate) -> float:
