@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import device_name, markdown_table, write_results  # noqa: E402
+from common import device_name, markdown_table, positive_int, positive_ints, write_results  # noqa: E402
 
 from o1kernels._backend import resolve_backend  # noqa: E402
 from o1kernels.decoder import ModelConfig, NaiveDecoder, Transformer, TreeDecoder  # noqa: E402
@@ -97,9 +97,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on CPU: on our shared 2-core machine two threads made decode "
                          "40x slower, 23 vs 950 tok/s at P=1024 N=16, from threads spinning against other processes)")
-    ap.add_argument("--prompt-lens", default=None, help="comma-separated P values (default: the device's set)")
-    ap.add_argument("--branches", default=None, help="comma-separated N values (default: the device's set)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="S (default 256 on GPU, 32 on CPU)")
+    ap.add_argument("--prompt-lens", type=positive_ints, default=None,
+                    help="comma-separated P values (default: the device's set)")
+    ap.add_argument("--branches", type=positive_ints, default=None,
+                    help="comma-separated N values (default: the device's set)")
+    ap.add_argument("--new-tokens", type=positive_int, default=None, help="S (default 256 on GPU, 32 on CPU)")
     ap.add_argument("--reps", type=int, default=None, help="runs per decoder and size, median reported "
                     "(default 1 on GPU, 3 on CPU)")
     args = ap.parse_args()
@@ -118,15 +120,8 @@ def main() -> None:
     model = Transformer(cfg, device=device, dtype=DTYPES[device.type]).eval()
     params = sum(p.numel() for p in model.parameters())
     prompts, branch_counts, new_tokens = SIZES[device.type]
-    try:
-        prompts = tuple(int(x) for x in args.prompt_lens.split(",")) if args.prompt_lens else prompts
-        branch_counts = tuple(int(x) for x in args.branches.split(",")) if args.branches else branch_counts
-    except ValueError:
-        sys.exit(f"--prompt-lens/--branches must be comma-separated integers, got {args.prompt_lens!r}, "
-                 f"{args.branches!r}")
-    new_tokens = args.new_tokens or new_tokens
-    if min(prompts) < 1 or min(branch_counts) < 1 or new_tokens < 1:
-        sys.exit("--prompt-lens, --branches and --new-tokens must be >= 1")
+    prompts, branch_counts = args.prompt_lens or prompts, args.branches or branch_counts
+    new_tokens = args.new_tokens or new_tokens  # None when not given; the types reject 0
     ps = args.page_size
 
     def ours(prompt_len, n, s):

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: timing, device facts, result files."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -12,6 +13,28 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: "1,4,16" -> (1, 4, 16); every value an integer >= 1."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 # Datasheet HBM bandwidth in GB/s (1e9 B/s), matched against the device name.
 # A measured device-to-device copy is reported next to it (see measured_copy_gbps).

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, markdown_table, positive_int, positive_ints, write_results  # noqa: E402
 from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint  # noqa: E402
 from o1kernels.decoder.search import SearchConfig, choose, search  # noqa: E402
 from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E402
@@ -61,13 +61,13 @@ def accuracy(problems, answers) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--problems", type=int, default=200)
-    parser.add_argument("--ns", default="1,4,16,64", help="comma-separated N values")
-    parser.add_argument("--beam-width", type=int, default=4)
+    parser.add_argument("--problems", type=positive_int, default=200)
+    parser.add_argument("--ns", type=positive_ints, default="1,4,16,64", help="comma-separated N values")
+    parser.add_argument("--beam-width", type=positive_int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--aggregate", default="prod", help="step-score aggregation (see o1kernels.decode)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-branches", type=int, default=512, help="live branches per decoder (batching)")
+    parser.add_argument("--max-branches", type=positive_int, default=512, help="live branches per decoder (batching)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto", help="kernel backend of the tree decoder")
     parser.add_argument("--decoder", choices=("tree", "naive"), default="tree",
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     if args.device == "cpu":
         torch.set_num_threads(2)
     device = torch.device(args.device)
-    ns = sorted(int(x) for x in args.ns.split(","))
+    ns = sorted(args.ns)
     model = load_checkpoint(args.model, device=device, dtype=torch.float32)
     tok = CharTokenizer()
     problems = generate_problems(args.problems, PROBLEM_SEED)
