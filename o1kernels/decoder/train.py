@@ -48,8 +48,7 @@ from .checkpoint import save_checkpoint
 from .engine import TreeDecoder
 from .model import ModelConfig, Transformer
 from .search import SearchConfig, search
-from .task import (STEP_SEPARATOR, CharTokenizer, Problem, check_steps, generate_problems, is_correct,
-                   parse_problem)
+from .task import STEP_SEPARATOR, CharTokenizer, Problem, check_steps, generate_problems, is_correct
 
 DEFAULT_OUT = Path(__file__).parent / "weights" / "tiny-arith"
 # Seeds of the disjoint problem streams.
@@ -101,12 +100,20 @@ def model_config(cfg: TrainConfig, tok: CharTokenizer) -> ModelConfig:
 @dataclasses.dataclass
 class Row:
     """One training sequence: prompt ids, its steps' token ids, per-step PRM labels (None: no PRM loss) and
-    whether its steps are a correct solution to learn (next-token loss)."""
+    auxiliary targets (see aux_targets), and whether its steps are a correct solution to learn (next-token loss)."""
 
     prompt: list[int]
     steps: list[list[int]]
     labels: list[bool] | None
+    aux: list[list[int]]
     lm: bool
+
+
+def labelled_row(problem: Problem, tok: CharTokenizer, step_ids: list[list[int]], steps: list[str], *,
+                 lm: bool) -> Row:
+    """A Row for `problem` whose steps have these token ids and texts, labelled by the task's checker."""
+    return Row(tok.encode(problem.prompt, bos=True), step_ids, check_steps(problem, steps),
+               [aux_targets(s, k, problem) for k, s in enumerate(steps)], lm)
 
 
 def solution_row(problem: Problem, tok: CharTokenizer, steps: list[str] | None = None, *, lm: bool) -> Row:
@@ -114,7 +121,7 @@ def solution_row(problem: Problem, tok: CharTokenizer, steps: list[str] | None =
     steps = problem.solution_steps() if steps is None else steps
     ids = [tok.encode(s) for s in steps]
     ids[-1].append(tok.eos_id)
-    return Row(tok.encode(problem.prompt, bos=True), ids, check_steps(problem, steps), lm)
+    return labelled_row(problem, tok, ids, steps, lm=lm)
 
 
 def _slip(value: int, rng: random.Random) -> int:
@@ -148,7 +155,7 @@ def slipped_steps(problem: Problem, rng: random.Random) -> list[str]:
     return steps + [f"A:{answer}"]
 
 
-def aux_targets(step_text: str, index: int, problem: Problem | None) -> list[int]:
+def aux_targets(step_text: str, index: int, problem: Problem) -> list[int]:
     """Auxiliary targets of step `index`: digits (ones first) of |a op b| for a step "a op b=..." and of the
     problem's true running value after index + 1 operations (the answer for the answer step); -100 = ignore."""
     m = _OPERATION.match(step_text)
@@ -157,7 +164,7 @@ def aux_targets(step_text: str, index: int, problem: Problem | None) -> list[int
         value = abs(int(m.group(1)) + (int(m.group(3)) if m.group(2) == "+" else -int(m.group(3))))
         own = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
     running = [-100] * AUX_DIGITS
-    if problem is not None and index <= len(problem.ops):
+    if index <= len(problem.ops):
         value = problem.running_values()[min(index, len(problem.ops) - 1)]
         running = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
     return own + running
@@ -179,8 +186,7 @@ def pack(rows: list[Row], tok: CharTokenizer):
             ends = torch.tensor([len(s) for s in r.steps]).cumsum(0) + len(r.prompt) - 1
             step_mask[i, ends] = True
             labels += r.labels
-            problem = parse_problem(tok.decode(r.prompt))
-            aux += [aux_targets(tok.decode(s), k, problem) for k, s in enumerate(r.steps)]
+            aux += r.aux
     return (ids, solution_mask, torch.tensor([r.lm for r in rows]), step_mask, torch.tensor(labels, dtype=torch.float32),
             torch.tensor(aux, dtype=torch.long).view(-1, 2 * AUX_DIGITS))
 
@@ -272,8 +278,8 @@ def rollouts(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, problems,
     results, _ = search(make_decoder(model), tok, [tok.encode(p.prompt, bos=True) for p in problems],
                         "majority", scfg, has_prm=False)
     model.train()
-    return [Row(tok.encode(p.prompt, bos=True), c.step_tokens, check_steps(p, c.steps), lm=False)
-            for p, r in zip(problems, results) for c in r.candidates]
+    return [labelled_row(p, tok, c.step_tokens, c.steps, lm=False) for p, r in zip(problems, results)
+            for c in r.candidates]
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
