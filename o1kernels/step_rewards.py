@@ -201,7 +201,7 @@ def step_rewards_torch(hidden, step_mask, cu_seqlens, weight, bias, norm_weight,
         seq_of_step = torch.div(token_index, seq_len, rounding_mode="floor")
     else:
         num_seqs = cu_seqlens.numel() - 1
-        seq_of_step = torch.searchsorted(cu_seqlens.to(torch.int64), token_index, right=True) - 1
+        seq_of_step = torch.searchsorted(cu_seqlens.to(torch.int64).contiguous(), token_index, right=True) - 1
 
     chain = torch.full((num_seqs,), float("nan"), dtype=torch.float32, device=hidden.device)
     if aggregate == "last":

@@ -222,6 +222,31 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_strided_vector_arguments(backend):
+    """norm_weight, bias, mlp_bias and cu_seqlens as strided 1-D views (the Triton backend once read them
+    with unit stride and returned wrong scores: [0.17, 0.82] for [0.46, 0.09]; NaN with cu_seqlens[::2])."""
+    hidden, mask = torch.randn(3, 9, 16), make_mask(3, 9, "mixed")
+    kwargs = dict(norm_weight=torch.randn(16, 2)[:, 0], mlp_weight=torch.randn(24, 16) / 4,
+                  mlp_bias=torch.randn(24, 3)[:, 1], aggregate="mean")
+    weight, bias = torch.randn(2, 24) / 5, torch.randn(2, 2)[:, 1]
+    assert all(t.stride(0) > 1 for t in (kwargs["norm_weight"], kwargs["mlp_bias"], bias))
+    scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
+    ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+    assert_matches("step_scores", scores, ref_scores, *FP32_MATH_TOL[1:])
+    assert_matches("chain_scores", chain, ref_chain, *FP32_MATH_TOL[1:])
+
+    packed, packed_mask = torch.randn(12, 16), torch.zeros(12, dtype=torch.bool)
+    packed_mask[[3, 7, 11]] = True
+    cu = torch.tensor([0, 0, 4, 4, 8, 8, 12, 12])[::2]
+    head = torch.randn(2, 16)
+    scores, chain = step_rewards(packed, packed_mask, head, cu_seqlens=cu, backend=backend)
+    ref_scores, ref_chain = reference_step_rewards(packed, packed_mask, head, None, cu_seqlens=cu.contiguous())
+    assert not chain.isnan().any()
+    assert_matches("step_scores", scores, ref_scores, *FP32_MATH_TOL[1:])
+    assert_matches("chain_scores", chain, ref_chain, *FP32_MATH_TOL[1:])
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_mixed_weight_dtypes(backend):
     """bf16 hidden with fp32 norm weight, fp16 hidden layer and fp32 head: fp32 math throughout."""
     hidden = torch.randn(4, 13, 100).to(torch.bfloat16)

@@ -208,6 +208,10 @@ def step_rewards_triton(hidden, step_mask, cu_seqlens, weight, bias, norm_weight
     """Triton backend; arguments as documented in o1kernels.step_rewards. No host sync."""
     device = hidden.device
     packed = cu_seqlens is not None
+    # The kernels index 1-D vectors with unit stride: a strided view (norm_weight[:, 0], cu_seqlens[::2]) would
+    # be read wrongly. .contiguous() is free for the usual contiguous tensors.
+    norm_weight, bias, mlp_bias, cu_seqlens = (None if t is None else t.contiguous()
+                                               for t in (norm_weight, bias, mlp_bias, cu_seqlens))
     num_tokens = step_mask.numel()
     num_seqs = cu_seqlens.numel() - 1 if packed else step_mask.shape[0]
     num_classes = weight.shape[0]
