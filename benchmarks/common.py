@@ -76,6 +76,45 @@ def measured_copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
+def measured_matmul_tflops(device: torch.device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Rate of a large n x n x n matrix product in `dtype` (TFLOP/s), the compute ceiling of a floor."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench(lambda: a @ b, device, warmup=3, reps=10)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def floor_ms(nbytes: float, flops: float, gbps: float, tflops: float) -> float:
+    """Floor of an op: max(bytes / bandwidth, FLOPs / matmul rate) in milliseconds."""
+    return max(nbytes / (gbps * 1e9), flops / (tflops * 1e12)) * 1e3
+
+
+def bench_cuda_graph(fn, device: torch.device, *, reps: int = 20, calls_per_graph: int = 10) -> float | None:
+    """Median time of one fn() replayed inside a CUDA graph, in ms (None off CUDA or if capture fails).
+
+    fn is warmed up on a side stream (compilation, autotuning and allocations happen there), then
+    `calls_per_graph` calls are captured into one graph; each timed replay is divided by that count, so
+    the graph launch itself is amortised. Eager time minus this is the host overhead per call.
+    """
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+    except Exception:  # an op that cannot be captured (host sync, CPU tensor): no graph time
+        torch.cuda.synchronize(device)
+        return None
+    return bench(graph.replay, device, warmup=2, reps=reps) / calls_per_graph
+
+
 def bench(fn, device: torch.device, *, warmup: int = 5, reps: int = 50) -> float:
     """Median wall time of fn() in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
     for _ in range(warmup):
