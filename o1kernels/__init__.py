@@ -1,16 +1,17 @@
 """o1kernels: GPU kernels for o1-style test-time-compute decoding.
 
 Public API:
-  merge_states, shared_prefix_attention, TreeAttentionPlan, tree_attention,
+  merge_states, shared_prefix_attention, SharedPrefixPlan, TreeAttentionPlan, tree_attention,
   step_rewards, available_backends.
 """
 from ._backend import BACKENDS, available_backends
 from .merge_states import merge_states
+from .plan import SharedPrefixPlan, TreeAttentionPlan
 from .shared_prefix_attention import shared_prefix_attention
-from .tree_attention import TreeAttentionPlan, tree_attention
+from .tree_attention import tree_attention
 from .step_rewards import step_rewards
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "available_backends", "__version__",
-           "merge_states", "shared_prefix_attention", "TreeAttentionPlan", "tree_attention", "step_rewards"]
+           "merge_states", "shared_prefix_attention", "SharedPrefixPlan", "TreeAttentionPlan", "tree_attention", "step_rewards"]

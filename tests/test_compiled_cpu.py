@@ -30,9 +30,16 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ops = torch.ops.o1kernels
 
 
+def split_layout(plan):
+    """The layout the compiled ops run (every segment through work items) and its one source."""
+    layout = plan.layout("split")
+    return layout, layout.sources[0]
+
+
 def plan_fields(plan):
-    return (plan.page_table, plan.seg_page_start, plan.seg_capacity, plan.seg_lens, plan.seg_queries, plan.work_seg,
-            plan.work_kv_start, plan.work_kv_end, plan.work_q_start, plan.work_q_end, plan.work_out)
+    """tree_attention_partial's index arguments for a TreeAttentionPlan."""
+    layout, source = split_layout(plan)
+    return (*layout.source_views(source), layout.seg_queries, *source.work)
 
 
 def segment_tokens(cache, pages, page_size, lo, hi):
@@ -52,19 +59,19 @@ def test_each_partial_matches_float64(dtype, hq, hkv, d):
     q = (torch.randn(len(leaves), hq, d) * 2).to(dtype)
     k = torch.randn(num_pages, 4, hkv, d).to(dtype)
     v = random_values((num_pages, 4, hkv, d), dtype)
-    part_o = torch.full((plan.num_partials, hq, d), math.nan)
-    part_lse = torch.full((plan.num_partials, hq), math.nan)
-    ops.tree_attention_partial(q, k, v, *plan_fields(plan), plan.max_work_queries, d ** -0.5, part_o, part_lse)
+    layout, source = split_layout(plan)
+    part_o = torch.full((layout.num_partials, hq, d), math.nan)
+    part_lse = torch.full((layout.num_partials, hq), math.nan)
+    ops.tree_attention_partial(q, k, v, *plan_fields(plan), source.max_work_queries, d ** -0.5, part_o, part_lse)
     o_ref, lse_ref = torch.empty(part_o.shape, dtype=torch.float64), torch.empty(part_lse.shape, dtype=torch.float64)
-    for w in range(plan.num_work):
-        pages, length, _ = segments[int(plan.work_seg[w])]
-        lo, hi = int(plan.work_kv_start[w]), min(int(plan.work_kv_end[w]), length)
+    for seg, kv_lo, kv_hi, q_lo, q_hi, out in zip(*(w.tolist() for w in source.work)):
+        pages, length, _ = segments[seg]
+        lo, hi = kv_lo, min(kv_hi, length)
         keys = segment_tokens(k, pages, 4, lo, max(lo, hi))
         values = segment_tokens(v, pages, 4, lo, max(lo, hi))
-        for j in range(int(plan.work_q_end[w]) - int(plan.work_q_start[w])):
-            query = int(plan.seg_queries[int(plan.work_q_start[w]) + j])
-            slot = int(plan.work_out[w]) + j
-            o_ref[slot], lse_ref[slot] = attention_f64(q[query], keys, values, d ** -0.5)
+        for j in range(q_hi - q_lo):
+            query = int(layout.seg_queries[q_lo + j])
+            o_ref[out + j], lse_ref[out + j] = attention_f64(q[query], keys, values, d ** -0.5)
     # Partials are fp32 results of rounded inputs: the q-dtype tolerances apply.
     report_mismatch("part_o", part_o, o_ref, *TOLERANCES[dtype])
     report_mismatch("part_lse", part_lse, lse_ref, *LSE_TOLERANCES[dtype])
@@ -98,9 +105,9 @@ def test_merge_partials_matches_float64(dtype):
 
 
 def test_shared_prefix_device_planning_clamps_unchecked_values():
-    """The compiled entry point (which the CUDA path reaches without host checks) clamps lengths into
-    [0, P] / [0, S] and groups into [0, G-1]. 20 branches in query tiles of 16: 17 branches on group 0
-    (two tiles), one on group 1, two on group 2 (clamped from 9 and -3); P and S over one kv chunk."""
+    """The compiled run of a SharedPrefixPlan (which the CUDA path reaches without host checks) clamps
+    lengths into [0, P] / [0, S] and groups into [0, G-1]. 20 branches: 17 on group 0, one on group 1,
+    two on group 2 (clamped from 9 and -3); P and S over more than one kv chunk."""
     b, g, p, s, hq, hkv, d = 20, 3, 300, 260, 4, 2, 16
     q = torch.randn(b, hq, d) * 2
     pk, pv = torch.randn(g, p, hkv, d), random_values((g, p, hkv, d), torch.float32)
@@ -109,7 +116,11 @@ def test_shared_prefix_device_planning_clamps_unchecked_values():
     prefix_lens = i32(999, 270, -4)
     suffix_lens = i32(-1, 0, 5, 260, 1000, 257, 3, *torch.randint(0, s + 1, (b - 7,)).tolist())
     groups = i32(0, 9, 0, -3, 0, 1, *([0] * (b - 6)))
-    o, lse = _compiled.shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens, suffix_lens, groups, 0.3)
+    plan = o1kernels.SharedPrefixPlan(b, p, s, num_prefixes=g, kv_chunk_size=128)
+    plan.seg_lens.copy_(torch.cat([prefix_lens, suffix_lens]))  # bypasses set_lengths' checks
+    plan.branch_group.copy_(groups)
+    plan.refill_groups()
+    o, lse = _compiled.run_plan(plan, q, ((pk, pv), (sk, sv)), 0.3)
     outs, lses = [], []
     for i in range(b):
         gi = min(max(int(groups[i]), 0), g - 1)
@@ -144,13 +155,14 @@ def small_step_inputs(packed=False):
 def test_fake_tensor_shape_propagation():
     q, k, v, plan = small_attention_inputs(torch.bfloat16)
     hidden, mask, weight, bias, kwargs = small_step_inputs(packed=True)
+    pk, sk = torch.randn(2, 9, 2, 32, dtype=torch.bfloat16), torch.randn(3, 5, 2, 32, dtype=torch.bfloat16)
+    sp_plan = o1kernels.SharedPrefixPlan(3, 9, 5, num_prefixes=2, branch_group=[1, 0, 1])
+    plan.layout("split")  # layouts are host-built before tracing, as they are when a real run comes first
+    sp_plan.layout("split")
     with FakeTensorMode(allow_non_fake_inputs=True):
-        o, lse = _compiled.tree_attention(q, k, v, plan, 0.2)
+        o, lse = _compiled.run_plan(plan, q, ((k, v),), 0.2)
         assert (o.shape, o.dtype, lse.shape, lse.dtype) == ((3, 8, 32), torch.bfloat16, (3, 8), torch.float32)
-        pk, sk = torch.randn(2, 9, 2, 32, dtype=torch.bfloat16), torch.randn(3, 5, 2, 32, dtype=torch.bfloat16)
-        o, lse = _compiled.shared_prefix_attention(
-            q, pk, pk, sk, sk, torch.tensor([9, 2], dtype=torch.int32), torch.tensor([5, 0, 3], dtype=torch.int32),
-            torch.tensor([1, 0, 1], dtype=torch.int32), 0.2)
+        o, lse = _compiled.run_plan(sp_plan, q, ((pk, pk), (sk, sk)), 0.2)
         assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
         o, lse = _compiled.merge_states(q, lse, q.float(), lse)
         assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
@@ -162,11 +174,12 @@ def test_fake_tensor_shape_propagation():
 
 def opcheck_samples():
     q, k, v, plan = small_attention_inputs()
-    part_o, part_lse = torch.empty(plan.num_partials, 8, 32), torch.empty(plan.num_partials, 8)
-    yield "tree_attention_partial", (q, k, v, *plan_fields(plan), plan.max_work_queries, 0.2, part_o, part_lse)
-    part_lse = torch.randn(plan.num_partials, 8)
-    yield "merge_partials", (torch.randn(plan.num_partials, 8, 32), part_lse, plan.query_slot_indptr,
-                             plan.query_slots, torch.empty(3, 8, 32), torch.empty(3, 8))
+    layout, source = split_layout(plan)
+    part_o, part_lse = torch.empty(layout.num_partials, 8, 32), torch.empty(layout.num_partials, 8)
+    yield "tree_attention_partial", (q, k, v, *plan_fields(plan), source.max_work_queries, 0.2, part_o, part_lse)
+    part_lse = torch.randn(layout.num_partials, 8)
+    yield "merge_partials", (torch.randn(layout.num_partials, 8, 32), part_lse, layout.slot_indptr,
+                             layout.slots, torch.empty(3, 8, 32), torch.empty(3, 8))
     yield "merge_states", (q, torch.randn(3, 8), q * 2, torch.randn(3, 8), torch.empty(3, 8, 32), torch.empty(3, 8))
     hidden, mask, weight, bias, kwargs = small_step_inputs()
     yield "step_rewards", (hidden, mask, None, weight, bias, kwargs["norm_weight"], 1e-6, kwargs["mlp_weight"],
@@ -191,6 +204,7 @@ def test_torch_compile_fullgraph_matches_eager():
         scores, chain = o1kernels.step_rewards(hidden, mask, weight, bias, backend="cpu", **kwargs)
         return o2, lse2, scores, chain
 
+    step(q, k, v, plan, hidden, mask)  # the first run lays the plan out and allocates its workspace
     compiled = torch.compile(step, fullgraph=True)
     for lengths in ([7, 3, 5], [2, 0, 8]):
         plan.set_lengths(lengths)
@@ -199,15 +213,27 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_shared_prefix_traces_fullgraph():
-    """The device-side planning of shared_prefix_attention traces without graph breaks. (aot_eager:
-    Inductor's codegen of the index glue takes ~30 s on a 2-core CI machine and adds nothing here.)"""
+    """What a planned shared_prefix_attention call runs after its checks (on a GPU the checks read no
+    values): lengths and groups written into the plan, its groups laid out by device ops, then the
+    compiled ops. It traces without graph breaks. (aot_eager: Inductor's codegen of the index glue
+    takes ~30 s on a 2-core CI machine and adds nothing here.)"""
     q = torch.randn(5, 4, 16)
     pk, sk = torch.randn(2, 9, 2, 16), torch.randn(5, 6, 2, 16)
-    args = (q, pk, pk * 0.5, sk, sk * 0.5, torch.tensor([9, 4], dtype=torch.int32),
-            torch.tensor([6, 0, 3, 6, 1], dtype=torch.int32), torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32), 0.25)
-    compiled = torch.compile(_compiled.shared_prefix_attention, fullgraph=True, backend="aot_eager")
-    for got, expected in zip(compiled(*args), _compiled.shared_prefix_attention(*args)):
-        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    plan = o1kernels.SharedPrefixPlan(5, 9, 6, num_prefixes=2)
+    plan.layout("split")
+
+    def call(q, lens, groups):
+        plan.seg_lens.copy_(lens)
+        plan.branch_group.copy_(groups)
+        plan.refill_groups()
+        return _compiled.run_plan(plan, q, ((pk, pk * 0.5), (sk, sk * 0.5)), 0.25)
+
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    args = (q, i32(9, 4, 6, 0, 3, 6, 1), i32(1, 0, 1, 1, 0))
+    expected = [t.clone() for t in call(*args)]
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ---- bad input reaching the C++ layer directly ----
@@ -217,8 +243,9 @@ def tree_args(**overrides):
     args = dict(zip(("page_table", "seg_page_start", "seg_capacity", "seg_lens", "seg_queries", "work_seg",
                      "work_kv_start", "work_kv_end", "work_q_start", "work_q_end", "work_out"),
                     (t.clone() for t in plan_fields(plan))))
-    args.update(q=q, k_cache=k, v_cache=v, max_work_queries=plan.max_work_queries, sm_scale=0.2,
-                part_o=torch.empty(plan.num_partials, 8, 32), part_lse=torch.empty(plan.num_partials, 8))
+    layout, source = split_layout(plan)
+    args.update(q=q, k_cache=k, v_cache=v, max_work_queries=source.max_work_queries, sm_scale=0.2,
+                part_o=torch.empty(layout.num_partials, 8, 32), part_lse=torch.empty(layout.num_partials, 8))
     for name, fn in overrides.items():
         args[name] = fn(args[name], args)
     return args

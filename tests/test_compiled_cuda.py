@@ -68,11 +68,12 @@ def check_tree(q, k, v, segments, plan):
     """tree_attention against float64; the partial op also runs on NaN-poisoned buffers, which
     every work item must overwrite (empty chunks with o = 0, lse = -inf)."""
     hq, d = q.shape[1:]
-    part_o = torch.full((plan.num_partials, hq, d), math.nan, device="cuda")
-    part_lse = torch.full((plan.num_partials, hq), math.nan, device="cuda")
-    fields = (plan.page_table, plan.seg_page_start, plan.seg_capacity, plan.seg_lens, plan.seg_queries, plan.work_seg,
-              plan.work_kv_start, plan.work_kv_end, plan.work_q_start, plan.work_q_end, plan.work_out)
-    torch.ops.o1kernels.tree_attention_partial(q, k, v, *fields, plan.max_work_queries, d ** -0.5, part_o, part_lse)
+    layout = plan.layout("split")
+    source = layout.sources[0]
+    part_o = torch.full((layout.num_partials, hq, d), math.nan, device="cuda")
+    part_lse = torch.full((layout.num_partials, hq), math.nan, device="cuda")
+    fields = (*layout.source_views(source), layout.seg_queries, *source.work)
+    torch.ops.o1kernels.tree_attention_partial(q, k, v, *fields, source.max_work_queries, d ** -0.5, part_o, part_lse)
     assert not part_o.isnan().any() and not part_lse.isnan().any(), "partial slots left unwritten"
     o, lse = o1kernels.tree_attention(q, k, v, plan, return_lse=True, backend="cuda")
     o_ref, lse_ref = tree_attention_f64(q.cpu(), k.cpu(), v.cpu(), segments, plan.page_size,

@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from o1kernels import TreeAttentionPlan, shared_prefix_attention, tree_attention
+from o1kernels import SharedPrefixPlan, TreeAttentionPlan, shared_prefix_attention, tree_attention
 from attention_reference import LSE_TOLERANCES, TOLERANCES, attention_f64, backends_on, random_values, report_mismatch
+from test_tree_attention import BACKEND_PATHS, check_layout_covers
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = backends_on("cpu")
@@ -45,11 +46,11 @@ def _reference(q, prefix_k, prefix_v, suffix_k, suffix_v, prefix_lens, suffix_le
     return torch.stack(outs), torch.stack(lses)
 
 
-def _check(backend, args, with_groups=True, sm_scale=None):
+def _check(backend, args, with_groups=True, sm_scale=None, plan=None):
     q, pk, pv, sk, sv, pl, sl, bg = args
     o, lse = shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens=pl, suffix_lens=sl,
                                      branch_group=bg if with_groups else None, sm_scale=sm_scale, return_lse=True,
-                                     backend=backend)
+                                     backend=backend, plan=plan)
     assert o.dtype == q.dtype and o.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:2]
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     o_ref, lse_ref = _reference(q, pk, pv, sk, sv, pl, sl, bg, scale)
@@ -69,11 +70,50 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-g{}-p{}-s{}-hq{}-hkv{}-d{}".format(*c))
-def test_shared_prefix_matches_float64(backend, dtype, case, device="cpu"):
+def test_shared_prefix_matches_float64(backend, path, dtype, case, device="cpu"):
     args = _inputs(*case, dtype, device)
-    _check(backend, args, with_groups=case[1] > 1)
+    if path == "auto":
+        _check(backend, args, with_groups=case[1] > 1)
+    else:
+        b, g, p, s = case[:4]
+        plan = SharedPrefixPlan(b, p, s, num_prefixes=g, device=device, path=path)
+        _check(backend, args, plan=plan)
+
+
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
+def test_plan_reused_across_steps(backend, path):
+    """One SharedPrefixPlan over several decode steps: lengths grow, groups change, values set on the plan."""
+    b, g, p, s, hq, hkv, d = 10, 3, 45, 12, 8, 2, 32
+    plan = SharedPrefixPlan(b, p, s, num_prefixes=g, path=path, branch_group=[i % g for i in range(b)],
+                            num_heads=(hq, hkv), head_dim=d)
+    q, pk, pv, sk, sv, pl, sl, bg = _inputs(b, g, p, s, hq, hkv, d, torch.float32, "cpu")
+    for step in range(3):
+        sl = torch.clamp(sl + 1, max=s)
+        plan.set_lengths(prefix_lens=pl, suffix_lens=sl.tolist())
+        if step == 2:
+            bg = torch.randint(0, g, (b,))
+            plan.set_branch_group(bg)
+        q = torch.randn_like(q)
+        o, lse = shared_prefix_attention(q, pk, pv, sk, sv, return_lse=True, backend=backend, plan=plan)
+        if step < 2:
+            bg = torch.tensor([i % g for i in range(b)])
+        o_ref, lse_ref = _reference(q, pk, pv, sk, sv, pl, sl, bg, d ** -0.5)
+        report_mismatch(f"o step {step}", o, o_ref, *TOLERANCES[torch.float32])
+        report_mismatch(f"lse step {step}", lse, lse_ref, *LSE_TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("path", ("auto", "cascade", "decode"))
+@pytest.mark.parametrize("b,g,p,s", [(9, 2, 33, 5), (40, 3, 700, 300), (1, 1, 5000, 0), (4, 4, 0, 9), (0, 1, 8, 8)])
+def test_plan_layouts_cover_each_segment_once_per_branch(path, b, g, p, s):
+    groups = torch.randint(0, g, (b,))
+    plan = SharedPrefixPlan(b, p, s, num_prefixes=g, branch_group=groups, path=path)
+    caps = [p] * g + [s] * b
+    queries = [torch.nonzero(groups == gi).flatten().tolist() for gi in range(g)] + [[i] for i in range(b)]
+    for lay in (plan.layout("split"), plan.layout("fused", 16, 2, 64), plan.layout("fused", 8, 8, 128)):
+        check_layout_covers(lay, caps, queries, b)
+        assert lay.page_table.tolist() == list(range(g)) + list(range(b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,18 +124,16 @@ def test_defaults_full_lengths_single_prompt(backend):
     report_mismatch(f"o ({backend})", o, o_ref, *TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_unchecked_lengths_and_groups_are_clamped(backend):
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
+def test_unchecked_lengths_and_groups_are_clamped(backend, path):
     """Index values that skip the host check (CUDA, validate=False) are clamped by the backends."""
-    from o1kernels.shared_prefix_attention import shared_prefix_attention_torch
-    from o1kernels.triton_ops.shared_prefix_attention import shared_prefix_attention_triton
-
-    run = {"torch": shared_prefix_attention_torch, "triton": shared_prefix_attention_triton}.get(backend)
-    if run is None:
-        pytest.skip(f"no direct entry point for backend {backend!r}")
     q, pk, pv, sk, sv, _, _, _ = _inputs(4, 2, 20, 5, 4, 2, 16, torch.float32, "cpu")
+    plan = SharedPrefixPlan(4, 20, 5, num_prefixes=2, path=path)
     i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    o, lse = run(q, pk, pv, sk, sv, i32(99, -3), i32(-1, 5, 6, 100), i32(0, 7, -2, 1), 0.25)
+    plan.seg_lens.copy_(i32(99, -3, -1, 5, 6, 100))  # what an unchecked device tensor could hold
+    plan.branch_group.copy_(i32(0, 7, -2, 1))
+    plan.refill_groups()
+    o, lse = shared_prefix_attention(q, pk, pv, sk, sv, sm_scale=0.25, return_lse=True, backend=backend, plan=plan)
     o_ref, lse_ref = _reference(q, pk, pv, sk, sv, i32(20, 0), i32(0, 5, 5, 5), i32(0, 1, 0, 1), 0.25)
     report_mismatch("o", o, o_ref, *TOLERANCES[torch.float32])
     report_mismatch("lse", lse, lse_ref, *LSE_TOLERANCES[torch.float32])
@@ -190,6 +228,31 @@ def test_shared_prefix_rejects_bad_input(name, bad, exc, match):
     kwargs[name] = bad
     with pytest.raises(exc, match=match):
         shared_prefix_attention(**kwargs)
+
+
+def test_planned_call_rejects_a_plan_of_other_shapes():
+    kwargs = _good_kwargs()
+    with pytest.raises(ValueError, match=r"plan was built for \(B, G, P, S\) = \(3, 2, 8, 5\), got \(3, 2, 8, 4\)"):
+        shared_prefix_attention(**kwargs, plan=SharedPrefixPlan(3, 8, 5, num_prefixes=2))
+    with pytest.raises(TypeError, match="plan must be a SharedPrefixPlan"):
+        shared_prefix_attention(**kwargs, plan=TreeAttentionPlan([], 3, 4))
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: SharedPrefixPlan(-1, 8, 4), ValueError, r"num_branches must be an int in \[0, 2\*\*31 - 1\]"),
+    (lambda: SharedPrefixPlan(3, 8, 4, num_prefixes=0), ValueError, r"num_prefixes must be an int in \[1"),
+    (lambda: SharedPrefixPlan(3, 2**31, 4), ValueError, "prefix_capacity"),
+    (lambda: SharedPrefixPlan(3, 8, 4, num_prefixes=2, branch_group=[0, 2, 1]), ValueError,
+     r"branch_group values must be in \[0, 1\], got values in \[0, 2\]"),
+    (lambda: SharedPrefixPlan(3, 8, 4, branch_group=[0, 0]), ValueError, "branch_group must have 3 entries"),
+    (lambda: SharedPrefixPlan(3, 8, 4).set_lengths(prefix_lens=[9]), ValueError, r"prefix_lens values must be in \[0, 8\]"),
+    (lambda: SharedPrefixPlan(3, 8, 4).set_lengths(suffix_lens=torch.tensor([1.0, 2, 3])), TypeError, "suffix_lens must have dtype"),
+    (lambda: SharedPrefixPlan(3, 8, 4, device="cpu:x"), ValueError, "device must be a torch device"),
+    (lambda: SharedPrefixPlan(3, 8, 4, path="tree"), ValueError, "path must be one of"),
+])
+def test_shared_prefix_plan_rejects_bad_input(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
 
 
 def test_shared_prefix_rejects_bad_heads_and_options():

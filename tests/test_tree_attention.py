@@ -1,5 +1,10 @@
 """TreeAttentionPlan + tree_attention against float64 attention over each query's explicit key list."""
+import os
 import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,16 +44,21 @@ TREE_CASES = [
 ]
 
 
+# Only the Triton backend reads segments along the direct path, so only it is run with every path.
+BACKEND_PATHS = [(b, p) for b in BACKENDS for p in (("auto", "cascade", "decode") if b == "triton" else ("auto",))]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
 @pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"depth{c[0]}-hq{c[4]}-hkv{c[5]}-d{c[6]}")
-def test_random_tree_matches_float64(backend, dtype, case, device="cpu"):
+def test_random_tree_matches_float64(backend, dtype, case, path, device="cpu"):
     depth, leaves_max, seg_len_max, page_size, hq, hkv, d, chunk, tile = case
     rng = random.Random(str(case))
     nodes, leaves = random_tree(leaves_max, depth, seg_len_max, rng)
     segments, num_pages = tree_segments(nodes, leaves, page_size, 3, rng)
     num_queries = len(leaves) + 1  # the last query row is listed by no segment: o = 0, lse = -inf
-    plan = TreeAttentionPlan(segments, num_queries, page_size, device=device, kv_chunk_size=chunk, queries_per_tile=tile)
+    plan = TreeAttentionPlan(segments, num_queries, page_size, device=device, kv_chunk_size=chunk, queries_per_tile=tile,
+                             path=path)
     q = (torch.randn(num_queries, hq, d, device=device) * 2).to(dtype)
     k, v = _pool(num_pages, page_size, hkv, d, dtype, device)
     _check(q, k, v, segments, plan, backend)
@@ -107,34 +117,83 @@ def test_slots_past_length_are_never_read(backend):
     _check(q, k, v, segments, plan, backend, lengths=lengths)
 
 
-def test_plan_layout_covers_each_segment_once_per_query():
+def check_layout_covers(layout, seg_caps, seg_queries, num_queries, queries_per_tile=None, kv_chunk_size=None):
+    """Every (query, segment) pair is read exactly once: all the segment's token positions by the query's
+    partial slots (shared work items) or by the query's direct list, never both; slots are owned by one query."""
+    seg_q = layout.seg_queries.tolist()
+    covered = {}  # (query, segment) -> token positions covered through partial slots
+    slot_owner = {}
+    for source in layout.sources:
+        work = [w.tolist() for w in source.work]
+        assert all(len(w) == source.num_work for w in work)
+        for seg, lo, hi, q_lo, q_hi, out in zip(*work):
+            assert 0 <= seg < source.seg_hi - source.seg_lo
+            seg += source.seg_lo
+            rows = seg_q[q_lo:q_hi]
+            assert 0 <= lo < hi <= seg_caps[seg] and len(rows) <= source.max_work_queries
+            if kv_chunk_size:
+                assert hi - lo <= kv_chunk_size
+            if queries_per_tile:
+                assert len(rows) <= queries_per_tile
+            for j, qi in enumerate(rows):
+                covered.setdefault((qi, seg), []).extend(range(lo, hi))
+                assert out + j not in slot_owner
+                slot_owner[out + j] = qi
+    direct = {}
+    for entry in layout.direct:
+        if entry is not None:
+            indptr, segs = entry[0].tolist(), entry[1].tolist()
+            for qi in range(num_queries):
+                for seg in segs[indptr[qi]:indptr[qi + 1]]:
+                    direct[(qi, seg)] = direct.get((qi, seg), 0) + 1
+    for seg, queries in enumerate(seg_queries):
+        for qi in queries:
+            if seg_caps[seg] == 0:
+                continue
+            if (qi, seg) in direct:
+                assert direct[(qi, seg)] == 1 and (qi, seg) not in covered
+            else:
+                assert sorted(covered[(qi, seg)]) == list(range(seg_caps[seg])), (qi, seg)
+    assert set(direct) | set(covered) == {(qi, s) for s, qs in enumerate(seg_queries) for qi in qs if seg_caps[s]}
+    assert sorted(slot_owner) == list(range(layout.num_partials))
+    indptr = layout.slot_indptr.tolist()
+    slots = layout.slots.tolist()
+    for qi in range(num_queries):
+        mine = slots[indptr[qi]:indptr[qi + 1]]
+        assert sorted(mine) == sorted(sl for sl, owner in slot_owner.items() if owner == qi)
+    assert all(t.dtype == torch.int32 for t in (layout.page_table, layout.seg_lens, layout.slots))
+
+
+@pytest.mark.parametrize("path", ("auto", "cascade", "decode"))
+def test_plan_layouts_cover_each_segment_once_per_query(path):
     rng = random.Random(3)
     nodes, leaves = random_tree(12, 4, 50, rng)
     segments, _ = tree_segments(nodes, leaves, 4, 0, rng)
-    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=12, queries_per_tile=3)
-    seg_queries = plan.seg_queries.tolist()
-    covered = {}  # (query, segment) -> tokens covered by the query's partial slots
-    slot_owner = {}
-    for i in range(plan.num_work):
-        s, lo, hi = plan.work_seg[i].item(), plan.work_kv_start[i].item(), plan.work_kv_end[i].item()
-        assert 0 <= lo < hi <= plan.seg_capacity[s].item() and hi - lo <= plan.kv_chunk_size
-        rows = seg_queries[plan.work_q_start[i]:plan.work_q_end[i]]
-        assert 0 < len(rows) <= plan.queries_per_tile
-        for j, qi in enumerate(rows):
-            covered.setdefault((qi, s), []).extend(range(lo, hi))
-            slot_owner[plan.work_out[i].item() + j] = qi
-    for s, (pages, _, queries) in enumerate(segments):
+    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=12, queries_per_tile=3, path=path)
+    caps = [len(p) * 4 for p, _, _ in segments]
+    queries = [q for _, _, q in segments]
+    split = plan.layout("split")
+    check_layout_covers(split, caps, queries, len(leaves), 3, 12)
+    assert all(d is None for d in split.direct)
+    for hq, hkv in ((8, 2), (4, 4)):
+        fused = plan.layout("fused", hq, hkv, 32)
+        check_layout_covers(fused, caps, queries, len(leaves), 3, 12)
+        if path == "decode":
+            assert fused.num_partials == 0
+    for s, (pages, _, _) in enumerate(segments):
         assert plan.seg_pages_host[s] == pages
-        pt = plan.page_table[plan.seg_page_start[s]:plan.seg_page_start[s] + len(pages)].tolist()
-        assert pt == pages
-        for qi in queries:
-            assert sorted(covered[(qi, s)]) == list(range(len(pages) * 4))
-    assert sorted(slot_owner) == list(range(plan.num_partials))
-    indptr = plan.query_slot_indptr.tolist()
-    for qi in range(len(leaves)):
-        assert all(slot_owner[sl] == qi for sl in plan.query_slots[indptr[qi]:indptr[qi + 1]].tolist())
+        table, page_start = split.source_views(split.sources[0])[:2]
+        assert table[page_start[s]:page_start[s] + len(pages)].tolist() == pages
     assert plan.max_page == max(p for pages, _, _ in segments for p in pages)
-    assert all(t.dtype == torch.int32 for t in (plan.page_table, plan.seg_lens, plan.work_out, plan.query_slots))
+
+
+def test_default_chunks_and_tiles_cover_long_shared_segments():
+    """Default chunking (grid filling) and tiles on a long prompt read by many queries plus private tails."""
+    segments = [(list(range(40)), 600, list(range(20)))] + [([40 + i], 3, [i]) for i in range(20)]
+    plan = TreeAttentionPlan(segments, 20, 16)
+    caps = [len(p) * 16 for p, _, _ in segments]
+    for lay in (plan.layout("split"), plan.layout("fused", 16, 2, 64), plan.layout("fused", 8, 8, 64)):
+        check_layout_covers(lay, caps, [q for _, _, q in segments], 20)
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
@@ -147,15 +206,24 @@ GOOD_SEGMENTS = [([0, 1], 5, [0, 1]), ([2], 3, [2])]
 
 
 @pytest.mark.parametrize("make,exc,match", [
-    (_plan_error(GOOD_SEGMENTS, num_queries=-1), ValueError, "num_queries must be a non-negative int"),
+    (_plan_error(GOOD_SEGMENTS, num_queries=-1), ValueError, r"num_queries must be an int in \[0, 2\*\*31 - 1\]"),
     (_plan_error(GOOD_SEGMENTS, num_queries=2.0), ValueError, "num_queries"),
-    (_plan_error(GOOD_SEGMENTS, page_size=0), ValueError, "page_size must be a positive int"),
+    (_plan_error(GOOD_SEGMENTS, num_queries=2**31 + 3), ValueError, r"num_queries must be an int in \[0, 2\*\*31 - 1\], got 2147483651"),
+    (_plan_error(GOOD_SEGMENTS, page_size=0), ValueError, r"page_size must be an int in \[1, 2\*\*31 - 1\]"),
+    (_plan_error([([0, 1, 2], 5, [0])], page_size=2**31 - 1), ValueError, r"segments\[0\] holds 3 pages x page_size 2147483647"),
+    (_plan_error([([0, 2**31], 5, [0])]), ValueError, r"segments\[0\].pages must be page indices in \[0, 2\*\*31 - 1\], got 2147483648"),
+    (_plan_error([([2**63 - 1], 1, [0])]), ValueError, r"segments\[0\].pages must be page indices"),
+    (_plan_error([(list(range(4096)), 5, [0, 1, 2])], page_size=4096, kv_chunk_size=1, queries_per_tile=1), ValueError,
+     "more than 16777216 work items"),
+    (_plan_error(GOOD_SEGMENTS, device="nonsense"), ValueError, "device must be a torch device such as 'cpu' or 'cuda:0', got 'nonsense'"),
+    (_plan_error(GOOD_SEGMENTS, path="fast"), ValueError, "path must be one of"),
+    (_plan_error(GOOD_SEGMENTS, num_heads=(6, 4)), ValueError, "num_heads must be"),
     (_plan_error(GOOD_SEGMENTS, kv_chunk_size=0), ValueError, "kv_chunk_size"),
     (_plan_error(GOOD_SEGMENTS, queries_per_tile=0), ValueError, "queries_per_tile"),
     (_plan_error(5), TypeError, "segments must be a sequence"),
     (_plan_error([([0], 1)]), TypeError, r"segments\[0\] must be a \(pages, length, queries\)"),
     (_plan_error([([0], 1, [0]), (torch.tensor([1.0]), 1, [1])]), TypeError, r"segments\[1\].pages must be a 1-D integer"),
-    (_plan_error([([0, -2], 5, [0])]), ValueError, r"segments\[0\].pages must be non-negative"),
+    (_plan_error([([0, -2], 5, [0])]), ValueError, r"segments\[0\].pages must be page indices in \[0, 2\*\*31 - 1\], got -2"),
     (_plan_error([([0], 1, [0]), ([1], 5, [1])]), ValueError, r"segments\[1\].length must be an int in \[0, 4\]"),
     (_plan_error([([0], -1, [0])]), ValueError, r"segments\[0\].length"),
     (_plan_error([([0], 1, [0, 3])]), ValueError, r"segments\[0\].queries must be in \[0, 3\), got 3"),
@@ -165,6 +233,12 @@ GOOD_SEGMENTS = [([0, 1], 5, [0, 1]), ([2], 3, [2])]
 def test_plan_rejects_bad_input(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_plan_on_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+        TreeAttentionPlan(GOOD_SEGMENTS, 3, 4, device="cuda")
 
 
 def test_set_lengths_rejects_bad_input():
@@ -209,6 +283,12 @@ def test_tree_attention_rejects_bad_input(name, bad, exc, match):
         tree_attention(**args)
 
 
+def test_head_dim_zero_is_a_clear_error():
+    args = dict(_call_args(), q=torch.randn(3, 4, 0), k_cache=torch.randn(3, 4, 2, 0), v_cache=torch.randn(3, 4, 2, 0))
+    with pytest.raises(ValueError, match=r"head_dim \(q.shape\[-1\]\) must be >= 1, got shape \[3, 4, 0\]"):
+        tree_attention(**args)
+
+
 def test_tree_attention_rejects_bad_options():
     with pytest.raises(ValueError, match="sm_scale must be a finite positive number"):
         tree_attention(**_call_args(), sm_scale=-1.0)
@@ -223,14 +303,61 @@ def test_tree_attention_rejects_bad_options():
             tree_attention(**args, backend="triton")
 
 
-# ---- CUDA --------------------------------------------------------------------------------------------------------
+# ---- GPU ---------------------------------------------------------------------------------------------------------
+
+# Compiles the attention kernels for sm_90 with Triton's bundled ptxas (no GPU needed): every partial-kernel tile
+# tune() may pick must compile and run its dots on wgmma (Hopper tensor cores); the decode-merge kernel compiles
+# for the GQA groups and head dims of real models. Catches what the interpreter accepts but the compiler rejects.
+SM90_COMPILE_SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from o1kernels.triton_ops import tree_attention as ta
+
+    def compile_sm90(kernel, constexprs, options):
+        sig = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                data = name[0] in "qkvo" and not name.startswith(("page", "part"))
+                sig[name] = "*bf16" if data else "*fp32" if name.startswith(("part", "lse")) else "*i32"
+            else:
+                sig[name] = "fp32" if name == "sm_scale_log2" else "i32"
+        const = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=options)
+
+    for bm, bn, warps, stages in ta.PARTIAL_CANDIDATES:
+        k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
+                         DOT_FP32=False, DOT_PRECISION="tf32"), {"num_warps": warps, "num_stages": stages})
+        assert "wgmma" in k.asm["ptx"], f"partial kernel tile {bm}x{bn} does not use wgmma"
+    for group, d in ((4, 128), (8, 128), (1, 64), (16, 256), (7, 96)):
+        c = ta.decode_config(torch.device("cuda"), group, d)
+        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
+        compile_sm90(ta._decode_merge_kernel, dict(GROUP=group, BLOCK_D=ta.block_d(d), PART_D=ta.block_d(d), DIRECT0=True,
+                     DIRECT1=True, PARTIALS=True, DOT_FP32=False, DOT_PRECISION="tf32", **c), opts)
+    print("compiled")
+""")
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tree_attention_cuda(dtype):
     for backend in backends_on("cuda"):
         for case in TREE_CASES:
-            test_random_tree_matches_float64(backend, dtype, case, device="cuda")
+            for path in ("auto", "cascade", "decode"):
+                if path == "auto" or backend == "triton":
+                    test_random_tree_matches_float64(backend, dtype, case, path, device="cuda")
         test_set_lengths_grows_segments_without_replanning(backend, device="cuda")
 
 

@@ -1,25 +1,73 @@
-"""Triton tree attention: a segment-batched partial kernel and a per-query LSE merge kernel.
+"""Triton kernels of tree_attention and shared_prefix_attention: the two primitives of a plan layout.
 
-Partial kernel, grid (num_work * m_tiles, Hkv): a program takes one work item (one kv chunk of one
-segment and a tile of that segment's queries) and one kv head. Its M rows are (query, GQA head)
-pairs, so the chunk is loaded block by block once (BLOCK_N tokens gathered through the page
-table) and multiplied with all of them by tl.dot; online softmax in fp32; it writes one partial
-(o, lse) per row. The m-tile index varies fastest so the programs reading one chunk run side by
-side and share it through L2. Merge kernel, grid (num_queries, cdiv(Hq, BLOCK_H)): folds each
-query's partials by log-sum-exp and writes o (q's dtype) and lse.
+`_partial_attention_kernel`, grid (num_work * M_TILES, Hkv): a program takes one shared work item (one
+kv chunk of one segment and a tile of its queries) and one kv head. Its M rows are (query, GQA head)
+pairs, so the chunk is loaded block by block once (BLOCK_N tokens gathered through the page table)
+and multiplied with all of them by tl.dot (tensor cores on GPU: M tiles of 64-128 rows, pipelined
+loads with num_stages); online softmax in fp32; it writes one fp32 partial (o, lse) per row. The
+m-tile index varies fastest so programs reading one chunk run side by side and share it through L2.
 
-Segment lengths are read from a device tensor and clamped into [0, capacity], so items past the
-current length write empty partials (lse = -inf) and nothing reads out of bounds.
+`_decode_merge_kernel`, grid (num_queries, Hkv * HEAD_SPLITS): per query and kv head, attends the
+query's GQA heads over its direct segments (a plain paged decode, up to two KV sources), then folds in
+its partial slots by log-sum-exp and writes o (q's dtype) and lse. A plan without shared work runs
+this kernel alone: one launch, no partials (the plain per-branch decode).
+
+Both read token blocks through `_attend_tokens`. Segment lengths come from a device tensor, clamped
+into [0, capacity], so nothing reads out of bounds and nothing syncs with the host.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .merge_states import block_d, lse_merge_finish, lse_merge_step, merge_block_heads
+from .merge_states import block_d, lse_merge_finish, lse_merge_step
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log2 units -> natural log, inside kernels
+
+
+@triton.jit
+def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, page_size, k_ptr, v_ptr, kv_head,
+                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                   sm_scale_log2, dims, dim_ok,
+                   BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of q [BLOCK_M, BLOCK_D] over tokens [kv_lo, kv_hi) of a segment whose pages start at
+    page_table[page_base] (K/V contiguous in head_dim). State (m_i in log2 units, l_i, acc unnormalised)
+    in and out."""
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        tokens = start + tl.arange(0, BLOCK_N)
+        tok_ok = tokens < kv_hi
+        page = tl.load(page_table_ptr + page_base + tokens // page_size, mask=tok_ok, other=0).to(tl.int64)
+        slot = tokens % page_size
+        kv_mask = tok_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        # DOT_FP32: set on the CPU, where Triton's interpreter returns garbage from tl.dot on two
+        # bfloat16 operands (numpy has no bf16); on CUDA the dots run in the input dtype (tensor cores).
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every block has a valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr):
+    """(length clamped into [0, capacity], first page-table entry) of a segment."""
+    length = tl.minimum(tl.maximum(tl.load(seg_lens_ptr + seg), 0), tl.load(seg_capacity_ptr + seg))
+    return length, tl.load(seg_page_start_ptr + seg)
 
 
 @triton.jit
@@ -28,13 +76,12 @@ def _partial_attention_kernel(
     page_table_ptr, seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr, seg_queries_ptr,
     work_seg_ptr, work_kv_start_ptr, work_kv_end_ptr, work_q_start_ptr, work_q_end_ptr, work_out_ptr,
     page_size, head_dim, num_q_heads, sm_scale_log2,
-    stride_qn, stride_qh, stride_qd,
-    stride_kp, stride_ks, stride_kh, stride_kd,
-    stride_vp, stride_vs, stride_vh, stride_vd,
+    stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     GROUP: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """part_o [num_partials, Hq, BLOCK_D-padded to head_dim] and part_lse [num_partials, Hq] are contiguous fp32."""
+    """part_o [num_partials, Hq, BLOCK_D] and part_lse [num_partials, Hq] are contiguous fp32; q, K, V have
+    unit stride in head_dim."""
     item = tl.program_id(0) // M_TILES
     tile = tl.program_id(0) % M_TILES
     kv_head = tl.program_id(1)
@@ -42,12 +89,11 @@ def _partial_attention_kernel(
     seg = tl.load(work_seg_ptr + item)
     q_lo = tl.load(work_q_start_ptr + item)
     num_rows = (tl.load(work_q_end_ptr + item) - q_lo) * GROUP
-    length = tl.minimum(tl.maximum(tl.load(seg_lens_ptr + seg), 0), tl.load(seg_capacity_ptr + seg))
+    length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
     kv_lo = tl.load(work_kv_start_ptr + item)
     kv_hi = tl.minimum(tl.load(work_kv_end_ptr + item), length)
     if tile * BLOCK_M >= num_rows:  # a spare m-tile of a small item: no kv work, nothing stored
         kv_hi = kv_lo
-    page_base = tl.load(seg_page_start_ptr + seg)
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
@@ -55,70 +101,122 @@ def _partial_attention_kernel(
     dim_ok = dims < head_dim
     query = tl.load(seg_queries_ptr + q_lo + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
     heads = kv_head * GROUP + rows % GROUP
-    q = tl.load(q_ptr + query[:, None] * stride_qn + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+    q = tl.load(q_ptr + query[:, None] * stride_qn + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    # DOT_FP32: set on the CPU, where Triton's interpreter returns garbage from tl.dot on two
-    # bfloat16 operands (numpy has no bf16); on CUDA the dots run in the input dtype (tensor cores).
     if DOT_FP32:
         q = q.to(tl.float32)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        tokens = start + tl.arange(0, BLOCK_N)
-        tok_ok = tokens < kv_hi
-        page = tl.load(page_table_ptr + page_base + tokens // page_size, mask=tok_ok, other=0).to(tl.int64)
-        slot = tokens % page_size
-        kv_mask = tok_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + kv_head * stride_kh
-                    + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + kv_head * stride_vh
-                    + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
+    m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, page_size, k_ptr, v_ptr,
+                                   kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                   sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
     part = (tl.load(work_out_ptr + item) + rows // GROUP).to(tl.int64) * num_q_heads + heads
     tl.store(part_o_ptr + part[:, None] * BLOCK_D + dims[None, :], o, mask=row_ok[:, None])
     tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_partials_kernel(
-    part_o_ptr, part_lse_ptr, query_slot_indptr_ptr, query_slots_ptr, o_ptr, lse_ptr,
-    num_q_heads, head_dim, stride_on, stride_oh, stride_od,
-    BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+def _decode_merge_kernel(
+    q_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, slot_indptr_ptr, slots_ptr,
+    seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr,
+    k0_ptr, v0_ptr, page_table0_ptr, direct0_indptr_ptr, direct0_segs_ptr, page_size0,
+    k1_ptr, v1_ptr, page_table1_ptr, direct1_indptr_ptr, direct1_segs_ptr, page_size1,
+    head_dim, num_q_heads, sm_scale_log2, stride_qn, stride_qh,
+    stride_k0p, stride_k0s, stride_k0h, stride_v0p, stride_v0s, stride_v0h,
+    stride_k1p, stride_k1s, stride_k1h, stride_v1p, stride_v1s, stride_v1h,
+    GROUP: tl.constexpr, HEAD_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PART_D: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr,
+    PARTIALS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Grid (num_queries, cdiv(Hq, BLOCK_H)): o, lse of one query from its partial slots."""
-    query = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """o, lse of one query's GQA heads of one kv head: its direct segments of sources 0 and 1, then its partials.
+    o [NQ, Hq, head_dim] and lse [NQ, Hq] contiguous; q, K, V unit stride in head_dim."""
+    query = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1) // HEAD_SPLITS
+    rows = (tl.program_id(1) % HEAD_SPLITS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP
+    heads = kv_head * GROUP + rows
     dims = tl.arange(0, BLOCK_D)
-    h_ok = heads < num_q_heads
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for i in range(tl.load(query_slot_indptr_ptr + query), tl.load(query_slot_indptr_ptr + query + 1)):
-        part = tl.load(query_slots_ptr + i).to(tl.int64) * num_q_heads + heads
-        lse_i = tl.load(part_lse_ptr + part, mask=h_ok, other=float("-inf"))
-        o_i = tl.load(part_o_ptr + part[:, None] * BLOCK_D + dims[None, :], mask=h_ok[:, None], other=0.0)
-        m, s, acc = lse_merge_step(m, s, acc, lse_i, o_i)
-    o, lse = lse_merge_finish(m, s, acc)
-    row = query.to(tl.int64)
-    tl.store(o_ptr + row * stride_on + heads[:, None] * stride_oh + dims[None, :] * stride_od,
-             o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & (dims[None, :] < head_dim))
-    tl.store(lse_ptr + row * num_q_heads + heads, lse, mask=h_ok)
+    dim_ok = dims < head_dim
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DIRECT0 or DIRECT1:
+        q = tl.load(q_ptr + query * stride_qn + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        if DIRECT0:
+            for i in range(tl.load(direct0_indptr_ptr + query), tl.load(direct0_indptr_ptr + query + 1)):
+                seg = tl.load(direct0_segs_ptr + i)
+                length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
+                m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table0_ptr, page_size0,
+                                               k0_ptr, v0_ptr, kv_head, stride_k0p, stride_k0s, stride_k0h,
+                                               stride_v0p, stride_v0s, stride_v0h, sm_scale_log2, dims,
+                                               dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+        if DIRECT1:
+            for i in range(tl.load(direct1_indptr_ptr + query), tl.load(direct1_indptr_ptr + query + 1)):
+                seg = tl.load(direct1_segs_ptr + i)
+                length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
+                m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table1_ptr, page_size1,
+                                               k1_ptr, v1_ptr, kv_head, stride_k1p, stride_k1s, stride_k1h,
+                                               stride_v1p, stride_v1s, stride_v1h, sm_scale_log2, dims,
+                                               dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    # The direct state in natural-log units is a merge state (m, s = l_i, acc) of lse_merge_step.
+    m = m_i * LN2
+    if PARTIALS:
+        for i in range(tl.load(slot_indptr_ptr + query), tl.load(slot_indptr_ptr + query + 1)):
+            part = tl.load(slots_ptr + i).to(tl.int64) * num_q_heads + heads
+            lse_i = tl.load(part_lse_ptr + part, mask=row_ok, other=float("-inf"))
+            o_i = tl.load(part_o_ptr + part[:, None] * PART_D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                          other=0.0)
+            m, l_i, acc = lse_merge_step(m, l_i, acc, lse_i, o_i)
+    o, lse = lse_merge_finish(m, l_i, acc)
+    tl.store(o_ptr + (query * num_q_heads + heads[:, None]) * head_dim + dims[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(lse_ptr + query * num_q_heads + heads, lse, mask=row_ok)
+
+
+# ---- launch configuration ----------------------------------------------------------------------------------------
+# Partial kernel tiles on a GPU: M rows 64-128 (wgmma on Hopper needs M >= 64 and num_warps >= 4), BLOCK_N 64
+# (32 for head_dim 256), num_stages 3 on sm_90 (cp.async/TMA pipelining; 2 on older parts), 8 warps for the
+# 128 x 128 fp32 accumulator. Starting points from the Triton fused-attention tutorial's Hopper settings, not
+# yet measured on our kernels (no GPU in the session that wrote them): plan.tune() times PARTIAL_CANDIDATES.
+PARTIAL_CANDIDATES = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def partial_config(device: torch.device, rows: int, head_dim: int, override=None) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the partial kernel for items of up to `rows` rows."""
+    bd = block_d(head_dim)
+    if device.type != "cuda":  # interpreter: small tiles keep the emulated loops short
+        return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows))), BLOCK_N=64 if bd <= 128 else 32,
+                    num_warps=4, num_stages=1)
+    if override is not None:
+        bm, bn, warps, stages = override
+        return dict(BLOCK_M=bm, BLOCK_N=bn if bd <= 128 else min(bn, 32), num_warps=warps, num_stages=stages)
+    block_m = 128 if rows > 64 else max(16, triton.next_power_of_2(rows))
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if bd <= 128 else 32,
+                num_warps=8 if block_m * bd >= 128 * 128 else 4, num_stages=3 if _capability(device)[0] >= 9 else 2)
+
+
+def decode_config(device: torch.device, group: int, head_dim: int) -> dict:
+    """Tiles of the decode-merge kernel: a program holds at most 64 x 128 fp32 accumulators (heads split)."""
+    bd = block_d(head_dim)
+    rows = max(16, triton.next_power_of_2(group))
+    splits = max(1, rows * bd // (64 * 128))
+    on_gpu = device.type == "cuda"
+    return dict(BLOCK_M=max(16, rows // splits), HEAD_SPLITS=splits, BLOCK_N=64 if bd <= 128 else 32,
+                num_warps=4, num_stages=2 if on_gpu else 1)
 
 
 def check_triton_shapes(head_dim: int) -> None:
@@ -126,60 +224,79 @@ def check_triton_shapes(head_dim: int) -> None:
         raise ValueError(f"backend 'triton' supports head_dim up to 256, got {head_dim}")
 
 
-def partial_buffers(num_partials: int, num_q_heads: int, head_dim: int, device):
-    """Uninitialised fp32 partial outputs [num_partials, Hq, BLOCK_D] and LSEs [num_partials, Hq]."""
-    return (torch.empty(num_partials, num_q_heads, block_d(head_dim), dtype=torch.float32, device=device),
-            torch.empty(num_partials, num_q_heads, dtype=torch.float32, device=device))
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read head_dim with unit stride; other strides are free."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def launch_partial(q, k_pool, v_pool, part_o, part_lse, page_table, seg_page_start, seg_capacity, seg_lens,
-                   seg_queries, work, num_work: int, max_work_queries: int, page_size: int, sm_scale: float):
-    """Run the partial kernel over `num_work` items; work = (seg, kv_start, kv_end, q_start, q_end, out)."""
-    if num_work == 0 or max_work_queries == 0:
-        return
-    hq, d = q.shape[1], q.shape[2]
-    hkv = k_pool.shape[2]
-    group = hq // hkv
-    rows = max_work_queries * group
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    bd = block_d(d)
-    block_n = 64 if bd <= 128 else 32
-    m_tiles = triton.cdiv(rows, block_m)
-    dot_fp32 = q.device.type == "cpu"
-    _partial_attention_kernel[(num_work * m_tiles, hkv)](
-        q, k_pool, v_pool, part_o, part_lse,
-        page_table, seg_page_start, seg_capacity, seg_lens, seg_queries, *work,
-        page_size, d, hq, sm_scale * LOG2E,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(),
-        GROUP=group, M_TILES=m_tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
-        DOT_FP32=dot_fp32,
-        # fp32 operands: exact fp32 products ("ieee"), not TF32; fp16/bf16 ignore the setting.
-        DOT_PRECISION="ieee" if dot_fp32 or q.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_m * bd <= 64 * 64 else 8,
-    )
+class _Launch:
+    """Everything of a plan's Triton run that does not change between calls (grids, index views,
+    constexprs, scale), built on the first run for a (layout, heads, dtype, tiles) and kept in the layout."""
+
+    def __init__(self, plan, layout, q, pools, sm_scale, config):
+        num_q, hq, d = q.shape
+        hkv = pools[0][0].shape[2]
+        group = hq // hkv
+        bd = block_d(d)
+        dot_fp32 = q.device.type == "cpu"  # the interpreter's bf16 x bf16 tl.dot is wrong: fp32 dots there
+        common = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 or q.dtype == torch.float32 else "tf32")
+        self.num_q, self.hq, self.d, self.scale = num_q, hq, d, sm_scale * LOG2E
+        self.workspace = plan.workspace("triton", layout.num_partials, hq, bd) if layout.num_partials else None
+        self.partials = []  # (source index, grid, index args, page_size, constexprs)
+        for src, source in enumerate(layout.sources):
+            if not source.num_work:
+                continue
+            rows = source.max_work_queries * group
+            cfg = partial_config(q.device, rows, d, config)
+            m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
+            self.partials.append((src, (source.num_work * m_tiles, hkv),
+                                  (*layout.source_views(source), layout.seg_queries, *source.work),
+                                  max(pools[src][0].shape[1], 1),
+                                  dict(GROUP=group, M_TILES=m_tiles, BLOCK_D=bd, **cfg, **common)))
+        cfg = decode_config(q.device, group, d)
+        direct = [layout.direct[i] if i < len(layout.direct) else None for i in (0, 1)]
+        tables = [layout.source_views(source)[0] for source in layout.sources]
+        dummy = layout.slot_indptr
+        self.decode_grid = (num_q, hkv * cfg["HEAD_SPLITS"])
+        self.decode_index = (layout.slot_indptr, layout.slots, layout.seg_page_start, layout.seg_capacity,
+                             layout.seg_lens)
+        self.decode_source = [(tables[min(i, len(tables) - 1)], *(direct[i] if direct[i] is not None else (dummy, dummy)))
+                              for i in (0, 1)]
+        self.decode_consts = dict(GROUP=group, BLOCK_D=bd, PART_D=bd, DIRECT0=direct[0] is not None,
+                                  DIRECT1=direct[1] is not None, PARTIALS=layout.num_partials > 0, **cfg, **common)
 
 
-def launch_merge(part_o, part_lse, query_slot_indptr, query_slots, o, lse):
-    """Merge each query's partial slots into o [NQ, Hq, D] (any float dtype) and lse [NQ, Hq] (contiguous)."""
-    nq, hq, d = o.shape
-    if nq == 0 or hq == 0:
-        return
-    block_h = merge_block_heads(hq, d)
-    _merge_partials_kernel[(nq, triton.cdiv(hq, block_h))](
-        part_o, part_lse, query_slot_indptr, query_slots, o, lse, hq, d, *o.stride(),
-        BLOCK_D=block_d(d), BLOCK_H=block_h,
-    )
-
-
-def tree_attention_triton(q, k_cache, v_cache, plan, sm_scale: float):
-    """Triton tree_attention (arguments validated by o1kernels.tree_attention); returns (o, lse)."""
+def run_plan(plan, q, pools, sm_scale: float):
+    """Triton run of a plan's fused layout. pools: ((k, v) of source 0[, (k, v) of source 1]), each
+    [pages, page_size, Hkv, D]. Partial tiles: plan.tuned["config"] when plan.tune() chose one.
+    Returns (o [NQ, Hq, D] in q's dtype, lse [NQ, Hq] fp32)."""
     num_q, hq, d = q.shape
     check_triton_shapes(d)
-    part_o, part_lse = partial_buffers(plan.num_partials, hq, d, q.device)
-    work = (plan.work_seg, plan.work_kv_start, plan.work_kv_end, plan.work_q_start, plan.work_q_end, plan.work_out)
-    launch_partial(q, k_cache, v_cache, part_o, part_lse, plan.page_table, plan.seg_page_start, plan.seg_capacity,
-                   plan.seg_lens, plan.seg_queries, work, plan.num_work, plan.max_work_queries, plan.page_size, sm_scale)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    q = _unit_last(q)
+    pools = [(_unit_last(k), _unit_last(v)) for k, v in pools]
+    layout = plan.layout("fused", hq, pools[0][0].shape[2], d, q.element_size())
+    config = plan.tuned.get("config")
+    key = (hq, q.dtype, sm_scale, config)
+    launch = layout.launches.get(key)
+    if launch is None:
+        launch = layout.launches[key] = _Launch(plan, layout, q, pools, sm_scale, config)
+    o = torch.empty(num_q, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_q, hq, dtype=torch.float32, device=q.device)
-    launch_merge(part_o, part_lse, plan.query_slot_indptr, plan.query_slots, o, lse)
+    if num_q == 0 or hq == 0:
+        return o, lse
+    part_o, part_lse = launch.workspace or (o, lse)
+    for src, grid, index, page_size, consts in launch.partials:
+        k, v = pools[src]
+        _partial_attention_kernel[grid](
+            q, k, v, part_o, part_lse, *index, page_size, d, hq, launch.scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            **consts)
+    (k0, v0), (k1, v1) = pools[0], pools[-1]
+    _decode_merge_kernel[launch.decode_grid](
+        q, o, lse, part_o, part_lse, *launch.decode_index,
+        k0, v0, *launch.decode_source[0], max(k0.shape[1], 1), k1, v1, *launch.decode_source[1], max(k1.shape[1], 1),
+        d, hq, launch.scale, q.stride(0), q.stride(1),
+        k0.stride(0), k0.stride(1), k0.stride(2), v0.stride(0), v0.stride(1), v0.stride(2),
+        k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
+        **launch.decode_consts)
     return o, lse

@@ -1,0 +1,848 @@
+"""Attention plans: every work list of tree_attention and shared_prefix_attention is built here, once.
+
+A plan says which query rows attend to which KV *segments*. A segment is a run of tokens stored in
+order in pages of one KV *source* (source 0: tree_attention's paged pool, or the G prompts of
+shared_prefix_attention viewed as G pages of P tokens; source 1: the B suffixes viewed as B pages of
+S tokens). A query attends to the union of the segments listing it (none: o = 0, lse = -inf).
+
+Two plans, one layout (`PlanLayout`: int32 device tensors):
+  TreeAttentionPlan  any tree over a paged pool; laid out on the host, one host-to-device copy.
+  SharedPrefixPlan   B branches over G shared prompts + one suffix each; laid out by a few device ops
+                     from the branch -> prompt map (no host sync, so it may live on the GPU).
+Each segment is read along one of two paths, chosen per segment at plan time by a cost model:
+  shared  work items (segment, kv chunk, query tile): the partial kernel loads each chunk once for all
+          the tile's queries x GQA heads (one matrix product) and writes an fp32 partial (o, lse) per
+          (query, head) into the plan's workspace; long segments are split into chunks (flash-decoding).
+  direct  each of its queries reads it inside the final kernel (a plain paged decode, no partial).
+The final kernel attends each query over its direct segments and folds in its partials by log-sum-exp.
+Backends consume a layout through these two primitives: Triton the "fused" layout (both paths); the
+compiled cpu/cuda ops the "split" layout (every segment shared, merge of partials only).
+
+Segment lengths live in `plan.seg_lens` (device int32), changed in place by set_lengths and clamped
+into [0, capacity] by every kernel: a step needs no re-plan and no host sync (CUDA-graph capturable).
+Layouts, workspaces and the resolved backend are built on the first run with given head counts (or
+at construction when num_heads/head_dim are given) and reused by every later run: do one run before
+capturing a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ._backend import resolve_backend
+from ._checks import check_shape, check_tensor
+
+INT32_MAX = 2**31 - 1
+# Work items a plan may hold: far above any real tree (a 32K prompt in 256-token chunks read by
+# 256 queries in tiles of 32 is 1K items) and small enough that laying them out stays fast.
+MAX_WORK_ITEMS = 1 << 24
+
+# ---- launch geometry ---------------------------------------------------------------------------------------------
+# Default kv chunking of a shared segment read by n queries: clamp(next_pow2(32 * n), 256, 8192) tokens.
+# Each chunk writes n fp32 partials per head, so 32 tokens per query keeps partial traffic well below
+# the chunk's KV bytes while segments read by few queries still split into many programs.
+MIN_KV_CHUNK, MAX_KV_CHUNK, TOKENS_PER_QUERY = 256, 8192, 32
+# Rows (query x GQA head) per partial program on a GPU: wgmma wants M tiles of 64-128 rows.
+GPU_TILE_ROWS = 128
+CPU_TILE_ROWS = 64
+DEFAULT_GQA_GROUP = 4  # Hq / Hkv assumed when the plan is not told the head counts (Llama-3, Qwen2.5 sizes)
+DEFAULT_KV_HEADS = 8
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def default_kv_chunk(num_queries_of_segment: int, cap: int = MAX_KV_CHUNK) -> int:
+    """Tokens per work item of a shared segment read by `num_queries_of_segment` queries."""
+    return min(cap, max(MIN_KV_CHUNK, next_pow2(TOKENS_PER_QUERY * max(1, num_queries_of_segment))))
+
+
+# ---- cost model (shared vs direct path) --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the cost model needs to know about a device."""
+
+    num_sms: int  # programs that run at once (CUDA SMs; CPU: cores)
+    l2_bytes: int  # last-level cache that absorbs re-reads of a small segment
+    gbps: float  # sustained memory bandwidth
+    launch_us: float  # cost of one more kernel launch inside a CUDA graph
+
+
+# Copy bandwidths measured on our H200 (4.3 TB/s) and H100 (3.0 TB/s) (shared/docs/FIELD.md); others: datasheet-ish.
+_KNOWN_GBPS = (("H200", 4300.0), ("H100", 3000.0), ("A100", 1700.0))
+
+
+@functools.lru_cache(maxsize=None)
+def device_profile(device: torch.device) -> DeviceProfile:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gbps = next((g for name, g in _KNOWN_GBPS if name in props.name), 2000.0)
+        return DeviceProfile(props.multi_processor_count, int(getattr(props, "L2_cache_size", 40 << 20)), gbps, 3.0)
+    return DeviceProfile(os.cpu_count() or 1, 32 << 20, 20.0, 0.0)
+
+
+# The thresholds below are starting points from the byte counts, not yet calibrated on a GPU (the
+# session that wrote them had none): plan.tune() measures instead, and the GPU benchmark reports the
+# path each plan chose. A segment read by n >= 2 queries goes direct when the n re-reads hit L2:
+# the segment is at most L2_FRACTION of L2 and the re-reads (n x its bytes) take at most
+# DIRECT_REREAD_US at L2_SPEEDUP x the HBM bandwidth; otherwise it is read once through the shared
+# path. A segment read by one query goes direct unless it holds more than SPLIT_FACTOR x the tokens a
+# direct program gets on average while the direct grid alone would not fill the device (flash-decoding).
+L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US, SPLIT_FACTOR, MIN_SPLIT_TOKENS = 0.25, 3.0, 4.0, 4, 2048
+
+
+def choose_direct(caps: Sequence[int], counts: Sequence[int], num_queries: int, kv_heads: int, group: int,
+                  head_dim: int, elem_bytes: int, profile: DeviceProfile) -> list[bool]:
+    """Per segment (capacity in tokens, number of queries reading it): True = direct path."""
+    token_bytes = 2 * kv_heads * head_dim * elem_bytes
+    direct_tokens = sum(c for c, n in zip(caps, counts) if n == 1) or 1
+    fair_share = direct_tokens * kv_heads / max(1, profile.num_sms)
+    grid_filled = num_queries * kv_heads >= 2 * profile.num_sms
+    out = []
+    for cap, n in zip(caps, counts):
+        if n == 0:
+            out.append(False)
+        elif n == 1:
+            long = cap > max(MIN_SPLIT_TOKENS, SPLIT_FACTOR * fair_share)
+            out.append(grid_filled or not long)
+        else:
+            seg_bytes = cap * token_bytes
+            reread_us = n * seg_bytes / (L2_SPEEDUP * profile.gbps * 1e3)
+            out.append(seg_bytes <= L2_FRACTION * profile.l2_bytes and reread_us <= DIRECT_REREAD_US)
+    return out
+
+
+def fill_grid_chunks(chunks: list[int], caps: Sequence[int], tiles: Sequence[int], kv_heads: int,
+                     profile: DeviceProfile) -> list[int]:
+    """Halve the kv chunks of shared segments (largest chunk first, not below MIN_KV_CHUNK) until the
+    partial grid has >= 2 programs per SM: split over kv only when the grid would not fill the device."""
+    chunks = list(chunks)
+    programs = kv_heads * sum(-(-cap // ch) * t for cap, ch, t in zip(caps, chunks, tiles) if t)
+    candidates = sorted((i for i, t in enumerate(tiles) if t), key=lambda i: -chunks[i])
+    while programs < 2 * profile.num_sms and candidates:
+        i = candidates[0]
+        if chunks[i] <= MIN_KV_CHUNK or caps[i] <= chunks[i] // 2:
+            candidates.pop(0)
+            continue
+        before = -(-caps[i] // chunks[i])
+        chunks[i] //= 2
+        programs += kv_heads * tiles[i] * (-(-caps[i] // chunks[i]) - before)
+        candidates.sort(key=lambda j: -chunks[j])
+    return chunks
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+@dataclass
+class SourceWork:
+    """Shared-path work items of one KV source: (seg, kv_start, kv_end, q_start, q_end, out) int32 [num_work].
+
+    The source's segments are the range [seg_lo, seg_hi) of the plan's segments (`seg` counts from seg_lo)
+    and its page-table entries the range [page_lo, page_hi) (seg_page_start counts from page_lo): kernels
+    read the source's slices (see PlanLayout.source_views)."""
+
+    work: tuple
+    num_work: int
+    max_work_queries: int
+    seg_lo: int
+    seg_hi: int
+    page_lo: int
+    page_hi: int
+
+
+@dataclass
+class PlanLayout:
+    """The tensors every backend reads (int32, on the plan's device).
+
+    page_table [*] pages of all segments; seg_page_start, seg_capacity, seg_lens [num_segments]
+    (seg_page_start counts from the first page-table entry of the segment's source);
+    seg_queries [*] query rows of all segments, each segment's in order; sources[s]: its shared work
+    items (item i covers tokens [kv_start, kv_end) of segment seg for the queries
+    seg_queries[q_start:q_end]; its j-th query writes partial slot out + j); slot_indptr [NQ+1] /
+    slots: CSR of each query's partial slots; direct[s]: None or (indptr [NQ+1], segs) CSR of the
+    segments of source s each query reads itself in the final kernel, in order.
+    """
+
+    page_table: torch.Tensor
+    seg_page_start: torch.Tensor
+    seg_capacity: torch.Tensor
+    seg_lens: torch.Tensor
+    seg_queries: torch.Tensor
+    sources: list
+    num_partials: int
+    slot_indptr: torch.Tensor
+    slots: torch.Tensor
+    direct: list
+    num_direct: int  # direct (query, segment) pairs, for reports
+    launches: dict = field(default_factory=dict)  # backend launch specs built on first use (see triton_ops)
+
+    @property
+    def num_work(self) -> int:
+        return sum(s.num_work for s in self.sources)
+
+    def source_views(self, source: SourceWork) -> tuple:
+        """(page_table, seg_page_start, seg_capacity, seg_lens) of a source, indexed by its work items' seg."""
+        lo, hi = source.seg_lo, source.seg_hi
+        return (self.page_table[source.page_lo:source.page_hi], self.seg_page_start[lo:hi], self.seg_capacity[lo:hi],
+                self.seg_lens[lo:hi])
+
+
+def int32_on(device: torch.device, values: list[int]) -> torch.Tensor:
+    """An int32 tensor of `values` on `device`; to a GPU through pinned memory without a host sync (the
+    caching host allocator keeps the staging buffer until the copy has run)."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _pack(device: torch.device, arrays: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """One host buffer, one host-to-device copy, then a view per array."""
+    flat, offsets = [], {}
+    for name, values in arrays.items():
+        offsets[name] = (len(flat), len(values))
+        flat.extend(values)
+    buf = int32_on(device, flat)
+    return {name: buf[start:start + n] for name, (start, n) in offsets.items()}
+
+
+def build_layout(sources: Sequence[int], pages: Sequence[list[int]], caps: Sequence[int],
+                 queries: Sequence[list[int]], direct: Sequence[bool], chunks: Sequence[int],
+                 queries_per_tile: int, num_queries: int, num_sources: int, seg_lens: torch.Tensor) -> PlanLayout:
+    """Host layout of segments with known queries (TreeAttentionPlan: one source, so every source's
+    segment range is all segments); see PlanLayout."""
+    arrays = {"page_table": [p for pg in pages for p in pg], "seg_page_start": [], "seg_capacity": list(caps),
+              "seg_queries": [qi for qs in queries for qi in qs]}
+    query_start, n_pages, n_q = [], 0, 0
+    for pg, qs in zip(pages, queries):
+        arrays["seg_page_start"].append(n_pages)
+        query_start.append(n_q)
+        n_pages += len(pg)
+        n_q += len(qs)
+
+    slots_of_query: dict[int, list[int]] = {}
+    direct_of_query = [dict() for _ in range(num_sources)]
+    num_partials = 0
+    work_meta = []
+    for src in range(num_sources):
+        work = {k: [] for k in ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")}
+        max_q = 0
+        for s, (s_src, qs, cap, chunk, is_direct) in enumerate(zip(sources, queries, caps, chunks, direct)):
+            if s_src != src or not qs or cap == 0:
+                continue
+            if is_direct:
+                for qi in qs:
+                    direct_of_query[src].setdefault(qi, []).append(s)
+                continue
+            for kv_start in range(0, cap, chunk):
+                for t in range(0, len(qs), queries_per_tile):
+                    tile = qs[t:t + queries_per_tile]
+                    work["seg"].append(s)
+                    work["kv_start"].append(kv_start)
+                    work["kv_end"].append(min(kv_start + chunk, cap))
+                    work["q_start"].append(query_start[s] + t)
+                    work["q_end"].append(query_start[s] + t + len(tile))
+                    work["out"].append(num_partials)
+                    for j, qi in enumerate(tile):
+                        slots_of_query.setdefault(qi, []).append(num_partials + j)
+                    num_partials += len(tile)
+                    max_q = max(max_q, len(tile))
+        for k, v in work.items():
+            arrays[f"work{src}_{k}"] = v
+        work_meta.append((len(work["seg"]), max_q))
+
+    def csr(lists: dict[int, list[int]]) -> tuple[list[int], list[int]]:
+        indptr, values = [0], []
+        for qi in range(num_queries):
+            values.extend(lists.get(qi, ()))
+            indptr.append(len(values))
+        return indptr, values
+
+    arrays["slot_indptr"], arrays["slots"] = csr(slots_of_query)
+    has_direct = [bool(d) for d in direct_of_query]
+    for src in range(num_sources):
+        if has_direct[src]:
+            arrays[f"direct{src}_indptr"], arrays[f"direct{src}_segs"] = csr(direct_of_query[src])
+    t = _pack(seg_lens.device, arrays)
+    keys = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
+    return PlanLayout(
+        t["page_table"], t["seg_page_start"], t["seg_capacity"], seg_lens, t["seg_queries"],
+        [SourceWork(tuple(t[f"work{s}_{k}"] for k in keys), n, mq, 0, len(caps), 0, n_pages)
+         for s, (n, mq) in enumerate(work_meta)],
+        num_partials, t["slot_indptr"], t["slots"],
+        [(t[f"direct{s}_indptr"], t[f"direct{s}_segs"]) if has_direct[s] else None for s in range(num_sources)],
+        sum(len(v) for d in direct_of_query for v in d.values()),
+    )
+
+
+# ---- argument helpers --------------------------------------------------------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_list(name: str, value) -> list[int]:
+    """A 1-D sequence or integer tensor as a list of python ints."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got a {value.dim()}-D "
+                            f"{value.dtype} tensor")
+        return [int(v) for v in value.tolist()]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints or a 1-D integer tensor, got {type(value).__name__}")
+    out = []
+    for j, v in enumerate(value):
+        if not _is_int(v):
+            raise TypeError(f"{name}[{j}] must be an int, got {type(v).__name__}")
+        out.append(v)
+    return out
+
+
+def _check_count(name: str, value, *, minimum: int = 0) -> int:
+    if not _is_int(value) or not minimum <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be an int in [{minimum}, 2**31 - 1], got {value!r}")
+    return value
+
+
+def plan_device(device) -> torch.device:
+    """torch.device of a plan, with a clear error for a bad name or an unusable device."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available to this torch ({torch.__version__})")
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
+    return dev
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _check_heads(num_heads, head_dim):
+    if num_heads is not None:
+        if (not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2 or not all(_is_int(h) and h > 0 for h in num_heads)
+                or num_heads[0] % num_heads[1]):
+            raise ValueError(f"num_heads must be (num_q_heads, num_kv_heads) with num_q_heads a positive multiple of "
+                             f"num_kv_heads, got {num_heads!r}")
+    if head_dim is not None and (not _is_int(head_dim) or not 1 <= head_dim <= 1024):
+        raise ValueError(f"head_dim must be an int in [1, 1024], got {head_dim!r}")
+
+
+PATHS = ("auto", "cascade", "decode")
+
+
+# ---- plans -------------------------------------------------------------------------------------------------------
+class AttentionPlan:
+    """What both plans share: device, segment lengths, cached layouts, workspaces and backend runners.
+
+    path: "auto" (cost model per segment), "cascade" (every segment read by >= 2 queries, and long ones,
+    through the shared path) or "decode" (every segment direct: one kernel, no partials, no merge).
+    """
+
+    num_queries: int
+    num_segments: int
+
+    def __init__(self, device, path: str, num_heads, head_dim):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        _check_heads(num_heads, head_dim)
+        self.device = plan_device(device)
+        self.path = path
+        self.num_heads = tuple(num_heads) if num_heads is not None else None
+        self.head_dim = head_dim
+        self._layouts: dict = {}
+        self._workspaces: dict = {}
+        self._runners: dict = {}
+        self.tuned: dict = {}  # what tune() chose: {"config": partial-kernel tile or None, "ms": ...}
+        self.checked_signature = None  # input shapes/dtypes/devices the op last validated against this plan
+
+    # -- set by subclasses
+    def _build(self, kind: str, group: int, kv_heads: int, head_dim: int, elem_bytes: int) -> PlanLayout:
+        raise NotImplementedError
+
+    def layout(self, kind: str, num_q_heads: int | None = None, num_kv_heads: int | None = None,
+               head_dim: int | None = None, elem_bytes: int = 2) -> PlanLayout:
+        """The plan's layout of `kind` ("split": every segment shared; "fused": per-segment paths by
+        self.path) for these head counts (default: the plan's num_heads/head_dim, else a typical GQA shape)."""
+        if num_q_heads is None:
+            num_q_heads, num_kv_heads = self.num_heads or (DEFAULT_GQA_GROUP * DEFAULT_KV_HEADS, DEFAULT_KV_HEADS)
+        head_dim = head_dim or self.head_dim or 128
+        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+        lay = self._layouts.get(key)
+        if lay is None:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("this plan has not run with these head counts yet, and laying it out now would copy "
+                                   "to the GPU inside a CUDA-graph capture: run it once before capturing (or pass "
+                                   "num_heads/head_dim when building the plan)")
+            lay = self._build(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+            self._layouts[key] = lay
+        return lay
+
+    def _layout_key(self, kind, group, kv_heads, head_dim, elem_bytes) -> tuple:
+        return (kind,) if kind == "split" else (kind, self.path, group, kv_heads, head_dim, elem_bytes)
+
+    def workspace(self, kind: str, num_partials: int, num_q_heads: int, width: int):
+        """Plan-owned fp32 partial buffers (o [num_partials, Hq, width], lse [num_partials, Hq]), reused by
+        every run: runs of one plan must be ordered on one stream (as decode steps and layers are)."""
+        key = (kind, num_partials, num_q_heads, width)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            nbytes = 4 * num_partials * num_q_heads * (width + 1)
+            if self.device.type == "cuda" and nbytes > torch.cuda.mem_get_info(self.device)[0]:
+                raise ValueError(f"the plan's partial workspace needs {nbytes / 2**30:.1f} GiB, more than the GPU has "
+                                 "free: use a larger kv_chunk_size or fewer queries per plan")
+            ws = (torch.empty(num_partials, num_q_heads, width, dtype=torch.float32, device=self.device),
+                  torch.empty(num_partials, num_q_heads, dtype=torch.float32, device=self.device))
+            self._workspaces[key] = ws
+        return ws
+
+    def runner(self, backend: str, supported: dict):
+        """(backend name, run function) for `backend` on this plan's device, resolved once per plan.
+
+        supported: backend name -> zero-argument loader returning the op's run function for it."""
+        hit = self._runners.get(backend)
+        if hit is None:
+            name = resolve_backend(backend, self.device, tuple(supported))
+            hit = (name, supported[name]())
+            self._runners[backend] = hit
+            self._supported = supported
+        return hit
+
+    def tune(self, q, pools, *, backend: str = "auto", sm_scale: float | None = None, reps: int = 20) -> dict:
+        """Time this plan's paths ("auto", "cascade", "decode") and, on Triton, the partial kernel's candidate
+        tiles on these inputs (CUDA events, median of `reps`); with backend="auto" also the compiled "cuda"
+        backend when it is available. Keep the fastest for every later run of this plan with `backend`.
+
+        Call it eagerly, after one ordinary run of the plan with `backend` (which resolves the op), never
+        inside a CUDA-graph capture. q: [num_queries, Hq, D]; pools: ((k, v),) for a TreeAttentionPlan,
+        ((prefix_k, prefix_v), (suffix_k, suffix_v)) for a SharedPrefixPlan. Returns {"backend", "path",
+        "config", "ms", "candidates": [(ms, backend, path, config)]}; {} off CUDA (interpreter timings mean
+        nothing)."""
+        if self.device.type != "cuda":
+            return {}
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("plan.tune() times kernels: call it before capturing a CUDA graph")
+        if not hasattr(self, "_supported"):
+            raise RuntimeError("run the plan once with its op before tune() (that run also compiles the kernels)")
+        names = [self.runner(backend, self._supported)[0]]
+        if backend == "auto" and "cuda" not in names and resolve_available(self, "cuda"):
+            names.append("cuda")
+        scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        heads = (q.shape[1], pools[0][0].shape[2], q.shape[2], q.element_size())
+        candidates = []
+        for name in names:
+            run = self._supported[name]()
+            configs, paths = [None], [self.path]
+            if name == "triton":
+                from .triton_ops.tree_attention import PARTIAL_CANDIDATES
+
+                configs, paths = configs + list(PARTIAL_CANDIDATES), list(PATHS)
+            for path in paths:
+                self.path = path
+                has_partials = name != "triton" or self.layout("fused", *heads).num_partials > 0
+                for config in configs if has_partials else [None]:
+                    self.tuned = {"config": config}
+                    try:
+                        ms = _median_ms(lambda: run(self, q, pools, scale), reps)
+                    except Exception:  # a tile that does not fit this GPU (shared memory, registers): not a candidate
+                        continue
+                    candidates.append((ms, name, path, config))
+        ms, name, self.path, config = min(candidates, key=lambda c: c[0])
+        self.tuned = {"config": config, "ms": ms}
+        self._runners[backend] = (name, self._supported[name]())
+        return {"backend": name, "path": self.path, "config": config, "ms": ms, "candidates": candidates}
+
+
+def resolve_available(plan: AttentionPlan, name: str) -> bool:
+    """Whether backend `name` can run this plan's op on its device."""
+    try:
+        resolve_backend(name, plan.device, tuple(plan._supported))
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class TreeAttentionPlan(AttentionPlan):
+    """Validated description of which query rows attend to which paged KV segments (any tree).
+
+    segments: sequence of (pages, length, queries). The segment's tokens live in order in `pages`
+      (token t at page pages[t // page_size], slot t % page_size); `length` is its initial length
+      (0 <= length <= len(pages) * page_size = its capacity); `queries` are distinct query rows in
+      [0, num_queries) that attend to the whole segment.
+    kv_chunk_size: tokens per shared work item (default per segment clamp(next_pow2(32 * its query count),
+      256, 8192), halved while the grid would not fill the device); queries_per_tile: queries per work
+      item (default: 128 rows on a GPU / 64 on a CPU, divided by the GQA group).
+    num_heads=(Hq, Hkv), head_dim: the shapes the plan will run with (lays the plan out now; else on
+      the first run); path: "auto" | "cascade" | "decode" (see AttentionPlan).
+
+    Host ints: num_queries, page_size, num_segments, max_page (-1 without pages).
+    Device int32: seg_lens [num_segments] (current lengths; see set_lengths). The work lists are in
+    plan.layout("split") / plan.layout("fused", ...) (PlanLayout).
+    Host copies for the torch reference: seg_pages_host, seg_queries_host, seg_capacity_host.
+    """
+
+    def __init__(self, segments, num_queries: int, page_size: int, *, device=None, kv_chunk_size: int | None = None,
+                 queries_per_tile: int | None = None, num_heads=None, head_dim: int | None = None, path: str = "auto"):
+        _check_count("num_queries", num_queries)
+        _check_count("page_size", page_size, minimum=1)
+        if kv_chunk_size is not None:
+            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+        if queries_per_tile is not None:
+            _check_count("queries_per_tile", queries_per_tile, minimum=1)
+        if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+            raise TypeError(f"segments must be a sequence of (pages, length, queries), got {type(segments).__name__}")
+        super().__init__(device, path, num_heads, head_dim)
+        if 16 * num_queries > _host_memory_bytes() // 4:
+            raise ValueError(f"num_queries={num_queries} needs more host memory to lay out than is available")
+        self.num_queries = num_queries
+        self.page_size = page_size
+        self.kv_chunk_size = kv_chunk_size
+        self.queries_per_tile = queries_per_tile
+
+        seg_pages, seg_lens, seg_queries = [], [], []
+        num_items = 0
+        for s, seg in enumerate(segments):
+            if not isinstance(seg, (tuple, list)) or len(seg) != 3:
+                raise TypeError(f"segments[{s}] must be a (pages, length, queries) tuple, got {seg!r:.80}")
+            pages = _int_list(f"segments[{s}].pages", seg[0])
+            length = seg[1]
+            queries = _int_list(f"segments[{s}].queries", seg[2])
+            if pages and not 0 <= min(pages) <= max(pages) <= INT32_MAX:
+                bad = min(pages) if min(pages) < 0 else max(pages)
+                raise ValueError(f"segments[{s}].pages must be page indices in [0, 2**31 - 1], got {bad}")
+            capacity = len(pages) * page_size
+            if capacity > INT32_MAX:
+                raise ValueError(f"segments[{s}] holds {len(pages)} pages x page_size {page_size} = {capacity} tokens; "
+                                 "a segment must hold fewer than 2**31 tokens")
+            if not _is_int(length) or not 0 <= length <= capacity:
+                raise ValueError(f"segments[{s}].length must be an int in [0, {capacity}] (len(pages)={len(pages)} x "
+                                 f"page_size={page_size}), got {length!r}")
+            bad = [qi for qi in queries if not 0 <= qi < num_queries]
+            if bad:
+                raise ValueError(f"segments[{s}].queries must be in [0, {num_queries}), got {bad[0]}")
+            if len(set(queries)) != len(queries):
+                raise ValueError(f"segments[{s}].queries must be distinct, got duplicates in {queries[:16]}")
+            if queries:  # an upper bound of the work items of the split layout, checked before any is built
+                chunk = kv_chunk_size or MIN_KV_CHUNK
+                num_items += -(-capacity // chunk) * -(-len(queries) // (queries_per_tile or 1))
+                if num_items > MAX_WORK_ITEMS:
+                    raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items (at segments[{s}]): "
+                                     "use a larger kv_chunk_size / queries_per_tile or fewer, shorter segments")
+            seg_pages.append(pages)
+            seg_lens.append(length)
+            seg_queries.append(queries)
+
+        self.num_segments = len(seg_pages)
+        self.seg_pages_host = seg_pages
+        self.seg_queries_host = seg_queries
+        self.seg_capacity_host = [len(p) * page_size for p in seg_pages]
+        all_pages = [p for pages in seg_pages for p in pages]
+        self.max_page = max(all_pages) if all_pages else -1
+        self.seg_lens = int32_on(self.device, seg_lens)
+        if self.num_heads is not None:
+            self.layout("fused", *self.num_heads, head_dim or 128)
+
+    def _tile(self, group: int) -> int:
+        if self.queries_per_tile is not None:
+            return self.queries_per_tile
+        rows = GPU_TILE_ROWS if self.device.type == "cuda" else CPU_TILE_ROWS
+        return max(1, rows // group)
+
+    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+        caps = self.seg_capacity_host
+        counts = [len(q) for q in self.seg_queries_host]
+        profile = device_profile(self.device)
+        if kind == "split":
+            direct = [False] * self.num_segments
+        elif self.path == "decode":
+            direct = [n > 0 for n in counts]
+        elif self.path == "cascade":
+            direct = [n == 1 and cap <= MIN_SPLIT_TOKENS for cap, n in zip(caps, counts)]
+        else:
+            direct = choose_direct(caps, counts, self.num_queries, kv_heads, group, head_dim, elem_bytes, profile)
+        tile = self._tile(group)
+        if self.kv_chunk_size is not None:
+            chunks = [self.kv_chunk_size] * self.num_segments
+        else:
+            chunks = [default_kv_chunk(n) for n in counts]
+            if kind == "fused":
+                tiles = [0 if d or n == 0 else -(-n // tile) for d, n in zip(direct, counts)]
+                chunks = fill_grid_chunks(chunks, caps, tiles, kv_heads, profile)
+        return build_layout([0] * self.num_segments, self.seg_pages_host, caps, self.seg_queries_host, direct, chunks,
+                            tile, self.num_queries, 1, self.seg_lens)
+
+    def set_lengths(self, lengths) -> None:
+        """Set the current segment lengths in place (the plan's structure is unchanged).
+
+        lengths: sequence of num_segments ints (checked against each capacity on the host), or an
+        integer tensor [num_segments] on the plan's device (copied without a host sync; values are
+        checked only when it is on the CPU, otherwise kernels clamp them into [0, capacity]).
+        """
+        if isinstance(lengths, torch.Tensor):
+            check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+            check_shape("lengths", lengths, (self.num_segments,))
+            if lengths.device.type == "cpu":
+                self._check_lengths(lengths.tolist())
+            self.seg_lens.copy_(lengths)
+            return
+        values = _int_list("lengths", lengths)
+        if len(values) != self.num_segments:
+            raise ValueError(f"lengths must have num_segments={self.num_segments} entries, got {len(values)}")
+        self._check_lengths(values)
+        self.seg_lens.copy_(int32_on(self.device, values))
+
+    def _check_lengths(self, values: list[int]) -> None:
+        for s, (n, cap) in enumerate(zip(values, self.seg_capacity_host)):
+            if not 0 <= n <= cap:
+                raise ValueError(f"lengths[{s}] must be in [0, {cap}] (capacity of segment {s}), got {n}")
+
+    def __repr__(self) -> str:
+        return (f"TreeAttentionPlan(num_segments={self.num_segments}, num_queries={self.num_queries}, "
+                f"page_size={self.page_size}, path={self.path!r}, device={self.device})")
+
+
+class SharedPrefixPlan(AttentionPlan):
+    """Plan of shared_prefix_attention: B branches over G shared prompts (capacity P) and one suffix each
+    (capacity S). Build once, update lengths (and groups) per step, run with shared_prefix_attention(..., plan=).
+
+    Segments: prompt g is segment g (source 0: prefix_k[g] as one page of P tokens), branch b's suffix
+    is segment G + b (source 1: suffix_k[b]). branch_group [B] (tensor on the plan's device, or ints;
+    None: every branch reads prompt 0) is turned into the layout by device ops (branches sorted by
+    prompt, cut into tiles), so a device tensor is never read back; values are clamped into [0, G).
+    """
+
+    def __init__(self, num_branches: int, prefix_capacity: int, suffix_capacity: int, *, num_prefixes: int = 1,
+                 branch_group=None, device=None, num_heads=None, head_dim: int | None = None, path: str = "auto",
+                 kv_chunk_size: int | None = None):
+        b = _check_count("num_branches", num_branches)
+        p = _check_count("prefix_capacity", prefix_capacity)
+        s = _check_count("suffix_capacity", suffix_capacity)
+        g = _check_count("num_prefixes", num_prefixes, minimum=1)
+        if kv_chunk_size is not None:
+            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+        super().__init__(device, path, num_heads, head_dim)
+        if -(-p // (kv_chunk_size or MIN_KV_CHUNK)) * (b + g) + -(-s // (kv_chunk_size or MIN_KV_CHUNK)) * b > MAX_WORK_ITEMS:
+            raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items: use a larger kv_chunk_size")
+        self.num_branches, self.prefix_capacity, self.suffix_capacity, self.num_prefixes = b, p, s, g
+        self.num_queries, self.num_segments = b, g + b
+        self.kv_chunk_size = kv_chunk_size
+        self.seg_capacity_host = [p] * g + [s] * b
+        self._layout_meta: dict = {}  # layout key -> (tile, num_tiles, prefix chunks, slots per branch)
+        # Built by device ops only (no host-to-device copy): shared_prefix_attention may build a plan inside a step.
+        self.seg_lens = self._capacities()
+        self.branch_group = torch.zeros(b, dtype=torch.int32, device=self.device)
+        if branch_group is not None:
+            self.set_branch_group(branch_group)
+        if self.num_heads is not None:
+            self.layout("fused", *self.num_heads, head_dim or 128)
+
+    def _capacities(self) -> torch.Tensor:
+        i32 = dict(dtype=torch.int32, device=self.device)
+        return torch.cat([torch.full((self.num_prefixes,), self.prefix_capacity, **i32),
+                          torch.full((self.num_branches,), self.suffix_capacity, **i32)])
+
+    # -- per-step updates
+    def set_lengths(self, prefix_lens=None, suffix_lens=None) -> None:
+        """Current lengths: prefix_lens [G], suffix_lens [B] (ints, or integer tensors on the plan's device,
+        copied without a sync; CPU values are checked, device values clamped by the kernels). None: unchanged."""
+        g = self.num_prefixes
+        for name, value, lo, n, cap in (("prefix_lens", prefix_lens, 0, g, self.prefix_capacity),
+                                        ("suffix_lens", suffix_lens, g, self.num_branches, self.suffix_capacity)):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                check_tensor(name, value, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+                check_shape(name, value, (n,))
+                if value.device.type == "cpu" and n:
+                    _check_range(name, int(value.min()), int(value.max()), cap)
+                self.seg_lens[lo:lo + n].copy_(value)
+            else:
+                values = _int_list(name, value)
+                if len(values) != n:
+                    raise ValueError(f"{name} must have {n} entries, got {len(values)}")
+                if values:
+                    _check_range(name, min(values), max(values), cap)
+                self.seg_lens[lo:lo + n].copy_(int32_on(self.device, values))
+
+    def set_branch_group(self, branch_group) -> None:
+        """branch_group [B]: the prompt each branch reads (tensor on the plan's device, or ints); laid out again
+        by device ops into every layout already built (no host sync, capturable)."""
+        if isinstance(branch_group, torch.Tensor):
+            check_tensor("branch_group", branch_group, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+            check_shape("branch_group", branch_group, (self.num_branches,))
+            if branch_group.device.type == "cpu" and self.num_branches:
+                _check_range("branch_group", int(branch_group.min()), int(branch_group.max()), self.num_prefixes - 1)
+            self.branch_group.copy_(branch_group)
+        else:
+            values = _int_list("branch_group", branch_group)
+            if len(values) != self.num_branches:
+                raise ValueError(f"branch_group must have {self.num_branches} entries, got {len(values)}")
+            if values:
+                _check_range("branch_group", min(values), max(values), self.num_prefixes - 1)
+            self.branch_group.copy_(int32_on(self.device, values))
+        self.refill_groups()
+
+    def refill_groups(self) -> None:
+        """Lay self.branch_group out again into every layout built so far (device ops, no sync)."""
+        for key, lay in self._layouts.items():
+            self._fill_groups(lay, *self._layout_meta[key])
+
+    # -- layout
+    def _paths(self, kind, group, kv_heads, head_dim, elem_bytes) -> tuple[bool, bool]:
+        """(prefix direct, suffix direct)."""
+        b, g, p, s = self.num_branches, self.num_prefixes, self.prefix_capacity, self.suffix_capacity
+        if kind == "split":
+            return False, False
+        if self.path == "decode":
+            return True, True
+        per_prompt = max(1, -(-b // g))
+        if self.path == "cascade":
+            return per_prompt == 1 and p <= MIN_SPLIT_TOKENS, s <= MIN_SPLIT_TOKENS
+        prefix_direct, suffix_direct = choose_direct([p, s], [per_prompt, 1], b, kv_heads, group, head_dim, elem_bytes,
+                                                     device_profile(self.device))
+        return prefix_direct, suffix_direct
+
+    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+        """Regular structure on the device: page_table = [0..G) ++ [0..B) (prompt g is page g of source 0,
+        suffix b page b of source 1; each source counts its own page-table entries and segments); prefix
+        tiles over branches sorted by prompt; suffix items per branch."""
+        dev = self.device
+        b, g, p, s = self.num_branches, self.num_prefixes, self.prefix_capacity, self.suffix_capacity
+        prefix_direct, suffix_direct = self._paths(kind, group, kv_heads, head_dim, elem_bytes)
+        profile = device_profile(dev)
+        rows = GPU_TILE_ROWS if dev.type == "cuda" else CPU_TILE_ROWS
+        tile = max(1, min(b, rows // group)) if b else 1
+        prefix_shared = not prefix_direct and p > 0 and b > 0
+        suffix_shared = not suffix_direct and s > 0 and b > 0
+        # Prefix tiles: each prompt's branches cut into tiles of `tile`; at most cdiv(B, tile) + G - 1 tiles.
+        num_tiles = min(b, -(-b // tile) + g - 1) if prefix_shared else 0
+        p_chunk = self.kv_chunk_size or default_kv_chunk(-(-b // g))
+        s_chunk = self.kv_chunk_size or default_kv_chunk(1)
+        if kind == "fused" and self.kv_chunk_size is None:
+            p_chunk, s_chunk = fill_grid_chunks([p_chunk, s_chunk], [p, s], [num_tiles, b if suffix_shared else 0],
+                                                kv_heads, profile)
+        ncp = -(-p // p_chunk) if prefix_shared else 0
+        ncs = -(-s // s_chunk) if suffix_shared else 0
+        i32 = dict(dtype=torch.int32, device=dev)
+        arange_b = torch.arange(b, **i32)
+
+        def chunk_bounds(cap, chunk, n):
+            lo = torch.arange(n, **i32) * chunk
+            return lo, torch.clamp(lo + chunk, max=cap)
+
+        sources = []
+        # source 0: prefix items (c, t) -> filled by _fill_groups (they depend on the groups)
+        pw = tuple(torch.zeros(ncp * num_tiles, **i32) for _ in range(6))
+        if prefix_shared:
+            lo, hi = chunk_bounds(p, p_chunk, ncp)
+            pw[1].copy_(lo.repeat_interleave(num_tiles))
+            pw[2].copy_(hi.repeat_interleave(num_tiles))
+        sources.append(SourceWork(pw, ncp * num_tiles, min(tile, b), 0, g, 0, g))
+        # source 1: suffix items (c, branch): segment G + b (b in the source's range), query row b (seg_queries[B + b])
+        if suffix_shared:
+            lo, hi = chunk_bounds(s, s_chunk, ncs)
+            branch = arange_b.repeat(ncs)
+            chunk_of = torch.arange(ncs, **i32).repeat_interleave(b)
+            sw = (branch, lo.repeat_interleave(b), hi.repeat_interleave(b), b + branch, b + branch + 1,
+                  ncp * b + chunk_of * b + branch)
+        else:
+            sw = tuple(torch.zeros(0, **i32) for _ in range(6))
+        sources.append(SourceWork(sw, ncs * b, 1, g, g + b, g, g + b))
+
+        slots_per_branch = ncp + ncs
+        slot_indptr = torch.arange(b + 1, **i32) * slots_per_branch
+        slots = torch.zeros(b, slots_per_branch, **i32)
+        if suffix_shared:
+            slots[:, ncp:] = ncp * b + torch.arange(ncs, **i32).view(1, -1) * b + arange_b.view(-1, 1)
+        direct = [None, None]
+        if prefix_direct and p > 0:
+            direct[0] = (torch.arange(b + 1, **i32), torch.zeros(b, **i32))  # filled by _fill_groups
+        if suffix_direct and s > 0:
+            direct[1] = (torch.arange(b + 1, **i32), g + arange_b)
+        lay = PlanLayout(
+            page_table=torch.cat([torch.arange(g, **i32), arange_b]),
+            seg_page_start=torch.cat([torch.arange(g, **i32), arange_b]),
+            seg_capacity=self._capacities(), seg_lens=self.seg_lens,
+            seg_queries=torch.cat([arange_b, arange_b]), sources=sources, num_partials=b * slots_per_branch,
+            slot_indptr=slot_indptr, slots=slots.view(-1), direct=direct,
+            num_direct=b * (int(direct[0] is not None) + int(direct[1] is not None)))
+        meta = (tile, num_tiles, ncp, slots_per_branch)
+        self._layout_meta[self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)] = meta
+        self._fill_groups(lay, *meta)
+        return lay
+
+    def _fill_groups(self, lay: PlanLayout, tile: int, num_tiles: int, ncp: int, slots_per_branch: int) -> None:
+        """Write the group-dependent parts of a layout in place with device ops (no sync): the sorted branch
+        order (seg_queries[:B]), the prefix items' prompt and query ranges, each branch's prefix slots and
+        its direct prompt."""
+        b, g = self.num_branches, self.num_prefixes
+        if b == 0:
+            return
+        group = self.branch_group.long().clamp(0, g - 1)
+        if lay.direct[0] is not None:
+            lay.direct[0][1].copy_(group)
+        if not num_tiles:
+            return
+        dev = group.device
+        order = torch.sort(group, stable=True).indices  # sorted position -> branch
+        position = torch.empty_like(order)
+        position[order] = torch.arange(b, device=dev)
+        lay.seg_queries[:b].copy_(order)
+        counts = torch.zeros(g, dtype=torch.long, device=dev).scatter_add_(0, group, torch.ones_like(group))
+        first = torch.cumsum(counts, 0) - counts
+        tiles = (counts + tile - 1) // tile
+        tiles_end = torch.cumsum(tiles, 0)
+        t = torch.arange(num_tiles, device=dev)
+        tile_group = torch.searchsorted(tiles_end, t, right=True).clamp(max=g - 1)
+        valid = t < tiles_end[-1]
+        q_lo = first[tile_group] + (t - (tiles_end - tiles)[tile_group]) * tile
+        q_hi = torch.minimum(q_lo + tile, first[tile_group] + counts[tile_group])
+        q_lo, q_hi = torch.where(valid, q_lo, 0), torch.where(valid, q_hi, 0)  # spare tiles: empty items
+        seg, _, _, q_start, q_end, out = lay.sources[0].work
+        seg.copy_(tile_group.repeat(ncp))
+        q_start.copy_(q_lo.repeat(ncp))
+        q_end.copy_(q_hi.repeat(ncp))
+        out.copy_(torch.arange(ncp, device=dev).repeat_interleave(num_tiles) * b + q_lo.repeat(ncp))
+        lay.slots.view(b, slots_per_branch)[:, :ncp].copy_(
+            torch.arange(ncp, device=dev).view(1, -1) * b + position.view(-1, 1))
+
+    def __repr__(self) -> str:
+        return (f"SharedPrefixPlan(num_branches={self.num_branches}, num_prefixes={self.num_prefixes}, "
+                f"prefix_capacity={self.prefix_capacity}, suffix_capacity={self.suffix_capacity}, path={self.path!r}, "
+                f"device={self.device})")
+
+
+def _check_range(name: str, lo: int, hi: int, upper: int) -> None:
+    if lo < 0 or hi > upper:
+        raise ValueError(f"{name} values must be in [0, {upper}], got values in [{lo}, {hi}]")
