@@ -12,6 +12,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+INT32_MAX = 2**31 - 1  # largest size or index the int32-indexed kernels take
 
 
 def check_tensor(
@@ -41,6 +42,12 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
         exp = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {exp}, got {list(shape)}")
+
+
+def check_fits_int32(name: str, value: int, what: str, why: str = "") -> None:
+    """ValueError naming `name` when `value` (a size or index) exceeds INT32_MAX."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name}: {what} must be at most 2**31 - 1 = {INT32_MAX}{why}, got {value}")
 
 
 def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
