@@ -6,12 +6,14 @@ the actual shape, dtype or device.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+INT32_MAX = 2**31 - 1  # largest size or index the int32-indexed kernels take
 
 
 def check_tensor(
@@ -41,6 +43,57 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
     if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
         exp = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {exp}, got {list(shape)}")
+
+
+def check_fits_int32(name: str, value: int, what: str, why: str = "") -> None:
+    """ValueError naming `name` when `value` (a size or index) exceeds INT32_MAX."""
+    if value > INT32_MAX:
+        raise ValueError(f"{name}: {what} must be at most 2**31 - 1 = {INT32_MAX}{why}, got {value}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: on a GPU the driver's free memory plus what torch's caching
+    allocator holds unused; on the CPU MemAvailable (and the cgroup's remaining limit, if lower); None for other
+    device types (no information)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                avail = min(avail, int(limit) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def check_fits_memory(name: str, nbytes: int, device: torch.device, what: str) -> None:
+    """ValueError naming `name` when `nbytes` (what `what` needs) exceed the memory available on `device`
+    (no check on devices without memory information)."""
+    avail = available_memory(device)
+    if avail is not None and nbytes > avail:
+        raise ValueError(f"{name}: {what} needs {format_bytes(nbytes)}, more than the {format_bytes(avail)} "
+                         f"available on {torch.device(device)}")
 
 
 def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_fits_int32, check_shape, check_tensor
 
 ACTIVATIONS = ("softmax", "sigmoid")
 AGGREGATES = ("min", "prod", "last", "mean", "max")
@@ -82,6 +82,7 @@ def step_rewards(
         from .triton_ops.step_rewards import step_rewards_triton
 
         return step_rewards_triton(*args)
+    _check_int32_sizes(hidden, step_mask, cu_seqlens, mlp_weight, resolved)
     from . import _compiled
 
     return _compiled.step_rewards(*args)
@@ -159,6 +160,17 @@ def _validate(hidden, step_mask, weight, bias, norm_weight, norm_eps, mlp_weight
             activation, positive_index, aggregate)
 
 
+def _check_int32_sizes(hidden, step_mask, cu_seqlens, mlp_weight, backend: str) -> None:
+    """The compiled kernels index tokens, sequences and feature columns with int32."""
+    why = f" for backend {backend!r} (int32 indexing; the torch and triton backends take more)"
+    check_fits_int32("hidden", step_mask.numel(), "the number of tokens", why)
+    num_seqs = step_mask.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    check_fits_int32("cu_seqlens" if cu_seqlens is not None else "hidden", num_seqs, "the number of sequences", why)
+    check_fits_int32("hidden", hidden.shape[-1], "Hd (hidden.shape[-1])", why)
+    if mlp_weight is not None:
+        check_fits_int32("mlp_weight", mlp_weight.shape[0], "Hm (mlp_weight.shape[0])", why)
+
+
 def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> None:
     """Value checks of a CPU cu_seqlens (skipped on GPUs: they would need a host sync)."""
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
@@ -178,7 +190,7 @@ def step_rewards_torch(hidden, step_mask, cu_seqlens, weight, bias, norm_weight,
     hd = hidden.shape[-1]
     flat_mask = step_mask.reshape(-1)
     token_index = flat_mask.nonzero().squeeze(1)  # [S] step tokens in position order
-    x = hidden.reshape(-1, hd)[token_index].float()  # [S, Hd]
+    x = hidden.reshape(flat_mask.numel(), hd)[token_index].float()  # [S, Hd] (Hd may be 0: logits = bias)
     if norm_weight is not None:
         x = x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + norm_eps) * norm_weight.float()
     if mlp_weight is not None:

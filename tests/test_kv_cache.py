@@ -191,3 +191,158 @@ def test_bad_branch_and_pool_arguments():
         TreeDecoder(tiny_model(), page_size=0)
     with pytest.raises(ValueError, match="num_pages must be a positive integer or None"):
         small_pool(num_pages=0)
+
+
+# ---------------------------------------------------------------- atomicity and size limits (issue 13)
+
+def decoder_state(dec) -> dict:
+    """Everything a failed call must leave unchanged: pool refcounts and free list (in order), the branch table with
+    each branch's chain (segments by identity, pages, lengths, tokens), and each branch's last hidden state."""
+    if isinstance(dec, TreeDecoder):
+        branches = {b: [(id(seg), list(seg.pages), seg.length, list(seg.tokens)) for seg in br.chain()]
+                    for b, br in dec.tree.branches.items()}
+        store = (dec.pool.refcount.tolist(), list(dec.pool._free), dec.pool.num_pages)
+    else:
+        branches = {b: (br.length, list(br.tokens), [t.data_ptr() for t in br.k + br.v])
+                    for b, br in dec.branches.items()}
+        store = None
+    return {"store": store, "branches": branches,
+            "hidden": {b: (h.data_ptr(), h.clone()) for b, h in dec._last_hidden.items()}}
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["store"] == before["store"] and after["branches"] == before["branches"]
+    assert after["hidden"].keys() == before["hidden"].keys()
+    for b, (ptr, h) in before["hidden"].items():
+        assert after["hidden"][b][0] == ptr and torch.equal(after["hidden"][b][1], h)
+
+
+def test_failed_add_prompt_registers_no_branch():
+    """The issue's reproducer: add_prompt raised KVPoolExhausted but left branch 0 registered (release(0) then
+    raised KeyError)."""
+    dec = TreeDecoder(tiny_model(), backend="torch", page_size=4, num_pages=2)
+    before = decoder_state(dec)
+    with pytest.raises(KVPoolExhausted, match="needs 6 free pages, has 2 of 2"):
+        dec.add_prompt([1] + [5] * 20)
+    assert_same_state(before, decoder_state(dec))
+    with pytest.raises(ValueError, match="unknown branch id 0"):
+        dec.release(0)
+    assert dec.add_prompt([1, 5, 5]) == 0  # the id was not used up
+
+
+def test_failed_generate_step_frees_its_reservation():
+    """generate_step that runs out of pages used to keep the pages it had reserved for the first branches."""
+    dec = TreeDecoder(tiny_model(), backend="torch", page_size=4, num_pages=3)
+    kids = dec.fork(dec.add_prompt([1, 5, 5]), 2)
+    before = decoder_state(dec)
+    with pytest.raises(KVPoolExhausted, match="needs 4 free pages, has 2 of 3"):
+        dec.generate_step(kids, max_new_tokens=8)
+    assert_same_state(before, decoder_state(dec))
+    out = dec.generate_step(kids, max_new_tokens=4, stop_ids=set())  # fits: one page each
+    assert [len(t) for t in out.new_tokens] == [4, 4]
+
+
+class ModelFailure(RuntimeError):
+    pass
+
+
+def fail_on_call(model, call: int, monkeypatch):
+    """Make the model's `call`-th run_layers (counted from now) raise after its first layer's attention ran."""
+    calls = [0]
+    real = model.run_layers
+
+    def run_layers(ids, positions, attend):
+        calls[0] += 1
+        if calls[0] != call:
+            return real(ids, positions, attend)
+
+        def attend_then_fail(layer, q, k, v):
+            attend(layer, q, k, v)  # the KV store has been written to
+            raise ModelFailure("injected")
+
+        return real(ids, positions, attend_then_fail)
+
+    monkeypatch.setattr(model, "run_layers", run_layers)
+    return lambda: monkeypatch.setattr(model, "run_layers", real)
+
+
+@pytest.mark.parametrize("kind", ["tree", "naive"])
+def test_error_inside_the_model_rolls_everything_back(kind, monkeypatch):
+    """A model error in the middle of generate_step / add_prompt / teacher_force leaves the decoder as before the
+    call, generator included: retrying gives what a decoder that never failed gives."""
+    model = tiny_model()
+
+    def make():
+        return TreeDecoder(model, backend="torch", page_size=4) if kind == "tree" else NaiveDecoder(model)
+
+    def prepared(dec):
+        kids = dec.fork(dec.add_prompt([1, 2, 3, 4, 5, 6]), 3)
+        dec.generate_step(kids, max_new_tokens=3, stop_ids=set(), temperature=1.0,
+                          generator=torch.Generator().manual_seed(3))
+        return kids
+
+    clean, failing = make(), make()
+    kids = prepared(clean)
+    expected = clean.generate_step(kids, max_new_tokens=5, stop_ids={7}, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(9))
+    assert prepared(failing) == kids
+    gen = torch.Generator().manual_seed(9)
+    for call in (1, 3):  # first decode iteration, a later one
+        before = decoder_state(failing)
+        restore = fail_on_call(model, call, monkeypatch)
+        with pytest.raises(ModelFailure):
+            failing.generate_step(kids, max_new_tokens=5, stop_ids={7}, temperature=1.0, generator=gen)
+        restore()
+        assert_same_state(before, decoder_state(failing))
+    got = failing.generate_step(kids, max_new_tokens=5, stop_ids={7}, temperature=1.0, generator=gen)
+    assert got.new_tokens == expected.new_tokens and got.step_scores == expected.step_scores
+
+    before = decoder_state(failing)
+    for call in (lambda: failing.add_prompt([1, 9, 9, 9, 9, 9]), lambda: failing.teacher_force(kids[0], [4] * 5)):
+        restore = fail_on_call(model, 1, monkeypatch)
+        with pytest.raises(ModelFailure):
+            call()
+        restore()
+        assert_same_state(before, decoder_state(failing))
+
+
+@pytest.mark.parametrize("kind", ["tree", "naive"])
+def test_sizes_beyond_memory_are_value_errors(kind):
+    """Reservations and forks larger than the memory available fail before allocating, naming the argument
+    (a growable pool used to try a 256 GB allocation for max_new_tokens=1e9)."""
+    model = tiny_model()
+    dec = TreeDecoder(model, backend="torch", page_size=4) if kind == "tree" else NaiveDecoder(model)
+    root = dec.add_prompt([1, 2, 3])
+    before = decoder_state(dec)
+    with pytest.raises(ValueError, match=r"max_new_tokens: .* needs .*B, more than the .*B available on cpu"):
+        dec.generate_step([root], max_new_tokens=10**15)
+    with pytest.raises(ValueError, match=r"^n: .* needs .*B, more than the .*B available on cpu"):
+        dec.fork(root, 2**31 - 2)  # 1 TiB of host memory for the tree's branches, 768 GiB of dense KV for the naive one
+    assert_same_state(before, decoder_state(dec))
+    if kind == "tree":
+        with pytest.raises(ValueError, match=r"n: at most 2\*\*31 - 1 live branches"):
+            dec.fork(root, 2**31)
+
+
+def test_atomic_undoes_growth_forks_and_releases():
+    """KVTree.atomic restores a pool that grew, branches forked and released, and tails appended to."""
+    tree = KVTree(small_pool(initial_pages=2))
+    root = tree.new_branch()
+    tree.append(root, [1, 2, 3, 4, 5])
+    kids = tree.fork(root, 2)
+    tree.append(kids[0], [6])
+    pool = tree.pool
+    before = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k],
+              {b: [(id(s), list(s.pages), s.length, list(s.tokens)) for s in br.chain()] for b, br in tree.branches.items()})
+    with pytest.raises(ModelFailure):
+        with tree.atomic([root, kids[0]]):
+            tree.append(kids[0], list(range(30)))  # grows the pool
+            tree.fork(root, 3)
+            tree.release(kids[1])
+            tree.trim(kids[0])
+            raise ModelFailure("injected")
+    after = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k],
+             {b: [(id(s), list(s.pages), s.length, list(s.tokens)) for s in br.chain()] for b, br in tree.branches.items()})
+    assert after == before
+    tree.append(kids[0], list(range(30)))  # the pool grows again from the restored state
+    np.testing.assert_array_equal(pool.refcount, expected_refcounts(tree))

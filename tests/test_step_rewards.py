@@ -270,6 +270,34 @@ def test_empty_inputs(backend):
     assert scores.shape == (0,) and chain.shape == (2,) and chain.isnan().all()
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("hm", [0, 6])
+def test_hidden_size_zero(backend, hm):
+    """Hd = 0: the head sees an empty (all-zero) input, so logits = weight @ relu(mlp_bias) + bias (the torch
+    backend used to fail with a reshape RuntimeError)."""
+    hidden, mask = torch.randn(3, 7, 0), make_mask(3, 7, "mixed")
+    mlp = dict(mlp_weight=torch.randn(hm, 0), mlp_bias=torch.randn(hm)) if hm else {}
+    weight, bias = torch.randn(2, hm), torch.randn(2)
+    scores, chain = step_rewards(hidden, mask, weight, bias, norm_weight=torch.randn(0), aggregate="mean",
+                                 backend=backend, **mlp)
+    x = mlp["mlp_bias"].double().clamp(min=0) if hm else torch.zeros(0, dtype=torch.float64)
+    reward = float(torch.softmax(weight.double() @ x + bias.double(), 0)[1])
+    expected = torch.where(mask, reward, torch.nan).double()
+    assert_matches("step_scores", scores, expected, *FP32_MATH_TOL[1:])
+    assert_matches("chain_scores", chain, torch.where(mask.any(1), reward, torch.nan).double(), *FP32_MATH_TOL[1:])
+
+
+def test_compiled_backend_rejects_token_counts_beyond_int32():
+    """The compiled kernels index tokens with int32: 2**31 tokens (stride-0 views, nothing allocated) is a
+    ValueError naming hidden before any kernel runs."""
+    if backend_unavailable_reason("cpu", torch.device("cpu")):
+        pytest.skip("compiled cpu backend unavailable")
+    hidden = torch.randn(1, 1, 1).expand(1, 2**31, 1)
+    mask = torch.zeros(1, 1, dtype=torch.bool).expand(1, 2**31)
+    with pytest.raises(ValueError, match=r"hidden: the number of tokens must be at most 2\*\*31 - 1"):
+        step_rewards(hidden, mask, torch.randn(2, 1), backend="cpu")
+
+
 def test_auto_backend_matches_reference():
     check_case(Case(bs=2, seq_len=9, hd=48), "auto")
 

@@ -15,12 +15,14 @@ decode forward (no second forward).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from o1kernels._backend import resolve_backend
+from o1kernels._checks import check_fits_memory
 from o1kernels.merge_states import merge_states
 from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
 
@@ -84,7 +86,11 @@ class SearchDecoder:
     """What TreeDecoder and NaiveDecoder share: the batched step loop, sampling, argument checks and stats.
 
     Subclasses store the KV and implement _prefill, _decode, _teacher_force, _score, _begin_step, _end_step,
-    fork, release, tokens, kv_bytes, kv_bytes_naive.
+    _store_atomic, _branch_table, _check_step_fits, fork, release, tokens, kv_bytes, kv_bytes_naive.
+
+    add_prompt, fork, teacher_force and generate_step are atomic: if one raises (the KV store out of pages or
+    memory, an error in the model), the KV store, the branch table and each branch's last hidden state are as
+    they were before the call (generate_step also restores the generator's state).
     """
 
     def __init__(self, model: Transformer):
@@ -102,13 +108,32 @@ class SearchDecoder:
     def _note_kv(self) -> None:
         self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self.kv_bytes())
 
+    @contextmanager
+    def _atomic(self, branches=(), generator: torch.Generator | None = None):
+        """Undo the block's changes to the KV store, the branches' last hidden states and the generator's state if
+        it raises; `branches`: the existing branches it may change."""
+        hidden = {b: self._last_hidden[b] for b in branches if b in self._last_hidden}
+        generator_state = None if generator is None else generator.get_state()
+        try:
+            with self._store_atomic(branches):
+                yield
+        except BaseException:
+            live = self._branch_table()
+            for b in [b for b in self._last_hidden if b not in live]:
+                del self._last_hidden[b]
+            self._last_hidden.update(hidden)
+            if generator is not None:
+                generator.set_state(generator_state)
+            raise
+
     @torch.no_grad()
     def add_prompt(self, prompt_ids) -> int:
         """Prefill a prompt (causal attention) and return the id of its root branch."""
         ids = _check_token_ids("prompt_ids", prompt_ids, self.model.config.vocab_size)
         t0 = time.perf_counter()
-        branch, hidden = self._prefill(ids)
-        self._last_hidden[branch] = hidden
+        with self._atomic():
+            branch, hidden = self._prefill(ids)
+            self._last_hidden[branch] = hidden
         self._sync()
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] += len(ids)
@@ -120,8 +145,9 @@ class SearchDecoder:
         """Append a chunk of given tokens to `branch`; return the logits after each of them [T, V] float32."""
         self._check_branches([branch])
         ids = _check_token_ids("tokens", tokens, self.model.config.vocab_size)
-        hidden = self._teacher_force(branch, ids)
-        self._last_hidden[branch] = hidden[-1]
+        with self._atomic([branch]):
+            hidden = self._teacher_force(branch, ids)
+            self._last_hidden[branch] = hidden[-1]
         self._note_kv()
         return self.model.logits(hidden)
 
@@ -161,7 +187,12 @@ class SearchDecoder:
                          allow_empty=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        self._check_step_fits(branches, max_new_tokens)
+        with self._atomic(branches, generator):
+            return self._generate_step(branches, max_new_tokens, stop, eos_id, temperature, top_p, generator)
 
+    def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
+        """generate_step after its argument checks."""
         t0 = time.perf_counter()
         n = len(branches)
         new_tokens: list[list[int]] = [[] for _ in range(n)]
@@ -224,6 +255,19 @@ class TreeDecoder(SearchDecoder):
     def _branch(self, branch):
         return self.tree.get(branch)
 
+    def _branch_table(self):
+        return self.tree.branches
+
+    def _store_atomic(self, branches):
+        return self.tree.atomic(branches)
+
+    def _check_step_fits(self, branches, max_new_tokens):
+        """A growable pool must be able to grow by the step's reservation (a fixed one raises KVPoolExhausted)."""
+        if self.pool.growable:
+            short = self.tree.pages_to_reserve(branches, max_new_tokens) - self.pool.free_pages
+            check_fits_memory("max_new_tokens", short * self.pool.bytes_per_page, self.model.device,
+                              f"room for {max_new_tokens} new tokens on each of {len(branches)} branches")
+
     def _prefill(self, ids: list[int]):
         branch = self.tree.new_branch()
         slots = torch.tensor(self.tree.append(branch, ids), device=self.model.device)
@@ -267,8 +311,7 @@ class TreeDecoder(SearchDecoder):
         return self._plan
 
     def _begin_step(self, branches, max_new_tokens):
-        for b in branches:
-            self.tree.reserve(b, max_new_tokens)
+        self.tree.reserve_all(branches, max_new_tokens)
         self._note_kv()
 
     def _end_step(self, branches):
@@ -315,9 +358,10 @@ class TreeDecoder(SearchDecoder):
 
     def fork(self, branch: int, n: int) -> list[int]:
         """n children sharing `branch`'s KV read-only (no copy); the parent stays alive until released."""
-        children = self.tree.fork(branch, n)
-        for c in children:
-            self._last_hidden[c] = self._last_hidden[branch]
+        with self._atomic([branch]):
+            children = self.tree.fork(branch, n)
+            for c in children:
+                self._last_hidden[c] = self._last_hidden[branch]
         return children
 
     def release(self, branch: int) -> None:

@@ -6,10 +6,13 @@ Same interface as TreeDecoder.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from o1kernels._checks import check_fits_memory
 
 from .engine import SearchDecoder
 from .model import Transformer
@@ -47,6 +50,34 @@ class NaiveDecoder(SearchDecoder):
             live = sorted(self.branches)
             raise ValueError(f"unknown branch id {branch!r} (live branches: {live[:16]}{' ...' if len(live) > 16 else ''})")
         return self.branches[branch]
+
+    def _branch_table(self):
+        return self.branches
+
+    @contextmanager
+    def _store_atomic(self, branches):
+        """If the block raises: drop the branches it created and restore the listed branches' KV tensors
+        (_ensure_capacity replaces them), lengths and tokens."""
+        saved = [(br, list(br.k), list(br.v), br.length, len(br.tokens)) for br in map(self._branch, branches)]
+        next_id = self._next_id
+        try:
+            yield
+        except BaseException:
+            for bid in range(next_id, self._next_id):
+                self.branches.pop(bid, None)
+            self._next_id = next_id
+            for br, k, v, length, num_tokens in saved:
+                br.k[:], br.v[:], br.length = k, v, length
+                del br.tokens[num_tokens:]
+            raise
+
+    def _check_step_fits(self, branches, max_new_tokens):
+        """Branches whose dense KV must grow get a new tensor of the full length (the old one is copied, then
+        freed): that much memory must be available."""
+        grown = [br.length + max_new_tokens for br in map(self._branch, branches)
+                 if br.capacity < br.length + max_new_tokens]
+        check_fits_memory("max_new_tokens", sum(grown) * self.bytes_per_token, self.model.device,
+                          f"dense KV for {max_new_tokens} new tokens on {len(grown)} branches")
 
     def _new_branch(self, k, v, length, tokens) -> int:
         bid = self._next_id
@@ -141,13 +172,16 @@ class NaiveDecoder(SearchDecoder):
         parent = self._branch(branch)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        check_fits_memory("n", n * parent.length * self.bytes_per_token, self.model.device,
+                          f"{n} dense copies of a {parent.length}-token KV cache")
         children = []
-        for _ in range(n):
-            k = [t[:, :parent.length].clone() for t in parent.k]
-            v = [t[:, :parent.length].clone() for t in parent.v]
-            c = self._new_branch(k, v, parent.length, list(parent.tokens))
-            self._last_hidden[c] = self._last_hidden[branch]
-            children.append(c)
+        with self._atomic([branch]):
+            for _ in range(n):
+                k = [t[:, :parent.length].clone() for t in parent.k]
+                v = [t[:, :parent.length].clone() for t in parent.v]
+                c = self._new_branch(k, v, parent.length, list(parent.tokens))
+                self._last_hidden[c] = self._last_hidden[branch]
+                children.append(c)
         self._note_kv()
         return children
 
