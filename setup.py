@@ -116,7 +116,7 @@ setup(
     packages=find_packages(include=["o1kernels", "o1kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors", "tqdm"],
-    extras_require={"test": ["pytest", "transformers"], "plot": ["matplotlib"]},
+    extras_require={"hf": ["transformers>=5"], "test": ["pytest", "transformers>=5"], "plot": ["matplotlib"]},
     package_data={"o1kernels.decoder": ["weights/*/*.json", "weights/*/*.safetensors"]},
     entry_points={"console_scripts": ["o1kernels-decode=o1kernels.decode:main"]},
     ext_modules=ext_modules,

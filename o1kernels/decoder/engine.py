@@ -82,6 +82,25 @@ def _check_token_ids(name: str, tokens, vocab_size: int, *, allow_empty: bool = 
     return tokens
 
 
+def plan_segments(tree: KVTree, branches: list[int], rows_per_branch: int = 1):
+    """TreeAttentionPlan segments for query rows laid out branch by branch (`rows_per_branch` consecutive rows per
+    branch): (segments, [the tree's Segment behind each plan segment]). A Segment shared by several branches is one
+    plan segment listing all their rows; segments without pages are left out."""
+    index: dict[int, int] = {}
+    segs, owners = [], []
+    for qi, b in enumerate(branches):
+        rows = range(qi * rows_per_branch, (qi + 1) * rows_per_branch)
+        for seg in tree.get(b).chain():
+            if not seg.pages:
+                continue
+            s = index.setdefault(id(seg), len(segs))
+            if s == len(segs):
+                segs.append((seg.pages, seg.length, []))
+                owners.append(seg)
+            segs[s][2].extend(rows)
+    return segs, owners
+
+
 class SearchDecoder:
     """What TreeDecoder and NaiveDecoder share: the batched step loop, sampling, argument checks and stats.
 
@@ -284,20 +303,7 @@ class TreeDecoder(SearchDecoder):
         return branch, hidden[-1]
 
     def _segments_of(self, branches: list[int], rows_per_branch: int = 1):
-        """Plan segments for query rows laid out branch by branch: (segments, [Segment per plan segment])."""
-        index: dict[int, int] = {}
-        segs, owners = [], []
-        for qi, b in enumerate(branches):
-            rows = range(qi * rows_per_branch, (qi + 1) * rows_per_branch)
-            for seg in self.tree.get(b).chain():
-                if not seg.pages:
-                    continue
-                s = index.setdefault(id(seg), len(segs))
-                if s == len(segs):
-                    segs.append((seg.pages, seg.length, []))
-                    owners.append(seg)
-                segs[s][2].extend(rows)
-        return segs, owners
+        return plan_segments(self.tree, branches, rows_per_branch)
 
     def _decode_plan(self, branches: list[int]) -> TreeAttentionPlan:
         key = (tuple(branches), self.tree.version)

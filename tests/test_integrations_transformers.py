@@ -1,0 +1,372 @@
+"""Hugging Face transformers integration: TreeCache + the "o1kernels" attention inside model.generate give stock
+generate's tokens and logits (sampling, greedy, beam search; Llama GQA and Qwen2 MQA; N branches; padded batches),
+hold each prompt's KV once, leak no pages through fork / release / reorder; score_steps equals the stock PRM
+computation for the three PRM styles; bad input gives clear errors."""
+from __future__ import annotations
+
+import copy
+import random
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from o1kernels.integrations.transformers import (  # noqa: E402
+    ATTN_IMPLEMENTATION, TokenPairHead, TreeCache, cache_argument, generate_branches, score_steps)
+from test_kv_cache import expected_refcounts  # noqa: E402
+
+# (dtype, atol, rtol) of our logits against stock transformers' (SDPA) in the same dtype.
+FP32_TOL = (torch.float32, 1e-5, 1e-5)
+VOCAB = 101
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a shared CPU (a stock generate here took 0.04 s
+    on one thread and 4 s on two on the loaded 2-core test machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(arch: str, **overrides):
+    """A random 2-layer model: Llama with GQA (4 query heads, 2 kv heads) or Qwen2 with MQA (1 kv head, q/k/v bias)."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  initializer_range=0.2)  # peaked attention and logits: transformers' default 0.02 makes both flat
+    if arch == "llama":
+        config = transformers.LlamaConfig(**{**common, "num_key_value_heads": 2, **overrides})
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**{**common, "num_key_value_heads": 1, **overrides})
+        model = transformers.Qwen2ForCausalLM(config)
+    return model.eval()
+
+
+def stock_and_ours(arch: str, **overrides):
+    """(the model with transformers' SDPA attention, an identical copy set to o1kernels' attention)."""
+    stock = tiny_model(arch, **overrides)
+    stock.set_attn_implementation("sdpa")
+    ours = copy.deepcopy(stock)
+    ours.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return stock, ours
+
+
+def prompts(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given lengths: (input_ids [B, max], attention_mask [B, max])."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, VOCAB, (n,))
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def assert_same_generation(stock_out, our_out, tol=FP32_TOL):
+    assert torch.equal(stock_out.sequences, our_out.sequences), (stock_out.sequences, our_out.sequences)
+    _, atol, rtol = tol
+    for step, (a, b) in enumerate(zip(stock_out.logits, our_out.logits)):
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol, msg=lambda m: f"logits of step {step}: {m}")
+
+
+def run_both(stock, ours, ids, mask, seed: int, cache: TreeCache, **kwargs):
+    kwargs = dict(output_logits=True, return_dict_in_generate=True, **kwargs)
+    torch.manual_seed(seed)
+    stock_out = stock.generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(seed)
+    our_out = generate_branches(ours, ids, mask, cache=cache, **kwargs)
+    return stock_out, our_out
+
+
+def assert_no_leak(cache: TreeCache) -> None:
+    np.testing.assert_array_equal(cache.pool.refcount, expected_refcounts(cache.tree))
+    cache.reset()
+    assert cache.pool.pages_in_use == 0 and not cache.pool.refcount.any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("prompt_len", [1, 16, 37])
+def test_sampling_matches_stock_generate(arch, n, prompt_len):
+    stock, ours = stock_and_ours(arch)
+    ids, mask = prompts([prompt_len])
+    cache = TreeCache(ours, backend="torch", page_size=8)
+    stock_out, our_out = run_both(stock, ours, ids, mask, seed=n + prompt_len, cache=cache, do_sample=True,
+                                  num_return_sequences=n, max_new_tokens=9)
+    assert_same_generation(stock_out, our_out)
+    assert cache.rows and len(cache.rows) == n
+    assert_no_leak(cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batch_of_two_padded_prompts(arch):
+    """Two prompts of different lengths, left-padded: greedy (one row each) and sampling (4 rows each)."""
+    stock, ours = stock_and_ours(arch)
+    ids, mask = prompts([23, 9])
+    cache = TreeCache(ours, backend="cpu" if "cpu" in _usable_backends() else "torch", page_size=8)
+    assert_same_generation(*run_both(stock, ours, ids, mask, seed=0, cache=cache, do_sample=False, max_new_tokens=8))
+    assert [cache.branch_length(b) for b in cache.rows] == [23 + 7, 9 + 7]  # padding not stored
+    assert cache.get_seq_length() == 23 + 7  # transformers' view counts it
+    cache.reset()
+    assert_same_generation(*run_both(stock, ours, ids, mask, seed=1, cache=cache, do_sample=True,
+                                     num_return_sequences=4, max_new_tokens=8))
+    assert_no_leak(cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_beam_search_reorders_without_leaks(arch):
+    """transformers' beam search moves rows every step through reorder_cache (forks + releases)."""
+    stock, ours = stock_and_ours(arch)
+    ids, mask = prompts([13, 20])
+    cache = TreeCache(ours, backend="torch", page_size=4)
+    kwargs = dict(num_beams=4, num_return_sequences=2, max_new_tokens=10, output_scores=True)
+    stock_out, our_out = run_both(stock, ours, ids, mask, seed=0, cache=cache, **kwargs)
+    assert torch.equal(stock_out.sequences, our_out.sequences)
+    torch.testing.assert_close(our_out.sequences_scores, stock_out.sequences_scores, atol=1e-5, rtol=1e-5)
+    assert len(cache.rows) == 2 * 4
+    assert_no_leak(cache)
+
+
+def test_triton_backend_matches_stock():
+    stock, ours = stock_and_ours("llama")
+    ids, mask = prompts([21])
+    cache = TreeCache(ours, backend="triton", page_size=8)
+    assert_same_generation(*run_both(stock, ours, ids, mask, seed=3, cache=cache, do_sample=True,
+                                     num_return_sequences=4, max_new_tokens=6))
+
+
+def test_prompt_held_once():
+    """N rows of one prompt: the prompt (all but its last token) once + per row its last prompt token and the
+    generated tokens but the last, each in whole pages; transformers' DynamicCache holds N full copies."""
+    stock, ours = stock_and_ours("llama")
+    p, n, new, page = 45, 16, 12, 8
+    ids, mask = prompts([p])
+    cache = TreeCache(ours, backend="torch", page_size=page)
+    torch.manual_seed(0)
+    stock_out = stock.generate(ids, do_sample=True, num_return_sequences=n, max_new_tokens=new,
+                               return_dict_in_generate=True)
+    torch.manual_seed(0)
+    out = generate_branches(ours, ids, cache=cache, do_sample=True, num_return_sequences=n, max_new_tokens=new)
+    assert torch.equal(out, stock_out.sequences)
+    per_row = 1 + (new - 1)
+    pages = -(-(p - 1) // page) + n * -(-per_row // page)
+    assert cache.pool.pages_in_use == pages
+    assert cache.kv_bytes() == pages * page * cache.pool.bytes_per_token
+    assert all(cache.branch_length(b) == p + new - 1 for b in cache.rows)
+    stock_cache = stock_out.past_key_values
+    stock_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in stock_cache.layers)
+    assert stock_bytes == cache.kv_bytes_dense() == n * (p + new - 1) * cache.pool.bytes_per_token
+
+
+def test_explicit_forks_releases_and_reorders_stay_exact():
+    """Random fork / release / reorder / select between decode forwards: every row's logits equal a full stock
+    forward over that row's tokens, and page refcounts equal an independent count."""
+    stock, ours = stock_and_ours("qwen2")
+    rng = random.Random(0)
+    cache = TreeCache(ours, backend="torch", page_size=4)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    roots = cache.prefill(ours, ids)
+    seqs = {b: ids[i].tolist() for i, b in enumerate(roots)}
+    spare = cache.fork(roots[0], 1)[0]  # a branch that is not a row
+    seqs[spare] = list(seqs[roots[0]])
+    for step in range(12):
+        op = step % 4
+        rows = cache.rows
+        if op == 0:
+            cache.batch_repeat_interleave(2)
+            seqs.update({b: list(seqs[rows[i // 2]]) for i, b in enumerate(cache.rows)})
+        elif op == 1:
+            beam_idx = torch.tensor([rng.randrange(len(rows)) for _ in rows])
+            cache.reorder_cache(beam_idx)
+            seqs.update({b: list(seqs[rows[j]]) for b, j in zip(cache.rows, beam_idx.tolist())})
+        elif op == 2 and len(rows) > 2:
+            keep = sorted(rng.sample(range(len(rows)), 2))
+            cache.batch_select_indices(keep)
+            assert cache.rows == [rows[i] for i in keep]
+        np.testing.assert_array_equal(cache.pool.refcount, expected_refcounts(cache.tree))
+        tokens = torch.randint(3, VOCAB, (len(cache.rows), 1 + (step == 5)))  # one two-token chunk on the way
+        with torch.no_grad():
+            logits = ours(tokens, use_cache=True, **{cache_argument(ours): cache}).logits
+            for i, b in enumerate(cache.rows):
+                seqs[b] = seqs[b] + tokens[i].tolist()
+                expected = stock(torch.tensor([seqs[b]])).logits[0, -tokens.shape[1]:]
+                torch.testing.assert_close(logits[i], expected, atol=1e-5, rtol=1e-5)
+    assert cache.branch_length(spare) == 11
+    cache.set_rows(cache.rows[:1])
+    assert_no_leak(cache)
+
+
+def test_model_without_tree_cache_is_stock_sdpa():
+    """A model set to "o1kernels" still runs forwards without a TreeCache (no cache, DynamicCache) as SDPA."""
+    stock, ours = stock_and_ours("llama")
+    ids, mask = prompts([17, 6])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
+                                   stock(ids, attention_mask=mask).logits[mask.bool()], atol=1e-6, rtol=1e-6)
+    torch.manual_seed(0)
+    a = stock.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.manual_seed(0)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), a)
+
+
+def _usable_backends():
+    from o1kernels import available_backends
+
+    return [b for b, why in available_backends("cpu").items() if why is None]
+
+
+def test_errors():
+    stock, ours = stock_and_ours("llama")
+    with pytest.raises(ValueError, match="attn_implementation 'sdpa'.*needs 'o1kernels'"):
+        TreeCache(stock)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen2"):
+        TreeCache(gpt2)
+    sliding = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match="only full attention"):
+        TreeCache(sliding)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        TreeCache(ours, backend="cuda")
+
+    cache = TreeCache(ours, backend="torch")
+    roots = cache.prefill(ours, torch.randint(3, VOCAB, (1, 5)))
+    with pytest.raises(ValueError, match="unknown branch id 7"):
+        cache.fork(7, 2)
+    with pytest.raises(ValueError, match="unknown branch id 7"):
+        cache.set_rows([7])
+    with pytest.raises(ValueError, match="must be distinct"):
+        cache.set_rows([roots[0], roots[0]])
+    with pytest.raises(ValueError, match="is row 0 of the batch"):
+        cache.release(roots[0])
+    with pytest.raises(ValueError, match="forward has 3 batch rows but the TreeCache has 1 rows.*batch_repeat_interleave"):
+        ours(torch.randint(3, VOCAB, (3, 1)), **{cache_argument(ours): cache})
+    with pytest.raises(ValueError, match=r"beam_idx must have one entry per row \(1\)"):
+        cache.reorder_cache(torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match=r"row indices must be integers in \[0, 1\), got 4"):
+        cache.batch_select_indices([4])
+    with pytest.raises(NotImplementedError, match="cannot crop"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="cache must be empty"):
+        generate_branches(ours, torch.randint(3, VOCAB, (1, 5)), cache=cache)
+
+    for bad in (TreeCache(ours, dtype=torch.float64), TreeCache(ours, device="meta")):
+        with pytest.raises(TypeError, match="key_states are torch.float32 on cpu but the TreeCache pool is"):
+            ours(torch.randint(3, VOCAB, (1, 4)), **{cache_argument(ours): bad})
+
+    ids, mask = prompts([9, 4])
+    with pytest.raises(ValueError, match="new tokens include padding"):  # padded prompts without prefill
+        ours.generate(ids, attention_mask=mask, max_new_tokens=2, **{cache_argument(ours): TreeCache(ours)})
+    right = mask.flip(1)
+    with pytest.raises(ValueError, match="attention_mask row 1 is not left padding"):
+        TreeCache(ours).prefill(ours, ids, right)
+    with pytest.raises(ValueError, match="needs 'o1kernels'"):  # generate_branches builds its cache from the model
+        generate_branches(stock, ids, mask, max_new_tokens=2)
+
+
+# ---- PRM scoring ---------------------------------------------------------------------------------------------
+STEP_ID = 7
+
+
+def step_batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded sequences with step tokens scattered in them (never at padding)."""
+    ids, mask = prompts(lengths)
+    steps = (torch.rand(ids.shape) < 0.2) & mask.bool()
+    ids[steps] = STEP_ID
+    ids[:, -1] = STEP_ID
+    return ids, mask
+
+
+def stock_prm(style: str, model, head, ids, mask) -> torch.Tensor:
+    """Per-token rewards [B, L] computed the stock way: full logits / full head over transformers' normed states."""
+    with torch.no_grad():
+        if style == "token_pair":
+            logits = model(ids, attention_mask=mask).logits
+            return torch.softmax(logits[..., [head.positive_id, head.negative_id]], dim=-1)[..., 0]
+        hidden = model.model(ids, attention_mask=mask).last_hidden_state
+        out = head(hidden)
+        return torch.sigmoid(out[..., 0]) if out.shape[-1] == 1 else torch.softmax(out, dim=-1)[..., 1]
+
+
+@pytest.mark.parametrize("style,arch,backend", [
+    ("token_pair", "llama", "torch"),      # Math-Shepherd: "+"/"-" rows of the LM head
+    ("mlp_classifier", "qwen2", "torch"),  # Qwen2.5-Math-PRM: Linear(H,H) -> ReLU -> Linear(H,2)
+    ("value", "llama", "auto"),            # value head + sigmoid
+    ("mlp_classifier", "qwen2", "triton"),
+])
+def test_score_steps_matches_stock_prm(style, arch, backend):
+    model = tiny_model(arch)
+    model.set_attn_implementation("sdpa")
+    h = model.config.hidden_size
+    head = {"token_pair": TokenPairHead(positive_id=11, negative_id=12),
+            "mlp_classifier": torch.nn.Sequential(torch.nn.Linear(h, h), torch.nn.ReLU(), torch.nn.Linear(h, 2)),
+            "value": torch.nn.Linear(h, 1)}[style]
+    ids, mask = step_batch([29, 18, 5])
+    steps, chain = score_steps(model, ids, STEP_ID, head, attention_mask=mask, aggregate="min", backend=backend)
+    expected = stock_prm(style, model, head, ids, mask)
+    at_steps = (ids == STEP_ID) & mask.bool()
+    assert torch.isnan(steps[~at_steps]).all()
+    torch.testing.assert_close(steps[at_steps], expected[at_steps], atol=1e-5, rtol=1e-5)
+    for b in range(ids.shape[0]):
+        torch.testing.assert_close(chain[b], expected[b][at_steps[b]].min(), atol=1e-5, rtol=1e-5)
+
+
+def test_score_steps_reads_pre_norm_states():
+    """The final norm is applied exactly once: scaling its weight changes the scores as the stock computation does."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 2.0)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    ids, mask = step_batch([12])
+    steps, _ = score_steps(model, ids, [STEP_ID, 9], head, backend="torch")
+    expected = stock_prm("value", model, head, ids, mask)
+    at = torch.isin(ids, torch.tensor([STEP_ID, 9]))
+    torch.testing.assert_close(steps[at], expected[at], atol=1e-5, rtol=1e-5)
+
+
+def test_score_steps_errors():
+    model = tiny_model("llama")
+    ids, mask = step_batch([6])
+    with pytest.raises(TypeError, match="head must be a TokenPairHead, an nn.Linear"):
+        score_steps(model, ids, STEP_ID, torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"Sequential head must be \(Linear, ReLU, Linear\)"):
+        score_steps(model, ids, STEP_ID, torch.nn.Sequential(torch.nn.Linear(64, 2)))
+    with pytest.raises(ValueError, match=r"step_token_id must be a token id \(or ids\) in \[0, 101\), got 500"):
+        score_steps(model, ids, 500, torch.nn.Linear(64, 1))
+    with pytest.raises(ValueError, match=r"TokenPairHead ids must be token ids in \[0, 101\)"):
+        score_steps(model, ids, STEP_ID, TokenPairHead(3, 101))
+    with pytest.raises(ValueError, match="TokenPairHead needs a model with an LM head"):
+        score_steps(model.model, ids, STEP_ID, TokenPairHead(3, 4))
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        score_steps(model, ids, STEP_ID, torch.nn.Linear(64, 1), attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="input_ids must be on meta"):
+        score_steps(model.to("meta"), ids, STEP_ID, torch.nn.Linear(64, 1))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="prm_model: model_type 'gpt2' is not supported"):
+        score_steps(gpt2, ids, STEP_ID, TokenPairHead(3, 4))
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generate_matches_stock(dtype):
+    """Triton backend on a GPU: fp32 gives stock tokens and logits; bf16 logits within bf16 noise of stock's."""
+    stock, ours = stock_and_ours("llama")
+    stock, ours = stock.to("cuda", dtype), ours.to("cuda", dtype)
+    ids, mask = prompts([300, 41])
+    ids, mask = ids.cuda(), mask.cuda()
+    cache = TreeCache(ours, backend="triton")
+    stock_out, our_out = run_both(stock, ours, ids, mask, seed=0, cache=cache, do_sample=False, max_new_tokens=16)
+    if dtype == torch.float32:
+        assert_same_generation(stock_out, our_out)
+    else:
+        torch.testing.assert_close(our_out.logits[0], stock_out.logits[0], atol=3e-2, rtol=3e-2)
+    head = torch.nn.Linear(64, 1).to("cuda", dtype)
+    steps, _ = score_steps(stock, ids, STEP_ID, head, attention_mask=mask, backend="triton")
+    expected = stock_prm("value", stock, head, ids, mask)
+    at = (ids == STEP_ID) & mask.bool()
+    torch.testing.assert_close(steps[at], expected[at].float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
