@@ -70,7 +70,8 @@ def run_plan(plan, q, pools, sm_scale: float):
                                         source.max_work_queries, sm_scale, part_o, part_lse)
     o = torch.empty(num_q, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_q, hq, dtype=torch.float32, device=q.device)
-    _ops.merge_partials(part_o, part_lse, layout.slot_indptr, layout.slots, o, lse)
+    # slots[:num_slots]: the same storage (a captured graph stays valid) without a capacity's padding
+    _ops.merge_partials(part_o, part_lse, layout.slot_indptr, layout.slots[:layout.num_slots], o, lse)
     return o, lse
 
 

@@ -179,7 +179,9 @@ class PlanLayout:
     slots: torch.Tensor
     direct: list
     num_direct: int  # direct (query, segment) pairs, for reports
+    num_slots: int  # partial slots in use (slots[:num_slots]; the rest is a capacity's padding)
     launches: dict = field(default_factory=dict)  # backend launch specs built on first use (see triton_ops)
+    buffer: torch.Tensor | None = None  # the flat int32 tensor the index views live in (host-built layouts)
 
     @property
     def num_work(self) -> int:
@@ -208,14 +210,36 @@ def _pack(device: torch.device, arrays: dict[str, list[int]]) -> dict[str, torch
         offsets[name] = (len(flat), len(values))
         flat.extend(values)
     buf = int32_on(device, flat)
-    return {name: buf[start:start + n] for name, (start, n) in offsets.items()}
+    return {"buffer": buf, **{name: buf[start:start + n] for name, (start, n) in offsets.items()}}
 
 
-def build_layout(sources: Sequence[int], pages: Sequence[list[int]], caps: Sequence[int],
-                 queries: Sequence[list[int]], direct: Sequence[bool], chunks: Sequence[int],
-                 queries_per_tile: int, num_queries: int, num_sources: int, seg_lens: torch.Tensor) -> PlanLayout:
-    """Host layout of segments with known queries (TreeAttentionPlan: one source, so every source's
-    segment range is all segments); see PlanLayout."""
+@dataclass(frozen=True)
+class PlanCapacity:
+    """Fixed sizes of a capture-stable TreeAttentionPlan. Its layouts are allocated at these sizes once (grids
+    and workspaces too; padding is empty work), and plan.update(segments) rewrites them in place while the new
+    tree fits, so a CUDA graph captured over the plan's kernels stays valid across forks and releases."""
+
+    segments: int  # segments
+    pages: int  # page-table entries (sum of the segments' pages)
+    query_refs: int  # (segment, query) pairs
+    work: int  # shared work items
+    partials: int  # partial slots
+    direct: int  # (query, direct segment) pairs
+
+    def __post_init__(self):
+        for name in ("segments", "pages", "query_refs", "work", "partials", "direct"):
+            _check_count(f"capacity.{name}", getattr(self, name))
+
+
+_WORK_KEYS = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
+
+
+def layout_arrays(pages: Sequence[list[int]], caps: Sequence[int], queries: Sequence[list[int]], direct: Sequence[bool],
+                  chunks: Sequence[int], queries_per_tile: int, num_queries: int,
+                  capacity: PlanCapacity | None = None) -> tuple[dict, dict]:
+    """Host arrays of the layout of segments with known queries over one KV source (TreeAttentionPlan; see
+    PlanLayout) and their counts. With `capacity` every array is padded to its capacity (padding work items
+    are empty); ValueError when the layout does not fit."""
     arrays = {"page_table": [p for pg in pages for p in pg], "seg_page_start": [], "seg_capacity": list(caps),
               "seg_queries": [qi for qs in queries for qi in qs]}
     query_start, n_pages, n_q = [], 0, 0
@@ -226,35 +250,28 @@ def build_layout(sources: Sequence[int], pages: Sequence[list[int]], caps: Seque
         n_q += len(qs)
 
     slots_of_query: dict[int, list[int]] = {}
-    direct_of_query = [dict() for _ in range(num_sources)]
-    num_partials = 0
-    work_meta = []
-    for src in range(num_sources):
-        work = {k: [] for k in ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")}
-        max_q = 0
-        for s, (s_src, qs, cap, chunk, is_direct) in enumerate(zip(sources, queries, caps, chunks, direct)):
-            if s_src != src or not qs or cap == 0:
-                continue
-            if is_direct:
-                for qi in qs:
-                    direct_of_query[src].setdefault(qi, []).append(s)
-                continue
-            for kv_start in range(0, cap, chunk):
-                for t in range(0, len(qs), queries_per_tile):
-                    tile = qs[t:t + queries_per_tile]
-                    work["seg"].append(s)
-                    work["kv_start"].append(kv_start)
-                    work["kv_end"].append(min(kv_start + chunk, cap))
-                    work["q_start"].append(query_start[s] + t)
-                    work["q_end"].append(query_start[s] + t + len(tile))
-                    work["out"].append(num_partials)
-                    for j, qi in enumerate(tile):
-                        slots_of_query.setdefault(qi, []).append(num_partials + j)
-                    num_partials += len(tile)
-                    max_q = max(max_q, len(tile))
-        for k, v in work.items():
-            arrays[f"work{src}_{k}"] = v
-        work_meta.append((len(work["seg"]), max_q))
+    direct_of_query: dict[int, list[int]] = {}
+    work = {k: [] for k in _WORK_KEYS}
+    num_partials = max_q = 0
+    for s, (qs, cap, chunk, is_direct) in enumerate(zip(queries, caps, chunks, direct)):
+        if not qs or cap == 0:
+            continue
+        if is_direct:
+            for qi in qs:
+                direct_of_query.setdefault(qi, []).append(s)
+            continue
+        for kv_start in range(0, cap, chunk):
+            for t in range(0, len(qs), queries_per_tile):
+                tile = qs[t:t + queries_per_tile]
+                for key, value in zip(_WORK_KEYS, (s, kv_start, min(kv_start + chunk, cap), query_start[s] + t,
+                                                   query_start[s] + t + len(tile), num_partials)):
+                    work[key].append(value)
+                for j, qi in enumerate(tile):
+                    slots_of_query.setdefault(qi, []).append(num_partials + j)
+                num_partials += len(tile)
+                max_q = max(max_q, len(tile))
+    for k, v in work.items():
+        arrays[f"work_{k}"] = v
 
     def csr(lists: dict[int, list[int]]) -> tuple[list[int], list[int]]:
         indptr, values = [0], []
@@ -264,20 +281,43 @@ def build_layout(sources: Sequence[int], pages: Sequence[list[int]], caps: Seque
         return indptr, values
 
     arrays["slot_indptr"], arrays["slots"] = csr(slots_of_query)
-    has_direct = [bool(d) for d in direct_of_query]
-    for src in range(num_sources):
-        if has_direct[src]:
-            arrays[f"direct{src}_indptr"], arrays[f"direct{src}_segs"] = csr(direct_of_query[src])
+    num_direct = sum(len(v) for v in direct_of_query.values())
+    has_direct = capacity is not None or num_direct > 0
+    if has_direct:
+        arrays["direct_indptr"], arrays["direct_segs"] = csr(direct_of_query)
+    num_work = len(work["seg"])
+    if capacity is not None:
+        sizes = {"page_table": capacity.pages, "seg_page_start": capacity.segments, "seg_capacity": capacity.segments,
+                 "seg_queries": capacity.query_refs, "slots": capacity.partials, "direct_segs": capacity.direct,
+                 **{f"work_{k}": capacity.work for k in _WORK_KEYS}}
+        needs = {"segments": len(caps), "pages": n_pages, "query_refs": n_q, "work": num_work, "partials": num_partials,
+                 "direct": num_direct}
+        over = [f"{k} {v} > {getattr(capacity, k)}" for k, v in needs.items() if v > getattr(capacity, k)]
+        if over:
+            raise ValueError(f"the plan does not fit its capacity ({', '.join(over)}): build a new plan (and capture "
+                             "a new graph) with a larger PlanCapacity")
+        for name, size in sizes.items():
+            arrays[name] = arrays[name] + [0] * (size - len(arrays[name]))
+        num_work, num_partials, max_q = capacity.work, capacity.partials, queries_per_tile
+    return arrays, dict(num_work=num_work, num_partials=num_partials, max_q=max_q, num_direct=num_direct,
+                        has_direct=has_direct, num_slots=arrays["slot_indptr"][-1])
+
+
+def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayout | None = None) -> PlanLayout:
+    """The PlanLayout of layout_arrays' output on seg_lens' device (one host-to-device copy); or `into`, a layout
+    of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay)."""
+    if into is not None:
+        into.buffer.copy_(int32_on(into.buffer.device, [v for values in arrays.values() for v in values]))
+        into.num_direct, into.num_slots = meta["num_direct"], meta["num_slots"]
+        return into
     t = _pack(seg_lens.device, arrays)
-    keys = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
     return PlanLayout(
         t["page_table"], t["seg_page_start"], t["seg_capacity"], seg_lens, t["seg_queries"],
-        [SourceWork(tuple(t[f"work{s}_{k}"] for k in keys), n, mq, 0, len(caps), 0, n_pages)
-         for s, (n, mq) in enumerate(work_meta)],
-        num_partials, t["slot_indptr"], t["slots"],
-        [(t[f"direct{s}_indptr"], t[f"direct{s}_segs"]) if has_direct[s] else None for s in range(num_sources)],
-        sum(len(v) for d in direct_of_query for v in d.values()),
-    )
+        [SourceWork(tuple(t[f"work_{k}"] for k in _WORK_KEYS), meta["num_work"], meta["max_q"], 0,
+                    len(t["seg_capacity"]), 0, len(t["page_table"]))],
+        meta["num_partials"], t["slot_indptr"], t["slots"],
+        [(t["direct_indptr"], t["direct_segs"]) if meta["has_direct"] else None], meta["num_direct"],
+        meta["num_slots"], buffer=t["buffer"])
 
 
 # ---- argument helpers --------------------------------------------------------------------------------------------
@@ -505,6 +545,7 @@ class TreeAttentionPlan(AttentionPlan):
       item (default: 128 rows on a GPU / 64 on a CPU, divided by the GQA group).
     num_heads=(Hq, Hkv), head_dim: the shapes the plan will run with (lays the plan out now; else on
       the first run); path: "auto" | "cascade" | "decode" (see AttentionPlan).
+    capacity: a PlanCapacity makes the plan capture-stable: update(segments) re-lays it out in place.
 
     Host ints: num_queries, page_size, num_segments, max_page (-1 without pages).
     Device int32: seg_lens [num_segments] (current lengths; see set_lengths). The work lists are in
@@ -513,15 +554,16 @@ class TreeAttentionPlan(AttentionPlan):
     """
 
     def __init__(self, segments, num_queries: int, page_size: int, *, device=None, kv_chunk_size: int | None = None,
-                 queries_per_tile: int | None = None, num_heads=None, head_dim: int | None = None, path: str = "auto"):
+                 queries_per_tile: int | None = None, num_heads=None, head_dim: int | None = None, path: str = "auto",
+                 capacity: PlanCapacity | None = None):
         _check_count("num_queries", num_queries)
         _check_count("page_size", page_size, minimum=1)
         if kv_chunk_size is not None:
             _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
         if queries_per_tile is not None:
             _check_count("queries_per_tile", queries_per_tile, minimum=1)
-        if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
-            raise TypeError(f"segments must be a sequence of (pages, length, queries), got {type(segments).__name__}")
+        if capacity is not None and not isinstance(capacity, PlanCapacity):
+            raise TypeError(f"capacity must be a PlanCapacity or None, got {type(capacity).__name__}")
         super().__init__(device, path, num_heads, head_dim)
         if 16 * num_queries > _host_memory_bytes() // 4:
             raise ValueError(f"num_queries={num_queries} needs more host memory to lay out than is available")
@@ -529,7 +571,20 @@ class TreeAttentionPlan(AttentionPlan):
         self.page_size = page_size
         self.kv_chunk_size = kv_chunk_size
         self.queries_per_tile = queries_per_tile
+        self.capacity = capacity
+        lengths = self._parse(segments)
+        if capacity is not None and self.num_segments > capacity.segments:
+            raise ValueError(f"the plan has {self.num_segments} segments, more than capacity.segments = "
+                             f"{capacity.segments}")
+        self.seg_lens = int32_on(self.device, self._padded(lengths))
+        if self.num_heads is not None:
+            self.layout("fused", *self.num_heads, head_dim or 128)
 
+    def _parse(self, segments) -> list[int]:
+        """Validate `segments`, keep their host copies; return their lengths."""
+        if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
+            raise TypeError(f"segments must be a sequence of (pages, length, queries), got {type(segments).__name__}")
+        page_size, num_queries = self.page_size, self.num_queries
         seg_pages, seg_lens, seg_queries = [], [], []
         num_items = 0
         for s, seg in enumerate(segments):
@@ -554,24 +609,46 @@ class TreeAttentionPlan(AttentionPlan):
             if len(set(queries)) != len(queries):
                 raise ValueError(f"segments[{s}].queries must be distinct, got duplicates in {queries[:16]}")
             if queries:  # an upper bound of the work items of the split layout, checked before any is built
-                chunk = kv_chunk_size or MIN_KV_CHUNK
-                num_items += -(-capacity // chunk) * -(-len(queries) // (queries_per_tile or 1))
+                chunk = self.kv_chunk_size or MIN_KV_CHUNK
+                num_items += -(-capacity // chunk) * -(-len(queries) // (self.queries_per_tile or 1))
                 if num_items > MAX_WORK_ITEMS:
                     raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items (at segments[{s}]): "
                                      "use a larger kv_chunk_size / queries_per_tile or fewer, shorter segments")
             seg_pages.append(pages)
             seg_lens.append(length)
             seg_queries.append(queries)
-
         self.num_segments = len(seg_pages)
         self.seg_pages_host = seg_pages
         self.seg_queries_host = seg_queries
         self.seg_capacity_host = [len(p) * page_size for p in seg_pages]
         all_pages = [p for pages in seg_pages for p in pages]
         self.max_page = max(all_pages) if all_pages else -1
-        self.seg_lens = int32_on(self.device, seg_lens)
-        if self.num_heads is not None:
-            self.layout("fused", *self.num_heads, head_dim or 128)
+        return seg_lens
+
+    def _padded(self, lengths: list[int]) -> list[int]:
+        return lengths + [0] * (self.capacity.segments - len(lengths)) if self.capacity is not None else lengths
+
+    def update(self, segments) -> None:
+        """Replace the tree (same num_queries and page_size) and re-lay every layout built so far out in place:
+        its device tensors, grids and workspace stay, so a captured CUDA graph replays the new tree. Needs a
+        plan built with a PlanCapacity; ValueError when the new tree does not fit it (then nothing changed)."""
+        if self.capacity is None:
+            raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
+        old = (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page)
+        lengths = self._parse(segments)
+        try:
+            if self.num_segments > self.capacity.segments:
+                raise ValueError(f"the plan does not fit its capacity (segments {self.num_segments} > "
+                                 f"{self.capacity.segments}): build a new plan with a larger PlanCapacity")
+            layouts = [(key, self._arrays(*key)) for key in self._layouts]
+        except ValueError:
+            (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host,
+             self.max_page) = old
+            raise
+        for key, (arrays, meta) in layouts:
+            materialize(arrays, meta, self.seg_lens, into=self._layouts[key])
+        self.seg_lens.copy_(int32_on(self.device, self._padded(lengths)))
+        self.checked_signature = None
 
     def _tile(self, group: int) -> int:
         if self.queries_per_tile is not None:
@@ -579,15 +656,17 @@ class TreeAttentionPlan(AttentionPlan):
         rows = GPU_TILE_ROWS if self.device.type == "cuda" else CPU_TILE_ROWS
         return max(1, rows // group)
 
-    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+    def _arrays(self, kind, path=None, group=DEFAULT_GQA_GROUP, kv_heads=DEFAULT_KV_HEADS, head_dim=128, elem_bytes=2):
+        """layout_arrays of the layout with this key (see _layout_key) for the current tree (ValueError when it
+        does not fit the capacity)."""
         caps = self.seg_capacity_host
         counts = [len(q) for q in self.seg_queries_host]
         profile = device_profile(self.device)
         if kind == "split":
             direct = [False] * self.num_segments
-        elif self.path == "decode":
+        elif path == "decode":
             direct = [n > 0 for n in counts]
-        elif self.path == "cascade":
+        elif path == "cascade":
             direct = [n == 1 and cap <= MIN_SPLIT_TOKENS for cap, n in zip(caps, counts)]
         else:
             direct = choose_direct(caps, counts, self.num_queries, kv_heads, group, head_dim, elem_bytes, profile)
@@ -599,8 +678,11 @@ class TreeAttentionPlan(AttentionPlan):
             if kind == "fused":
                 tiles = [0 if d or n == 0 else -(-n // tile) for d, n in zip(direct, counts)]
                 chunks = fill_grid_chunks(chunks, caps, tiles, kv_heads, profile)
-        return build_layout([0] * self.num_segments, self.seg_pages_host, caps, self.seg_queries_host, direct, chunks,
-                            tile, self.num_queries, 1, self.seg_lens)
+        return layout_arrays(self.seg_pages_host, caps, self.seg_queries_host, direct, chunks, tile, self.num_queries,
+                             self.capacity)
+
+    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+        return materialize(*self._arrays(*self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)), self.seg_lens)
 
     def set_lengths(self, lengths) -> None:
         """Set the current segment lengths in place (the plan's structure is unchanged).
@@ -614,13 +696,13 @@ class TreeAttentionPlan(AttentionPlan):
             check_shape("lengths", lengths, (self.num_segments,))
             if lengths.device.type == "cpu":
                 self._check_lengths(lengths.tolist())
-            self.seg_lens.copy_(lengths)
+            self.seg_lens[:self.num_segments].copy_(lengths)
             return
         values = _int_list("lengths", lengths)
         if len(values) != self.num_segments:
             raise ValueError(f"lengths must have num_segments={self.num_segments} entries, got {len(values)}")
         self._check_lengths(values)
-        self.seg_lens.copy_(int32_on(self.device, values))
+        self.seg_lens[:self.num_segments].copy_(int32_on(self.device, values))
 
     def _check_lengths(self, values: list[int]) -> None:
         for s, (n, cap) in enumerate(zip(values, self.seg_capacity_host)):
@@ -796,7 +878,7 @@ class SharedPrefixPlan(AttentionPlan):
             seg_capacity=self._capacities(), seg_lens=self.seg_lens,
             seg_queries=torch.cat([arange_b, arange_b]), sources=sources, num_partials=b * slots_per_branch,
             slot_indptr=slot_indptr, slots=slots.view(-1), direct=direct,
-            num_direct=b * (int(direct[0] is not None) + int(direct[1] is not None)))
+            num_direct=b * (int(direct[0] is not None) + int(direct[1] is not None)), num_slots=b * slots_per_branch)
         meta = (tile, num_tiles, ncp, slots_per_branch)
         self._layout_meta[self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)] = meta
         self._fill_groups(lay, *meta)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from o1kernels import TreeAttentionPlan, tree_attention
+from o1kernels.plan import PlanCapacity
 from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
                                  tree_attention_f64, tree_segments)
 
@@ -127,6 +128,8 @@ def check_layout_covers(layout, seg_caps, seg_queries, num_queries, queries_per_
         work = [w.tolist() for w in source.work]
         assert all(len(w) == source.num_work for w in work)
         for seg, lo, hi, q_lo, q_hi, out in zip(*work):
+            if q_lo == q_hi:  # padding of a plan with a fixed capacity: an empty item
+                continue
             assert 0 <= seg < source.seg_hi - source.seg_lo
             seg += source.seg_lo
             rows = seg_q[q_lo:q_hi]
@@ -155,7 +158,7 @@ def check_layout_covers(layout, seg_caps, seg_queries, num_queries, queries_per_
             else:
                 assert sorted(covered[(qi, seg)]) == list(range(seg_caps[seg])), (qi, seg)
     assert set(direct) | set(covered) == {(qi, s) for s, qs in enumerate(seg_queries) for qi in qs if seg_caps[s]}
-    assert sorted(slot_owner) == list(range(layout.num_partials))
+    assert sorted(slot_owner) == list(range(len(slot_owner))) and len(slot_owner) <= layout.num_partials
     indptr = layout.slot_indptr.tolist()
     slots = layout.slots.tolist()
     for qi in range(num_queries):
@@ -194,6 +197,67 @@ def test_default_chunks_and_tiles_cover_long_shared_segments():
     caps = [len(p) * 16 for p, _, _ in segments]
     for lay in (plan.layout("split"), plan.layout("fused", 16, 2, 64), plan.layout("fused", 8, 8, 64)):
         check_layout_covers(lay, caps, [q for _, _, q in segments], 20)
+
+
+# ---- plans with a fixed capacity (capture-stable) ----------------------------------------------------------------
+
+CAPACITY = PlanCapacity(segments=40, pages=120, query_refs=120, work=200, partials=400, direct=60)
+
+
+def _random_forest(seed, num_pages_total=100, page_size=4):
+    """A random tree over pages drawn from one pool of num_pages_total pages (several trees can share the pool)."""
+    rng = random.Random(seed)
+    nodes, leaves = random_tree(8, 3, 23, rng)
+    segments, num_pages = tree_segments(nodes, leaves, page_size, 0, rng)
+    assert num_pages <= num_pages_total
+    perm = list(range(num_pages_total))
+    rng.shuffle(perm)
+    return [([perm[p] for p in pages], length, queries) for pages, length, queries in segments], len(leaves)
+
+
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
+def test_capacity_plan_update_in_place(backend, path):
+    """update() swaps the tree (as forks and releases do) without new tensors: every layout's index tensors
+    keep their storage, and results match float64 for each tree; lengths grow with set_lengths in between."""
+    num_queries = 8
+    k, v = _pool(100, 4, 2, 32, torch.float32, "cpu")
+    trees = []
+    for seed in range(4):
+        segments, leaves = _random_forest(seed)
+        trees.append([(pages, length, [q for q in queries if q < num_queries]) for pages, length, queries in segments])
+    plan = TreeAttentionPlan(trees[0], num_queries, 4, path=path, capacity=CAPACITY, kv_chunk_size=8)
+    q = torch.randn(num_queries, 4, 32)
+    _check(q, k, v, trees[0], plan, backend)
+    split = plan.layout("split")
+    storage = {id(lay): lay.buffer.data_ptr() for lay in plan._layouts.values()}
+    for segments in trees[1:]:
+        plan.update(segments)
+        q = torch.randn(num_queries, 4, 32)
+        _check(q, k, v, segments, plan, backend)
+        grown = [min(length + 1, len(pages) * 4) for pages, length, _ in segments]
+        plan.set_lengths(grown)
+        _check(q, k, v, segments, plan, backend, lengths=grown)
+        assert {id(lay): lay.buffer.data_ptr() for lay in plan._layouts.values() if id(lay) in storage} == storage
+        check_layout_covers(split, [len(p) * 4 for p, _, _ in segments], [qs for _, _, qs in segments], num_queries)
+
+
+def test_capacity_plan_rejects_a_tree_that_does_not_fit():
+    segments, _ = _random_forest(1)
+    plan = TreeAttentionPlan(segments, 8, 4, capacity=CAPACITY, kv_chunk_size=8, queries_per_tile=1)
+    before = plan.layout("split").buffer.clone()
+    too_many = [([0], 1, [0])] * 41
+    with pytest.raises(ValueError, match=r"does not fit its capacity \(segments 41 > 40\)"):
+        plan.update(too_many)
+    long_segment = [(list(range(100)), 400, list(range(8)))]  # 50 chunks x 8 one-query tiles
+    with pytest.raises(ValueError, match=r"does not fit its capacity \(work 400 > 200\)"):
+        plan.update(long_segment)
+    assert torch.equal(plan.layout("split").buffer, before) and plan.num_segments == len(segments)
+    with pytest.raises(ValueError, match="update\\(\\) needs a plan built with capacity"):
+        TreeAttentionPlan(segments, 8, 4).update(segments)
+    with pytest.raises(TypeError, match="capacity must be a PlanCapacity"):
+        TreeAttentionPlan(segments, 8, 4, capacity=(1, 2))
+    with pytest.raises(ValueError, match=r"capacity.work must be an int"):
+        PlanCapacity(segments=1, pages=1, query_refs=1, work=-1, partials=1, direct=1)
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
@@ -378,6 +442,35 @@ def test_tree_attention_cuda_graph_replay_after_set_lengths():
             graph.replay()
             torch.cuda.synchronize()
             o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
+            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.cuda
+def test_capacity_plan_cuda_graph_replays_updated_trees():
+    """Capture tree_attention once on a plan with a fixed capacity; swap trees with update() and grow lengths
+    with set_lengths between replays: the same graph computes each tree."""
+    num_queries = 8
+    k, v = _pool(100, 4, 2, 64, torch.bfloat16, "cuda")
+    trees = []
+    for seed in range(4):
+        segments, _ = _random_forest(seed)
+        trees.append([(pages, length, [q for q in queries if q < num_queries]) for pages, length, queries in segments])
+    for backend in backends_on("cuda"):
+        plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
+        q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)
+        tree_attention(q, k, v, plan, backend=backend)  # lays out, compiles, allocates outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+        for segments in trees[1:] + trees[:1]:
+            plan.update(segments)
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            torch.cuda.synchronize()
+            lengths = [length for _, length, _ in segments]
+            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 4, lengths, 64 ** -0.5)
             report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
             report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
 
