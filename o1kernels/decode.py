@@ -238,6 +238,13 @@ def run(args) -> dict:
     from ._cli import physical_cores_available
     from .decoder.search import search
 
+    if args.decoder == "tree" and args.backend == "auto" and args.device.type == "cpu":
+        from ._backend import backend_unavailable_reason
+
+        reason = backend_unavailable_reason("cpu", args.device)
+        if reason:
+            print(f"note: the compiled CPU kernels are unavailable ({reason}), so the torch backend runs; "
+                  "`python -m o1kernels` shows why", file=sys.stderr)
     threads = torch.get_num_threads()
     if args.device.type == "cpu":
         torch.set_num_threads(args.threads or physical_cores_available())
