@@ -30,8 +30,8 @@ from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ArgumentParser, add_output_args, output_prefix, positive_int, positive_ints,  # noqa: E402
-                               print_legend, table_header, table_row, write_results)
+from benchmarks.common import (ArgumentParser, add_output_args, output_prefix, positive_int,  # noqa: E402
+                               positive_ints, print_legend, table_header, table_row, write_results)
 from o1kernels._cli import physical_cores_available  # noqa: E402
 from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint  # noqa: E402
 from o1kernels.decoder.search import SearchConfig, choose, search  # noqa: E402

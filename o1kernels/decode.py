@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                 description="PRM-guided test-time search with the o1kernels reference decoder.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="HF checkpoint directory with the task's character vocabulary (default: shipped tiny model)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="beam_search", help="search strategy (default beam_search)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="beam_search",
+                   help="search strategy (default beam_search)")
     p.add_argument("--n", type=positive_int, default=8, help="candidates / beams per problem (default 8)")
     p.add_argument("--beam-width", type=positive_int, default=4,
                    help="beam_search/dvts: children per kept beam (default 4; at most --n)")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-step-tokens", type=positive_int, default=12, help="tokens per step at most (default 12)")
     p.add_argument("--temperature", type=float_in(0, 1e6), default=1.0,
                    help="sampling temperature, 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass (default 1.0)")
     p.add_argument("--aggregate", choices=AGGREGATES, default="prod",
                    help="step-score aggregation into a chain's score (default prod: best for the shipped PRM on "
                         "held-out problems; search-and-learn's default is last)")
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None,
                    help=f"CPU threads for torch (default: the physical cores available, here "
                         f"{physical_cores_available()})")
-    p.add_argument("--problems", type=positive_int, default=None, help="task problems to solve (default 3, 1 with --json)")
+    p.add_argument("--problems", type=positive_int, default=None,
+                   help="task problems to solve (default 3, 1 with --json)")
     p.add_argument("--prompt", default=None, help='solve this prompt instead, e.g. "Q:17+25-9+38"')
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

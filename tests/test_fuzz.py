@@ -29,7 +29,8 @@ BACKENDS = backends_on("cpu")
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
-# Examples per backend: Triton runs under its interpreter on the CPU (~1 s a call), the others in milliseconds.
+# Examples per backend: Triton runs under its interpreter on the CPU (~0.1-0.5 s a call here), the others in
+# milliseconds.
 TREE_EXAMPLES = {"torch": 100, "cpu": 100, "triton": 30}
 
 
