@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see o1kernels/decode.py
+if __name__ == "__main__":  # before torch loads OpenMP (see o1kernels/decode.py); not when imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
