@@ -10,7 +10,9 @@ torch is importable at build time (`pip install --no-build-isolation -e .`):
   - O1K_NO_EXTENSION=1 skips the extension.
 If the extension cannot be built (no torch, no compiler, a compile error) the install still
 succeeds without it, after printing why; o1kernels.available_backends() then reports the
-"cpu"/"cuda" backends unavailable.
+"cpu"/"cuda" backends unavailable. pip shows this script's output only with -v, so the outcome
+(built which kind / skipped / failed, and why) is also written to o1kernels/_build_info.json,
+which `python -m o1kernels` prints.
 """
 import glob
 import os
@@ -19,12 +21,26 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_RECORD = os.path.join("o1kernels", "_build_info.json")
 
 
 def _banner(lines):
     bar = "=" * 78
     sys.stderr.write("\n".join(["", bar] + [f"o1kernels: {line}" for line in lines] + [bar, ""]) + "\n")
     sys.stderr.flush()
+
+
+def _record_build(outcome, detail, build_lib=None):
+    """Write the extension's build outcome to o1kernels/_build_info.json in the source tree (editable installs) and
+    in build_lib (wheels), for `python -m o1kernels` to print."""
+    import json
+
+    text = json.dumps({"outcome": outcome, "detail": detail}) + "\n"
+    for root in [ROOT] + ([build_lib] if build_lib else []):
+        path = os.path.join(root, BUILD_RECORD)
+        if os.path.isdir(os.path.dirname(path)):
+            with open(path, "w") as f:
+                f.write(text)
 
 
 def _default_max_jobs():
@@ -51,6 +67,7 @@ def _extension_build():
     """(ext_modules, cmdclass) for o1kernels._C, or ([], {}) with the reason printed."""
     if os.environ.get("O1K_NO_EXTENSION", "0") not in ("", "0"):
         _banner(["O1K_NO_EXTENSION is set: installing without the compiled extension o1kernels._C."])
+        _record_build("skipped", "O1K_NO_EXTENSION was set")
         return [], {}
     try:
         import torch
@@ -59,6 +76,8 @@ def _extension_build():
         _banner([f"torch is not importable at build time ({type(exc).__name__}: {exc}).",
                  "Installing WITHOUT the compiled extension o1kernels._C (backends 'cpu'/'cuda' unavailable).",
                  "Install torch first and use: pip install --no-build-isolation -e ."])
+        _record_build("skipped", f"torch was not importable at build time ({type(exc).__name__}: {exc}); install "
+                                 "torch first and use pip install --no-build-isolation")
         return [], {}
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -103,6 +122,10 @@ def _extension_build():
                 _banner([f"building o1kernels._C FAILED ({type(exc).__name__}: {exc}).",
                          "Installing WITHOUT it: backends 'cpu'/'cuda' are unavailable "
                          "(see o1kernels.available_backends()). The compiler output is above."])
+                _record_build("failed", f"building the {kind} failed ({type(exc).__name__}: {exc}); "
+                                        "pip install -v shows the compiler output", self.build_lib)
+            else:
+                _record_build("built", f"the {kind}", self.build_lib)
 
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -116,8 +139,10 @@ setup(
     packages=find_packages(include=["o1kernels", "o1kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors", "tqdm"],
-    extras_require={"hf": ["transformers>=5"], "test": ["pytest", "transformers>=5"], "plot": ["matplotlib"]},
-    package_data={"o1kernels.decoder": ["weights/*/*.json", "weights/*/*.safetensors"]},
+    extras_require={"hf": ["transformers>=5"], "test": ["pytest", "hypothesis", "transformers>=5"],
+                    "plot": ["matplotlib"]},
+    package_data={"o1kernels": ["_build_info.json"],
+                  "o1kernels.decoder": ["weights/*/*.json", "weights/*/*.safetensors"]},
     entry_points={"console_scripts": ["o1kernels-decode=o1kernels.decode:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

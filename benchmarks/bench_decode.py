@@ -16,11 +16,10 @@ minutes).
 
   python benchmarks/bench_decode.py [--device cpu|cuda] [--backend auto|torch|triton|cpu|cuda] [--page-size 16]
                                     [--prompt-lens 1024,4096] [--branches 16,64] [--new-tokens S] [--reps N]
-                                    [--threads N]
+                                    [--threads N] [--out DIR_OR_PREFIX] [--update-shipped]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -31,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import device_name, markdown_table, positive_int, positive_ints, write_results  # noqa: E402
+from common import (ArgumentParser, add_output_args, device_name, output_prefix, positive_int,  # noqa: E402
+                    positive_ints, print_legend, table_header, table_row, write_results)
 
 from o1kernels._backend import resolve_backend  # noqa: E402
 from o1kernels.decoder import ModelConfig, NaiveDecoder, Transformer, TreeDecoder  # noqa: E402
@@ -50,6 +50,16 @@ SIZES = {  # (prompt lengths, branch counts, new tokens)
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 COLUMNS = ["P", "N", "S", "ours_tok/s", "naive_tok/s", "speedup", "ours_kv_MB", "naive_kv_MB", "kv_ratio",
            "ideal_kv_ratio", "ours_fork_ms", "naive_fork_ms", "ours_mem_MB", "naive_mem_MB", "same_tokens"]
+LEGEND = {
+    "P, N, S": "prompt tokens, branches, new tokens per branch",
+    "ours_tok/s, naive_tok/s": "decode tokens/s of TreeDecoder (ours) and NaiveDecoder",
+    "speedup": "ours_tok/s / naive_tok/s",
+    "ours_kv_MB, naive_kv_MB": "peak KV bytes held (ours: pages referenced; naive: dense copies)",
+    "kv_ratio, ideal_kv_ratio": "naive_kv_MB / ours_kv_MB, and its ideal N(P+S)/(P+N*S)",
+    "ours_fork_ms, naive_fork_ms": "time to fork N branches off the prompt",
+    "ours_mem_MB, naive_mem_MB": "peak GPU memory allocated during decode (GPU only)",
+    "same_tokens": "the two decoders' greedy tokens agree in every run",
+}
 
 
 def sync(device: torch.device) -> None:
@@ -90,7 +100,7 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--backend", default="auto", help="backend of tree_attention/merge_states/step_rewards")
     ap.add_argument("--page-size", type=int, default=16)
@@ -104,10 +114,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=positive_int, default=None, help="S (default 256 on GPU, 32 on CPU)")
     ap.add_argument("--reps", type=int, default=None, help="runs per decoder and size, median reported "
                     "(default 1 on GPU, 3 on CPU)")
+    add_output_args(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is available (use --device cpu)")
+        ap.error("--device cuda: no CUDA device is available (use --device cpu)")
+    prefix = output_prefix(ap, args, "bench_decode", device)
     if args.threads is None and device.type == "cpu":
         args.threads = 1
     if args.threads:
@@ -137,6 +149,9 @@ def main() -> None:
 
     bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     rows = []
+    print(f"decode on {device_name(device)}" + (f", {torch.get_num_threads()} torch thread(s)"
+                                                 if device.type == "cpu" else ""))
+    print(table_header(COLUMNS), flush=True)
     for p_len in prompts:
         prompt = torch.randint(0, cfg.vocab_size, (p_len,)).tolist()
         for n in branch_counts:
@@ -161,7 +176,7 @@ def main() -> None:
                             "speedup": fast["tok_s"] / slow["tok_s"], "kv_ratio": slow["kv_MB"] / fast["kv_MB"],
                             "same_tokens": all(f["tokens"] == s["tokens"] for f in fast_runs for s in slow_runs)})
             rows.append(row)
-            print(markdown_table(COLUMNS, [row]).splitlines()[-1], flush=True)
+            print(table_row(COLUMNS, row), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -180,8 +195,8 @@ def main() -> None:
         notes.append(f"torch CPU threads: {torch.get_num_threads()}")
         notes.append("CPU run: small model and sizes; ours on CPU uses the torch/compiled reference attention, not a "
                      "GPU kernel, so its speed here says little about the GPU")
-    json_path, md_path = write_results("bench_decode", device, COLUMNS, rows, notes)
-    print(markdown_table(COLUMNS, rows))
+    json_path, md_path = write_results("bench_decode", device, COLUMNS, rows, notes, prefix=prefix, legend=LEGEND)
+    print_legend(LEGEND)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -11,11 +11,11 @@ Providers, per shape (~10 steps per sequence, bf16 on GPU, fp32 on CPU):
 Reported: median time, speedups of the fused kernel, the bytes the fused op must read (step mask,
 step rows, weights), its achieved GB/s and % of datasheet peak, and its TFLOP/s.
 
-  python benchmarks/bench_step_rewards.py [--device cpu|cuda] [--reps N] [--threads N]
+  python benchmarks/bench_step_rewards.py [--device cpu|cuda] [--reps N] [--threads N] [--out DIR_OR_PREFIX]
+                                          [--update-shipped]
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from common import bench, device_name, markdown_table, peak_gbps, write_results  # noqa: E402
+from common import (ArgumentParser, add_output_args, bench, device_name, output_prefix, peak_gbps,  # noqa: E402
+                    print_legend, table_header, table_row, write_results)
 
 from o1kernels import step_rewards  # noqa: E402
 from o1kernels._backend import backend_unavailable_reason  # noqa: E402
@@ -39,6 +40,21 @@ SHAPES = {  # (batch sizes, sequence lengths, hidden sizes)
 }
 COLUMNS = ["Bs", "L", "Hd", "C", "mlp", "fused", "fused_ms", "unfused_ms", "vocab_ms", "x_unfused", "x_vocab",
            "must_read_MB", "GB/s", "%peak", "TFLOP/s", "torch_ms", "triton_ms", "compiled_ms", "max_diff"]
+LEGEND = {
+    "Bs, L, Hd": "sequences, tokens per sequence, hidden size",
+    "C": "classes of the head (1: sigmoid value head, 2: softmax)",
+    "mlp": "with the Hd x Hd hidden layer (Qwen2.5-Math-PRM style)",
+    "fused": "backend timed as the fused op",
+    "fused_ms": "median time of the fused step_rewards",
+    "unfused_ms": "(a) norm, head, softmax over every token, then mask and aggregate",
+    "vocab_ms": "(b) full 32K-vocabulary logits at every token (Math-Shepherd)",
+    "x_unfused, x_vocab": "speedup of fused over (a), (b)",
+    "must_read_MB": "bytes the fused op must read: step mask, step rows, weights",
+    "GB/s, %peak": "must_read_MB / fused_ms, and that over the datasheet bandwidth",
+    "TFLOP/s": "head (and hidden layer) matmul work at step rows / fused_ms",
+    "torch_ms, triton_ms, compiled_ms": "each backend of step_rewards",
+    "max_diff": "largest |chain score| difference between fused and (a)",
+}
 
 
 def make_problem(bs, seq_len, hd, num_classes, mlp, dtype, device):
@@ -111,13 +127,15 @@ def flops(hidden, mask, p):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on GPU, 10 on CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a shared machine more threads made timings erratic)")
+    add_output_args(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
+    prefix = output_prefix(parser, args, "bench_step_rewards", device)
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(args.threads)
@@ -147,7 +165,9 @@ def main():
 
     batch_sizes, seq_lens, hidden_sizes = SHAPES[device.type]
     rows = []
-    print(f"step_rewards on {device_name(device)}")
+    threads = "" if on_gpu else f", {torch.get_num_threads()} torch thread(s)"
+    print(f"step_rewards on {device_name(device)}{threads}")
+    print(table_header(COLUMNS), flush=True)
     for bs, seq_len, hd, num_classes, mlp in itertools.product(batch_sizes, seq_lens, hidden_sizes, (1, 2), (False, True)):
         torch.manual_seed(0)
         hidden, mask, p = make_problem(bs, seq_len, hd, num_classes, mlp, dtype, device)
@@ -180,14 +200,13 @@ def main():
                "torch_ms": times["torch"], "triton_ms": times.get("triton"), "compiled_ms": times.get(compiled),
                "max_diff": diff}
         rows.append(row)
-        print(markdown_table(COLUMNS, [row]).splitlines()[-1], flush=True)
+        print(table_row(COLUMNS, row), flush=True)
         del hidden, mask, p
         if on_gpu:
             torch.cuda.empty_cache()
 
-    print()
-    print(markdown_table(COLUMNS, rows))
-    for path in write_results("bench_step_rewards", device, COLUMNS, rows, notes):
+    print_legend(LEGEND)
+    for path in write_results("bench_step_rewards", device, COLUMNS, rows, notes, prefix=prefix, legend=LEGEND):
         print("wrote", path)
 
 

@@ -1,4 +1,10 @@
-"""Helpers shared by the benchmark scripts: timing, device facts, result files."""
+"""Helpers shared by the benchmark scripts: argument parsing, timing, device facts, console tables, result files.
+
+Result files: by default every run writes NEW files benchmarks/results/<stem>_<tag>_<YYYYmmdd-HHMMSS>.json/.md
+(tag: gpu or cpu; ignored by git), so a run never changes the shipped results <stem>_<tag>.* that the README
+quotes. `--out DIR_OR_PREFIX` chooses the location, `--update-shipped` overwrites the shipped files
+(add_output_args / output_prefix).
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,29 +18,58 @@ from pathlib import Path
 
 import torch
 
+from o1kernels._cli import positive_int, positive_ints  # noqa: F401  (argparse types of the scripts; the scripts
+# put the repository root on sys.path before importing this module)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def positive_ints(text: str) -> tuple[int, ...]:
-    """argparse type: "1,4,16" -> (1, 4, 16); every value an integer >= 1."""
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors are one line, "<prog>: error: <message>", exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--out DIR_OR_PREFIX and --update-shipped (exclusive); read them back with output_prefix."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--out", default=None, metavar="DIR_OR_PREFIX",
+                       help="write the results there: into a directory (an existing one, or a path ending in /) as "
+                            "<stem>_<tag>_<timestamp>.*, or as PREFIX.json/.md (default: a new timestamped file "
+                            "under benchmarks/results/)")
+    group.add_argument("--update-shipped", action="store_true",
+                       help="overwrite the shipped results benchmarks/results/<stem>_<tag>.* (the README's numbers)")
+
+
+def output_prefix(parser: argparse.ArgumentParser, args, stem: str, device: torch.device) -> Path:
+    """Path prefix (no suffix) of this run's result files, from --out / --update-shipped (see the module doc).
+
+    A prefix naming the shipped files without --update-shipped is a parser error; an existing timestamped name
+    gets a -1, -2, ... suffix, so nothing is overwritten unless asked.
+    """
+    shipped = RESULTS_DIR / f"{stem}_{'gpu' if device.type == 'cuda' else 'cpu'}"
+    if args.update_shipped:
+        return shipped
+    out = args.out
+    if out is None or Path(out).is_dir() or out.endswith(("/", os.sep)):
+        return _new_prefix(Path(out or RESULTS_DIR), shipped.name)
+    prefix = Path(out)
+    if prefix.resolve() == shipped.resolve():
+        parser.error(f"--out {out}: those are the shipped results; pass --update-shipped to overwrite them")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    return prefix
+
+
+def _new_prefix(directory: Path, name: str) -> Path:
+    """directory/<name>_<YYYYmmdd-HHMMSS>, with -1, -2, ... appended while a .json or .md of that name exists."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = prefix = directory / f"{name}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while any(Path(f"{prefix}{ext}").exists() for ext in (".json", ".md")):
+        n += 1
+        prefix = Path(f"{base}-{n}")
+    return prefix
 
 # Datasheet HBM bandwidth in GB/s (1e9 B/s), matched against the device name.
 # A measured device-to-device copy is reported next to it (see measured_copy_gbps).
@@ -52,9 +87,10 @@ PEAK_GBPS = {
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with its logical CPU count (not the torch threads a run uses)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs)"
 
 
 def peak_gbps(device: torch.device) -> float | None:
@@ -154,18 +190,25 @@ def versions() -> dict:
     return out
 
 
-def write_results(stem: str, device: torch.device, columns: list[str], rows: list[dict], notes: list[str]) -> tuple[Path, Path]:
-    """Write `rows` as JSON and a markdown table under benchmarks/results/; return both paths."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if device.type == "cuda" else "cpu"
+def write_results(stem: str, device: torch.device, columns: list[str], rows: list[dict], notes: list[str], *,
+                  prefix: Path | None = None, legend: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """Write `rows` as PREFIX.json and a markdown table PREFIX.md; return both paths.
+
+    prefix: from output_prefix(...) (default: a new timestamped file under benchmarks/results/, never the shipped
+    one); legend: column -> meaning, written under the table and into the JSON's meta.
+    """
+    if prefix is None:
+        prefix = _new_prefix(RESULTS_DIR, f"{stem}_{'gpu' if device.type == 'cuda' else 'cpu'}")
     date = _dt.date.today().isoformat()
-    meta = {"device": device_name(device), "date": date, "versions": versions(), "peak_gbps": peak_gbps(device), "notes": notes}
-    json_path = RESULTS_DIR / f"{stem}_{tag}.json"
-    md_path = RESULTS_DIR / f"{stem}_{tag}.md"
+    meta = {"device": device_name(device), "date": date, "versions": versions(), "peak_gbps": peak_gbps(device),
+            "notes": notes, "legend": legend or {}}
+    json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = [f"# {stem} on {meta['device']} ({date})", "", f"versions: {json.dumps(meta['versions'])}", ""]
     md += [f"- {n}" for n in notes] + [""]
     md.append(markdown_table(columns, rows))
+    if legend:
+        md += ["", "Columns:", ""] + [f"- `{c}`: {text}" for c, text in legend.items()]
     md_path.write_text("\n".join(md) + "\n")
     return json_path, md_path
 
@@ -178,8 +221,22 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def table_header(columns: list[str]) -> str:
+    """The two header lines of a markdown table."""
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+
+
+def table_row(columns: list[str], row: dict) -> str:
+    return "| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |"
+
+
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    return "\n".join([table_header(columns)] + [table_row(columns, r) for r in rows])
+
+
+def print_legend(legend: dict[str, str]) -> None:
+    """Console: what each column means, after the table."""
+    width = max(len(c) for c in legend)
+    print("columns:")
+    for column, text in legend.items():
+        print(f"  {column:<{width}}  {text}")

@@ -13,20 +13,27 @@ For each of `--problems` held-out task problems (a seeded stream disjoint from t
 PRM selection (best-of-N, beam search, DVTS) takes the best-scored candidate among those that reached an
 answer.
 Greedy decoding (temperature 0, one sample) is reported as a reference row.
-Writes benchmarks/results/scaling_<cpu|gpu>.json/.md and, when matplotlib is importable, scaling_<tag>.png.
+Writes a new benchmarks/results/scaling_<cpu|gpu>_<timestamp>.json/.md and, when matplotlib is importable, .png
+(--out DIR_OR_PREFIX elsewhere; --update-shipped overwrites the shipped scaling_<tag>.* the README shows).
+A progress bar on stderr counts problems solved over all runs (--no-progress hides it).
 """
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # before torch loads OpenMP (see o1kernels/decode.py); not when imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, markdown_table, positive_int, positive_ints, write_results  # noqa: E402
+from benchmarks.common import (ArgumentParser, add_output_args, output_prefix, positive_int,  # noqa: E402
+                               positive_ints, print_legend, table_header, table_row, write_results)
+from o1kernels._cli import physical_cores_available  # noqa: E402
 from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint  # noqa: E402
 from o1kernels.decoder.search import SearchConfig, choose, search  # noqa: E402
 from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E402
@@ -34,16 +41,23 @@ from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E40
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "o1kernels" / "decoder" / "weights" / "tiny-arith"
 PROBLEM_SEED = 777  # disjoint from the training streams (seeds 1-3) and the CLI's problems
 SAMPLE_METHODS = {"majority": "majority", "best_of_n": "argmax", "weighted_best_of_n": "weighted"}
+COLUMNS = ["strategy", "n", "accuracy", "tokens_per_problem", "seconds"]
+LEGEND = {"strategy": "search strategy (greedy: temperature 0, one sample)",
+          "n": "candidates / beams per problem",
+          "accuracy": "fraction of problems whose chosen answer is right",
+          "tokens_per_problem": "tokens generated per problem",
+          "seconds": "wall time for all problems"}
 
 
 def make_decoder(model, kind: str, backend: str):
     return TreeDecoder(model, backend=backend) if kind == "tree" else NaiveDecoder(model)
 
 
-def run_batched(model, tok, problems, strategy, config, args):
+def run_batched(model, tok, problems, strategy, config, args, bar):
     """search() over problems in chunks of at most args.max_branches live branches -> (results, tokens, seconds)."""
     per_chunk = max(1, args.max_branches // config.n)
     results, tokens, t0 = [], 0, time.perf_counter()
+    bar.set_description(f"{strategy} N={config.n}")
     for start in range(0, len(problems), per_chunk):
         chunk = problems[start:start + per_chunk]
         res, stats = search(make_decoder(model, args.decoder, args.backend), tok,
@@ -51,6 +65,7 @@ def run_batched(model, tok, problems, strategy, config, args):
                             has_prm=model.reward_head is not None)
         results += res
         tokens += stats["tokens_generated"]
+        bar.update(len(chunk))
     return results, tokens, time.perf_counter() - t0
 
 
@@ -58,8 +73,8 @@ def accuracy(problems, answers) -> float:
     return sum(a == p.answer for p, a in zip(problems, answers)) / len(problems)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None, prog=None) -> None:
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--problems", type=positive_int, default=200)
     parser.add_argument("--ns", type=positive_ints, default="1,4,16,64", help="comma-separated N values")
@@ -73,10 +88,15 @@ def main(argv=None) -> None:
     parser.add_argument("--decoder", choices=("tree", "naive"), default="tree",
                         help="tree (shared paged KV, our kernels) or naive (dense KV per branch); same results")
     parser.add_argument("--strategies", default="beam_search,dvts", help="tree strategies to run per N")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch (default: the physical cores available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_output_args(parser)
     args = parser.parse_args(argv)
-    if args.device == "cpu":
-        torch.set_num_threads(2)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or physical_cores_available())
+    prefix = output_prefix(parser, args, "scaling", device)
     ns = sorted(args.ns)
     model = load_checkpoint(args.model, device=device, dtype=torch.float32)
     tok = CharTokenizer()
@@ -84,20 +104,23 @@ def main(argv=None) -> None:
     base = dict(max_steps=8, max_step_tokens=12, temperature=args.temperature, aggregate=args.aggregate,
                 seed=args.seed)
     rows = []
+    strategies = [s for s in args.strategies.split(",") if s]
+    bar = tqdm(total=len(problems) * (2 + len(strategies) * len(ns)), unit="problem", file=sys.stderr,
+               disable=args.no_progress, dynamic_ncols=True)
+    print(table_header(COLUMNS), flush=True)
 
     def add(strategy, n, acc, tokens, seconds):
         rows.append({"strategy": strategy, "n": n, "accuracy": acc, "tokens_per_problem": tokens / len(problems),
                      "seconds": seconds})
-        print(f"{strategy:>20} N={n:<3} accuracy {acc:.3f}  ({tokens / len(problems):.0f} tokens/problem, "
-              f"{seconds:.0f} s)", flush=True)
+        bar.write(table_row(COLUMNS, rows[-1]), file=sys.stdout)
 
     res, tokens, sec = run_batched(model, tok, problems, "majority", SearchConfig(n=1, **{**base, "temperature": 0.0}),
-                                   args)
+                                   args, bar)
     add("greedy", 1, accuracy(problems, [r.answer for r in res]), tokens, sec)
 
     n_max = ns[-1]
     res, tokens, sec = run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **base),
-                                   args)
+                                   args, bar)
     for n in ns:
         for strategy, method in SAMPLE_METHODS.items():
             groups = [[r.candidates[g * n:(g + 1) * n] for r in res] for g in range(n_max // n)]
@@ -105,23 +128,25 @@ def main(argv=None) -> None:
                     for group in groups]
             add(strategy, n, sum(accs) / len(accs), tokens * n / n_max, sec * n / n_max)
 
-    for strategy in [s for s in args.strategies.split(",") if s]:
+    for strategy in strategies:
         for n in ns:
             width = min(args.beam_width, n)
             res, tokens, sec = run_batched(model, tok, problems, strategy,
-                                           SearchConfig(n=n, beam_width=width, **base), args)
+                                           SearchConfig(n=n, beam_width=width, **base), args, bar)
             add(strategy, n, accuracy(problems, [r.answer for r in res]), tokens, sec)
+    bar.close()
 
     notes = [f"model {args.model.name}, {len(problems)} problems (seed {PROBLEM_SEED}), temperature "
              f"{args.temperature}, aggregate {args.aggregate}, beam width {args.beam_width}, sampling seed {args.seed}, "
              f"{args.decoder} decoder, beam search filters duplicate beams",
              "sampling strategies: N' < N scored on the N/N' disjoint groups of the N samples and averaged; "
              "tokens_per_problem/seconds of those rows are the N-sample run's, scaled by N'/N"]
-    columns = ["strategy", "n", "accuracy", "tokens_per_problem", "seconds"]
-    json_path, md_path = write_results("scaling", device, columns, rows, notes)
-    print(markdown_table(columns, rows))
+    if device.type == "cpu":
+        notes.append(f"torch CPU threads: {torch.get_num_threads()}")
+    json_path, md_path = write_results("scaling", device, COLUMNS, rows, notes, prefix=prefix, legend=LEGEND)
+    print_legend(LEGEND)
     print(f"wrote {json_path} and {md_path}")
-    plot(rows, ns, RESULTS_DIR / f"scaling_{'gpu' if device.type == 'cuda' else 'cpu'}.png")
+    plot(rows, ns, Path(f"{prefix}.png"))
 
 
 def plot(rows, ns, path: Path) -> None:

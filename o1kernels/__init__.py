@@ -2,9 +2,10 @@
 
 Public API:
   merge_states, shared_prefix_attention, SharedPrefixPlan, TreeAttentionPlan, tree_attention,
-  step_rewards, available_backends.
+  step_rewards, available_backends, info (also `python -m o1kernels`).
 """
 from ._backend import BACKENDS, available_backends
+from ._info import info
 from .merge_states import merge_states
 from .plan import SharedPrefixPlan, TreeAttentionPlan
 from .shared_prefix_attention import shared_prefix_attention
@@ -13,5 +14,6 @@ from .step_rewards import step_rewards
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "available_backends", "__version__",
-           "merge_states", "shared_prefix_attention", "SharedPrefixPlan", "TreeAttentionPlan", "tree_attention", "step_rewards"]
+__all__ = ["BACKENDS", "available_backends", "info", "__version__",
+           "merge_states", "shared_prefix_attention", "SharedPrefixPlan", "TreeAttentionPlan", "tree_attention",
+           "step_rewards"]

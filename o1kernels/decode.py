@@ -4,18 +4,21 @@
     python -m o1kernels.decode --strategy beam_search --n 16 --beam-width 4 --json
     python -m o1kernels.decode --prompt "Q:17+25-9+38"
 
-Prints, per problem, every candidate's steps with their PRM step scores, the chosen answer and whether
-it is correct; then tokens/s and the KV-cache bytes used versus what the naive decoder would hold.
+Prints what the lines show (settings, the chain score's aggregate, merged duplicate beams), then per problem
+every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
+and the KV-cache bytes used versus what the naive decoder would hold.
 --json prints one JSON object instead: the first problem's prompt/answer/correct/candidates at the top
-level, every problem under "problems", plus the run's strategy, n, tokens_generated, tokens_per_s,
+level, every problem under "problems", plus the run's strategy, n, threads, tokens_generated, tokens_per_s,
 kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of one dense KV copy per branch).
-The accuracy-vs-compute demo is benchmarks/scaling.py (--scaling runs it from a repository checkout).
-Bad arguments end with a one-line error on stderr and exit status 2.
+The accuracy-vs-compute demo is benchmarks/scaling.py: `--scaling [its options]` runs it from a repository
+checkout. Bad arguments end with a one-line error naming the option on stderr and exit status 2, before the
+model is loaded (sizes are checked against the model's positions and the memory available).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 import time
@@ -35,56 +38,151 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+AGGREGATE_WORDS = {"prod": "the product", "min": "the minimum", "mean": "the mean", "last": "the last"}
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 2**64 - 1
+TREE_PAGE_SIZE = 16  # TreeDecoder's default page size
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ._backend import BACKENDS
+    from ._cli import float_in, int_in, physical_cores_available, positive_int
     from .decoder.search import AGGREGATES, STRATEGIES
 
     p = _Parser(prog="python -m o1kernels.decode",
-                                description="PRM-guided test-time search with the o1kernels reference decoder.")
+                description="PRM-guided test-time search with the o1kernels reference decoder.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="HF checkpoint directory with the task's character vocabulary (default: shipped tiny model)")
-    p.add_argument("--strategy", default="beam_search", help=f"one of {', '.join(STRATEGIES)} (default beam_search)")
-    p.add_argument("--n", type=int, default=8, help="candidates / beams per problem (default 8)")
-    p.add_argument("--beam-width", type=int, default=4, help="beam_search/dvts: children per kept beam (default 4)")
-    p.add_argument("--max-steps", type=int, default=8, help="steps per candidate at most (default 8)")
-    p.add_argument("--max-step-tokens", type=int, default=12, help="tokens per step at most (default 12)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--aggregate", default="prod",
-                   help=f"step-score aggregation: {', '.join(AGGREGATES)} (default prod: best for the shipped PRM on "
+    p.add_argument("--strategy", choices=STRATEGIES, default="beam_search",
+                   help="search strategy (default beam_search)")
+    p.add_argument("--n", type=positive_int, default=8, help="candidates / beams per problem (default 8)")
+    p.add_argument("--beam-width", type=positive_int, default=4,
+                   help="beam_search/dvts: children per kept beam (default 4; at most --n)")
+    p.add_argument("--max-steps", type=positive_int, default=8, help="steps per candidate at most (default 8)")
+    p.add_argument("--max-step-tokens", type=positive_int, default=12, help="tokens per step at most (default 12)")
+    p.add_argument("--temperature", type=float_in(0, 1e6), default=1.0,
+                   help="sampling temperature, 0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="prod",
+                   help="step-score aggregation into a chain's score (default prod: best for the shipped PRM on "
                         "held-out problems; search-and-learn's default is last)")
     p.add_argument("--keep-duplicate-beams", action="store_true",
                    help="beam_search: keep beams whose text repeats a better one (default: filter them)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator and of the problems")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
+                   help="seed of the sampling generator and of the problems")
     p.add_argument("--decoder", choices=("tree", "naive"), default="tree",
                    help="tree: shared paged KV on our kernels; naive: dense KV copy per branch (baseline)")
-    p.add_argument("--backend", default="auto", help="kernel backend: auto, torch, triton, cuda, cpu")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help=f"model dtype: {', '.join(DTYPES)}")
-    p.add_argument("--problems", type=int, default=None, help="task problems to solve (default 3, 1 with --json)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="kernel backend of the tree decoder (default auto)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="model dtype (default float32)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help=f"CPU threads for torch (default: the physical cores available, here "
+                        f"{physical_cores_available()})")
+    p.add_argument("--problems", type=positive_int, default=None,
+                   help="task problems to solve (default 3, 1 with --json)")
     p.add_argument("--prompt", default=None, help='solve this prompt instead, e.g. "Q:17+25-9+38"')
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--scaling", action="store_true",
-                   help="run the accuracy-vs-N demo benchmarks/scaling.py (repository checkout only)")
+                   help="run the accuracy-vs-N demo benchmarks/scaling.py instead (repository checkout only); the "
+                        "options after it are scaling.py's (--scaling --help lists them)")
     return p
 
 
-def _check_args(args) -> None:
-    from .decoder.search import SearchConfig, check_strategy
+def _device(text: str):
+    import torch
 
     try:
-        config = SearchConfig(n=args.n, beam_width=args.beam_width, max_steps=args.max_steps,
-                              max_step_tokens=args.max_step_tokens, temperature=args.temperature, top_p=args.top_p,
-                              aggregate=args.aggregate, seed=args.seed,
-                              filter_duplicates=not args.keep_duplicate_beams)
-        check_strategy(args.strategy, config, has_prm=True)
-    except ValueError as exc:
-        raise UsageError(str(exc).replace("beam_width", "--beam-width").replace("n=", "--n=")) from None
-    if args.problems is not None and args.problems < 1:
-        raise UsageError(f"--problems must be >= 1, got {args.problems}")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    args.config = config
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {text}: not a device (expected cpu or cuda[:index])") from None
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise UsageError(f"--device {text}: the CPU has no device index {device.index} (use cpu)")
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise UsageError(f"--device {text}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text}: CUDA is not available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_args(args) -> None:
+    """Every check that needs no model weights (config.json is read): UsageError naming the option."""
+    from ._backend import resolve_backend
+    from ._checks import INT32_MAX, available_memory, format_bytes
+    from .decoder.checkpoint import load_config
+    from .decoder.search import TREE_STRATEGIES, SearchConfig
+    from .decoder.task import CharTokenizer, TaskConfig
+
+    args.device = _device(args.device)
+    if args.decoder == "naive" and args.backend is not None:
+        raise UsageError(f"--backend {args.backend}: only the tree decoder runs our kernels (--decoder naive uses "
+                         "torch SDPA); drop --backend or use --decoder tree")
+    args.backend = args.backend or "auto"
+    if args.decoder == "tree":
+        try:
+            resolve_backend(args.backend, args.device, supported=("torch", "triton", "cpu", "cuda"))
+        except (ValueError, RuntimeError) as exc:
+            raise UsageError(f"--backend {args.backend}: {exc}") from None
+    width = min(args.beam_width, args.n)  # as the scaling script: N=1 beam search is one beam
+    if args.strategy in TREE_STRATEGIES and args.n % width:
+        raise UsageError(f"--n {args.n} must be divisible by --beam-width {width} for {args.strategy}")
+    if args.prompt is not None and args.problems is not None:
+        raise UsageError("--problems: not with --prompt (that solves the one prompt given)")
+
+    try:
+        config = load_config(args.model)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model {args.model}: {exc}") from None
+    tok = CharTokenizer()
+    if config.vocab_size < len(tok):
+        raise UsageError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the task "
+                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task")
+    if args.strategy != "majority" and config.reward_head is None:
+        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head")
+    positions = config.max_position_embeddings
+    if args.prompt is not None:
+        args.prompt_text = _prompt_text(args.prompt)
+        try:
+            prompt_tokens = len(tok.encode(args.prompt_text, bos=True))
+        except ValueError as exc:
+            raise UsageError(f"--prompt: {exc}") from None
+        if prompt_tokens >= positions:
+            raise UsageError(f"--prompt: {prompt_tokens} tokens (with <bos>) leave no room to generate in the "
+                             f"model's {positions} positions (max_position_embeddings)")
+    else:
+        task = TaskConfig()  # the longest task prompt: <bos> Q: then operands with their operators, newline
+        prompt_tokens = 1 + 2 + task.max_operands * (len(str(task.max_operand)) + 1)
+    if args.max_step_tokens >= positions:
+        raise UsageError(f"--max-step-tokens {args.max_step_tokens}: a step cannot be longer than the model's "
+                         f"{positions} positions")
+
+    problems = 1 if args.prompt is not None else args.problems or (1 if args.json else 3)
+    branches = args.n * problems
+    if branches > INT32_MAX:
+        raise UsageError(f"--n {args.n} x --problems {problems} = {branches} branches: at most 2**31 - 1")
+    # Worst case: every branch holds its own copy of the prompt and of every step, each step in fresh pages.
+    tokens = prompt_tokens + args.max_steps * (args.max_step_tokens + TREE_PAGE_SIZE)
+    element = {"float32": 4, "float16": 2, "bfloat16": 2}[args.dtype]
+    kv_bytes = branches * tokens * 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+    avail = available_memory(args.device)
+    if kv_bytes > avail:
+        raise UsageError(f"--n {args.n} x --problems {problems} branches of up to {tokens} tokens (prompt, --max-steps "
+                         f"{args.max_steps} x --max-step-tokens {args.max_step_tokens}) may need "
+                         f"{format_bytes(kv_bytes)} of KV cache, more than the {format_bytes(avail)} available on "
+                         f"{args.device}")
+    try:
+        args.config = SearchConfig(n=args.n, beam_width=width, max_steps=args.max_steps,
+                                   max_step_tokens=args.max_step_tokens, temperature=args.temperature,
+                                   top_p=args.top_p, aggregate=args.aggregate, seed=args.seed,
+                                   filter_duplicates=not args.keep_duplicate_beams)
+    except ValueError as exc:  # every field was checked above; this would be a bug
+        raise UsageError(str(exc)) from None
+    args.num_problems = problems
 
 
 def _load(args):
@@ -94,48 +192,28 @@ def _load(args):
     from .decoder.task import CharTokenizer
 
     try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    try:
-        model = load_checkpoint(args.model, device=device, dtype=getattr(torch, args.dtype))
-    except (OSError, ValueError, KeyError) as exc:
+        model = load_checkpoint(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
-    tok = CharTokenizer()
-    if model.config.vocab_size < len(tok):
-        raise UsageError(f"--model {args.model}: vocab_size {model.config.vocab_size} is smaller than the task "
-                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task")
-    if args.strategy != "majority" and model.reward_head is None:
-        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head")
-    if args.decoder == "tree":
-        from ._backend import resolve_backend
-
-        try:
-            resolve_backend(args.backend, device, supported=("torch", "triton", "cpu", "cuda"))
-        except (ValueError, RuntimeError) as exc:
-            raise UsageError(f"--backend: {exc}") from None
-        decoder = TreeDecoder(model, backend=args.backend)
-    else:
-        decoder = NaiveDecoder(model)
-    return model, tok, decoder
+    decoder = TreeDecoder(model, backend=args.backend) if args.decoder == "tree" else NaiveDecoder(model)
+    return model, CharTokenizer(), decoder
 
 
-def _problems(args, tok):
+def _prompt_text(prompt: str) -> str:
+    """The prompt as the model sees it: a task problem in its canonical form, else the text with a newline."""
+    from .decoder.task import parse_problem
+
+    problem = parse_problem(prompt)
+    return problem.prompt if problem else prompt if prompt.endswith("\n") else prompt + "\n"
+
+
+def _problems(args):
     """[(prompt text, Problem or None)]."""
     from .decoder.task import generate_problems, parse_problem
 
     if args.prompt is not None:
-        problem = parse_problem(args.prompt)
-        text = problem.prompt if problem else args.prompt if args.prompt.endswith("\n") else args.prompt + "\n"
-        try:
-            tok.encode(text)
-        except ValueError as exc:
-            raise UsageError(f"--prompt: {exc}") from None
-        return [(text, problem)]
-    count = args.problems or (1 if args.json else 3)
-    return [(p.prompt, p) for p in generate_problems(count, PROBLEM_SEED + args.seed)]
+        return [(args.prompt_text, parse_problem(args.prompt))]
+    return [(p.prompt, p) for p in generate_problems(args.num_problems, PROBLEM_SEED + args.seed)]
 
 
 def _candidate_json(c) -> dict:
@@ -157,19 +235,35 @@ def _print_problem(i: int, total: int, prompt: str, problem, result, out) -> Non
 
 
 def run(args) -> dict:
+    import torch
     from tqdm import tqdm
 
+    from ._cli import physical_cores_available
     from .decoder.search import search
 
-    model, tok, decoder = _load(args)
-    problems = _problems(args, tok)
-    bar = tqdm(total=args.config.max_steps, desc=f"{args.strategy} steps", unit="step", file=sys.stderr,
-               disable=args.no_progress, leave=False)
-    t0 = time.perf_counter()
-    results, stats = search(decoder, tok, [tok.encode(text, bos=True) for text, _ in problems], args.strategy,
-                            args.config, has_prm=model.reward_head is not None, progress=bar)
-    seconds = time.perf_counter() - t0
-    bar.close()
+    if args.decoder == "tree" and args.backend == "auto" and args.device.type == "cpu":
+        from ._backend import backend_unavailable_reason
+
+        reason = backend_unavailable_reason("cpu", args.device)
+        if reason:
+            print(f"note: the compiled CPU kernels are unavailable ({reason}), so the torch backend runs; "
+                  "`python -m o1kernels` shows why", file=sys.stderr)
+    threads = torch.get_num_threads()
+    if args.device.type == "cpu":
+        torch.set_num_threads(args.threads or physical_cores_available())
+    try:
+        model, tok, decoder = _load(args)
+        problems = _problems(args)
+        bar = tqdm(total=args.config.max_steps, desc=f"{args.strategy} steps", unit="step", file=sys.stderr,
+                   disable=args.no_progress, leave=False)
+        t0 = time.perf_counter()
+        results, stats = search(decoder, tok, [tok.encode(text, bos=True) for text, _ in problems], args.strategy,
+                                args.config, has_prm=model.reward_head is not None, progress=bar)
+        seconds = time.perf_counter() - t0
+        bar.close()
+        run_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process
     per_problem = []
     for (text, problem), r in zip(problems, results):
         per_problem.append({"prompt": text, "expected": None if problem is None else problem.answer,
@@ -180,7 +274,8 @@ def run(args) -> dict:
         **{k: per_problem[0][k] for k in ("prompt", "answer", "correct", "candidates")},
         "strategy": args.strategy, "n": args.config.n, "beam_width": args.config.beam_width,
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
-        "decoder": args.decoder, "model": str(args.model),
+        "filter_duplicates": args.config.filter_duplicates, "decoder": args.decoder, "model": str(args.model),
+        "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
         "accuracy": sum(graded) / len(graded) if graded else None,
         "tokens_generated": stats["tokens_generated"], "seconds": seconds,
         "tokens_per_s": stats["tokens_generated"] / seconds if seconds > 0 else None,
@@ -189,40 +284,87 @@ def run(args) -> dict:
     }
 
 
+def _print_legend(report: dict, out) -> None:
+    """What the candidate lines show: settings, step scores, the chain score's aggregate, merged duplicates."""
+    strategy, n, width = report["strategy"], report["n"], report["beam_width"]
+    tree = strategy in ("beam_search", "dvts")
+    print(f"{strategy}, n={n}" + (f", beam width {width}" if tree else "")
+          + f", temperature {report['temperature']:g}, {report['decoder']} decoder on {report['device']}"
+          + (f" ({report['threads']} threads)" if report["threads"] else ""), file=out)
+    print(f"each candidate: its steps with their PRM step scores in parentheses; score = "
+          f"{AGGREGATE_WORDS[report['aggregate']]} of its step scores (--aggregate {report['aggregate']})", file=out)
+    if strategy == "beam_search" and report["filter_duplicates"]:
+        print("beam search merges duplicates: each distinct finished chain is listed once, so a problem can show "
+              f"fewer than n={n} candidates (--keep-duplicate-beams keeps them)", file=out)
+    elif strategy == "dvts":
+        print(f"dvts: one candidate per subtree, n / beam width = {n // width}", file=out)
+
+
 def _print_report(report: dict, out) -> None:
     problems, results = report.pop("_problems"), report.pop("_results")
+    _print_legend(report, out)
     for i, ((text, problem), r) in enumerate(zip(problems, results)):
         _print_problem(i, len(problems), text, problem, r, out)
     if report["accuracy"] is not None:
         graded = sum(p["correct"] is not None for p in report["problems"])
         print(f"accuracy: {report['accuracy']:.3f} on {graded} problem(s)", file=out)
-    print(f"strategy {report['strategy']}, n={report['n']}"
-          + (f", beam width {report['beam_width']}" if report["strategy"] in ("beam_search", "dvts") else "")
-          + f"; {report['tokens_generated']} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.0f} tokens/s",
+    print(f"{report['tokens_generated']} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.0f} tokens/s",
           file=out)
     kv, naive = report["kv_bytes"], report["kv_bytes_naive"]
-    ratio = f" ({naive / kv:.1f}x less)" if kv else ""
-    print(f"KV cache: peak {kv / 1024:.1f} KiB with shared pages vs {naive / 1024:.1f} KiB for the naive "
-          f"per-branch copies{ratio}", file=out)
+    if report["decoder"] == "tree":
+        ratio = f" ({naive / kv:.1f}x less)" if kv else ""
+        print(f"KV cache: peak {kv / 1024:.1f} KiB with shared pages vs {naive / 1024:.1f} KiB for the naive "
+              f"per-branch copies{ratio}", file=out)
+    else:
+        print(f"KV cache: peak {kv / 1024:.1f} KiB of dense per-branch copies (naive decoder)", file=out)
 
 
-def _run_scaling(argv) -> int:
+def _run_scaling(argv: list[str]) -> int:
+    """benchmarks/scaling.py's main with its own options; its argument errors are one line, exit status 2."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "scaling.py"
     if not script.is_file():
         raise UsageError(f"--scaling needs the repository checkout: {script} not found")
-    sys.argv = [str(script), *argv]
-    runpy.run_path(str(script), run_name="__main__")
+    scaling = runpy.run_path(str(script), run_name="o1kernels_scaling")
+    try:
+        scaling["main"](argv, prog="python -m o1kernels.decode --scaling")
+    except SystemExit as exc:  # argparse: --help (0) or a bad option (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 1
     return 0
 
 
+def _rerun_with_passive_omp_wait(argv: list[str]) -> None:
+    """Replace this process by the same command with OMP_WAIT_POLICY=PASSIVE, unless the variable is set.
+
+    torch's OpenMP threads spin while they wait for each other by default; with a busy neighbour on a core the
+    spinning thread holds the core the other one needs. Demo on our 2-core machine, 2 threads (tokens/s, 3 runs):
+    default 52/62/40 and, with a busy-loop process beside it, 76/57/63; with PASSIVE 1370/1448/1834 and
+    2534/2778/1290 (1 thread: 2243/1943/1505 and 1351/964/1227). OpenMP reads the policy when torch loads it,
+    which importing o1kernels already did, hence a new process.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or os.name != "posix" or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "o1kernels.decode", *argv],
+              {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+
+
 def main(argv=None) -> int:
-    """Entry point of `python -m o1kernels.decode` (and of the console script); returns the exit status."""
+    """Entry point of `python -m o1kernels.decode` (and of the console script); returns the exit status.
+
+    Run as a program (argv None) on the CPU, it re-executes itself once with OMP_WAIT_POLICY=PASSIVE (see
+    _rerun_with_passive_omp_wait); called with argv (tests) it runs in this process."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-        if args.scaling:
+        if "--scaling" in argv:
+            if as_program:
+                _rerun_with_passive_omp_wait(argv)
             return _run_scaling([a for a in argv if a != "--scaling"])
+        args = build_parser().parse_args(argv)
         _check_args(args)
+        if as_program and args.device.type == "cpu":
+            _rerun_with_passive_omp_wait(argv)
         report = run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

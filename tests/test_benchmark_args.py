@@ -1,10 +1,14 @@
-"""Benchmark scripts reject bad size arguments at parse time, with the argument named, before any model is built."""
+"""Benchmark scripts: bad size arguments rejected at parse time (the argument named, before any model is built);
+where results are written; console table layout."""
 import argparse
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,3 +41,48 @@ def test_bad_size_arguments_exit_2_naming_the_argument(script, args, name):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"argument {name}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _output_args(*argv):
+    from benchmarks.common import ArgumentParser, add_output_args
+
+    parser = ArgumentParser(prog="bench")
+    add_output_args(parser)
+    return parser, parser.parse_args(list(argv))
+
+
+def test_output_location(tmp_path, capsys):
+    """Runs write new timestamped files (never the shipped ones) unless --update-shipped; --out picks the place."""
+    from benchmarks.common import RESULTS_DIR, output_prefix
+
+    cpu = torch.device("cpu")
+    default = output_prefix(*_output_args(), "bench_x", cpu)
+    assert default.parent == RESULTS_DIR and re.fullmatch(r"bench_x_cpu_\d{8}-\d{6}", default.name)
+    subprocess.run(["git", "check-ignore", "-q", f"{default}.json"], cwd=ROOT, check=True)  # git status stays clean
+    assert output_prefix(*_output_args("--update-shipped"), "bench_x", cpu) == RESULTS_DIR / "bench_x_cpu"
+    assert output_prefix(*_output_args("--out", str(tmp_path / "a" / "run1")), "bench_x", cpu) == tmp_path / "a" / "run1"
+    in_dir = output_prefix(*_output_args("--out", str(tmp_path)), "bench_x", cpu)
+    assert in_dir.parent == tmp_path and in_dir.name.startswith("bench_x_cpu_")
+    (tmp_path / f"{in_dir.name}.json").write_text("{}")  # a second run in the same second gets a new name
+    assert output_prefix(*_output_args("--out", str(tmp_path)), "bench_x", cpu) == Path(f"{in_dir}-1")
+    for argv in (["--out", str(RESULTS_DIR / "bench_x_cpu")], ["--out", "x", "--update-shipped"]):
+        with pytest.raises(SystemExit) as exc:
+            output_prefix(*_output_args(*argv), "bench_x", cpu)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--update-shipped" in err[0] and "not allowed with argument" in err[1]
+
+
+def test_console_table_header_rows_legend_and_files(tmp_path):
+    """bench_decode prints the header first, then the rows, then the legend; files go to --out."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--device", "cpu",
+                           "--prompt-lens", "16", "--branches", "2", "--new-tokens", "2", "--reps", "1",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| P | N | S |"))
+    assert lines[header + 1].startswith("|---|") and lines[header + 2].startswith("| 16 | 2 | 2 |")
+    assert lines[header + 3] == "columns:" and any(line.strip().startswith("speedup") for line in lines)
+    md = (tmp_path / "run.md").read_text()
+    assert "| P | N | S |" in md and "Columns:" in md
+    assert json.loads((tmp_path / "run.json").read_text())["rows"][0]["P"] == 16

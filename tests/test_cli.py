@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from o1kernels.decode import DEFAULT_MODEL, main
 from o1kernels.decoder.task import extract_answer, generate_problems
@@ -74,24 +75,136 @@ def wrong_field_model(tmp_path):
     return bad
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "/nonexistent/model"], "does not exist"),
-    (["--n", "0"], "n must be"),
-    (["--n", "6", "--beam-width", "4"], "divisible"),
-    (["--strategy", "mcts"], "strategy must be one of"),
-    (["--n", "four"], "invalid int"),
-    (["--temperature", "-1"], "temperature"),
-    (["--dtype", "float8"], "--dtype"),
-    (["--prompt", "what is 2*3?"], "not in the task vocabulary"),
-    (["--backend", "tpu"], "--backend"),
-    (["--problems", "0"], "--problems"),
-])
+@pytest.fixture
+def truncated_weights(tmp_path):
+    bad = tmp_path / "truncated"
+    shutil.copytree(DEFAULT_MODEL, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:len(data) // 2])
+    return bad
+
+
+@pytest.fixture
+def corrupt_weights(tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(DEFAULT_MODEL, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[8:40] = b"x" * 32  # the JSON header
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    return bad
+
+
+# Each message names the option; the issue-13 reproducers (tracebacks, hangs, silently accepted values) among them.
+BAD_ARGUMENTS = [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: checkpoint directory"),
+    (["--n", "0"], "argument --n: expected an integer >= 1, got '0'"),
+    (["--n", "-1"], "argument --n: expected an integer >= 1, got '-1'"),
+    (["--n", "1e9"], "argument --n: expected an integer >= 1, got '1e9'"),
+    (["--n", "1000000000"], "--n 1000000000 x --problems 3 = 3000000000 branches: at most 2**31 - 1"),
+    (["--n", "100000000"], "--n 100000000 x --problems 3 branches of up to"),  # ... need N TiB of KV cache
+    (["--problems", "1000000000000"], "--n 8 x --problems 1000000000000 = 8000000000000 branches"),
+    (["--problems", "100000000"], "--n 8 x --problems 100000000 branches of up to"),
+    (["--max-steps", "1000000000000"], "--max-steps 1000000000000 x --max-step-tokens 12) may need"),
+    (["--n", "6", "--beam-width", "4"], "--n 6 must be divisible by --beam-width 4 for beam_search"),
+    (["--strategy", "mcts"], "argument --strategy: invalid choice: 'mcts'"),
+    (["--aggregate", "sum"], "argument --aggregate: invalid choice: 'sum'"),
+    (["--n", "four"], "argument --n: expected an integer >= 1, got 'four'"),
+    (["--temperature", "-1"], "argument --temperature: expected a number in [0, 1e+06], got '-1'"),
+    (["--temperature", "nan"], "argument --temperature"),
+    (["--top-p", "2"], "argument --top-p: expected a number in (0, 1], got '2'"),
+    (["--top-p", "0"], "argument --top-p"),
+    (["--seed", "1180591620717411303424"], "argument --seed: expected an integer in [0, 18446744073709551615]"),
+    (["--seed", "-1"], "argument --seed"),
+    (["--max-step-tokens", "1000000000"], "--max-step-tokens 1000000000: a step cannot be longer than the "
+                                          "model's 128 positions"),
+    (["--max-step-tokens", "0"], "argument --max-step-tokens"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--prompt", "what is 2*3?"], "--prompt: text contains 'w', which is not in the task vocabulary"),
+    (["--prompt", "Q:" + "+".join(["11"] * 134)], "--prompt: 405 tokens (with <bos>) leave no room to generate in "
+                                                  "the model's 128 positions"),
+    (["--prompt", "Q:1+2", "--problems", "2"], "--problems: not with --prompt"),
+    (["--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
+    (["--backend", "cuda", "--decoder", "naive"], "--backend cuda: only the tree decoder runs our kernels"),
+    (["--backend", "cuda"], "--backend cuda: backend 'cuda' is unavailable"),
+    (["--problems", "0"], "argument --problems: expected an integer >= 1, got '0'"),
+    (["--device", "meta"], "--device meta: only cpu and cuda devices are supported"),
+    (["--device", "cpu:5"], "--device cpu:5: the CPU has no device index 5"),
+    (["--device", "gpu"], "--device gpu: not a device"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=lambda x: " ".join(x)[:40] if isinstance(x, list) else "")
 def test_bad_arguments_give_one_line_error(capsys, argv, message):
     code, out, err = _run(capsys, argv + ["--no-progress"])
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("fixture", ["truncated_weights", "corrupt_weights"])
+def test_damaged_weights_file(capsys, request, fixture):
+    """A truncated or corrupt model.safetensors used to end in a SafetensorError traceback."""
+    path = request.getfixturevalue(fixture)
+    code, out, err = _run(capsys, ["--model", str(path), "--no-progress"])
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: --model {path}: corrupt or truncated safetensors file") and err.count("\n") == 1
+
+
+def test_checks_come_before_the_model_load(capsys, monkeypatch):
+    """Bad options fail without loading weights (a bad --prompt with a damaged checkpoint reports the prompt)."""
+    import o1kernels.decoder
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(o1kernels.decoder, "load_checkpoint", no_load)
+    for argv in (["--prompt", "Q:" + "+".join(["11"] * 134)], ["--n", "100000000"], ["--backend", "cuda"],
+                 ["--device", "cpu:5"], ["--max-step-tokens", "500"]):
+        code, _, err = _run(capsys, argv + ["--no-progress"])
+        assert code == 2 and err.startswith("error: --"), err
+
+
+def test_beam_search_with_one_candidate(capsys):
+    """--n 1 with beam search runs one beam (width min(--beam-width, --n), as the scaling script does)."""
+    code, out, err = _run(capsys, ["--json", "--n", "1", *FAST])
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["n"] == 1 and report["beam_width"] == 1 and len(report["candidates"]) == 1
+
+
+def test_text_report_explains_scores_and_merged_duplicates(capsys):
+    code, out, err = _run(capsys, ["--n", "8", "--threads", "1", *FAST])
+    assert code == 0, err
+    assert "score = the product of its step scores (--aggregate prod)" in out
+    assert "each distinct finished chain is listed once" in out and "(1 threads)" in out
+    code, out, err = _run(capsys, ["--n", "8", "--keep-duplicate-beams", "--aggregate", "min", *FAST])
+    assert "score = the minimum of its step scores" in out and "listed once" not in out
+
+
+def test_threads_option_sets_torch_threads_for_the_run_only(capsys):
+    before = torch.get_num_threads()
+    code, out, err = _run(capsys, ["--json", "--threads", "1", "--n", "2", *FAST])
+    assert code == 0 and json.loads(out)["threads"] == 1 and torch.get_num_threads() == before
+
+
+def test_scaling_forwards_its_own_options(capsys, tmp_path):
+    """--scaling used to reject scaling.py's own --ns and to print its usage on a bad --problems."""
+    code, out, err = _run(capsys, ["--scaling", "--problems", "0"])
+    assert code == 2 and out == ""
+    assert err.strip() == ("python -m o1kernels.decode --scaling: error: argument --problems: expected an integer "
+                           ">= 1, got '0'")
+    code, out, err = _run(capsys, ["--scaling", "--ns", "1", "--problems", "2", "--strategies", "beam_search",
+                                   "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "run"),
+                                   "--no-progress"])
+    assert code == 0, err
+    rows = json.loads((tmp_path / "run.json").read_text())["rows"]
+    assert [(r["strategy"], r["n"]) for r in rows] == [("greedy", 1), ("majority", 1), ("best_of_n", 1),
+                                                        ("weighted_best_of_n", 1), ("beam_search", 1)]
+    assert out.startswith("| strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
 
 
 @pytest.mark.parametrize("fixture", ["malformed_model", "wrong_field_model"])
@@ -103,8 +216,9 @@ def test_malformed_checkpoint_config(capsys, request, fixture):
     assert len(lines) == 1 and lines[0].startswith("error: --model") and "Traceback" not in err
 
 
-def test_bad_argument_in_a_subprocess_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "o1kernels.decode", "--n", "0"], capture_output=True, text=True,
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--device", "meta"], ["--scaling", "--problems", "0"]])
+def test_bad_argument_in_a_subprocess_has_no_traceback(argv):
+    proc = subprocess.run([sys.executable, "-m", "o1kernels.decode", *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert proc.stderr.strip().count("\n") == 0 and "error: " in proc.stderr and "Traceback" not in proc.stderr

@@ -10,10 +10,11 @@ A tied lm_head.weight is not stored (HF convention); it is re-tied to model.embe
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer
@@ -86,6 +87,16 @@ def load_config(path) -> ModelConfig:
         raise ValueError(f"malformed {str(cfg_path)!r}: {exc}") from None
 
 
+@contextmanager
+def _open_safetensors(path: Path):
+    """safe_open(path); a corrupt or truncated file is a ValueError naming it (not a SafetensorError)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise ValueError(f"corrupt or truncated safetensors file {str(path)!r}: {exc}") from None
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map each stored tensor name to the safetensors file holding it."""
     index_path = path / INDEX_NAME
@@ -108,7 +119,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".safetensors", ".pt"))
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(path)!r} (found: {found or 'nothing'}); "
                                 "only safetensors checkpoints are supported")
-    with safe_open(str(single), framework="pt") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -146,7 +157,7 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None) -> 
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
     for fpath, names in by_file.items():
-        with safe_open(str(fpath), framework="pt") as f:
+        with _open_safetensors(fpath) as f:
             for name in names:
                 t = f.get_tensor(name)
                 if tuple(t.shape) != tuple(expected[name].shape):
