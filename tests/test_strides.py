@@ -106,13 +106,6 @@ CASES = {"merge_states": merge_states_case, "shared_prefix_attention": shared_pr
          "step_rewards_packed": step_rewards_packed_case}
 
 
-# Cases that fail today, left out of the run until the attention rewrite fixes them (reported to the lead; delete
-# the entries then): the Triton launcher of shared_prefix_attention reads int32 prefix_lens / suffix_lens with unit
-# stride (a strided int32 suffix_lens changes o by up to 0.43).
-LEFT_OUT = {("shared_prefix_attention", "prefix_lens", "strided", "triton"),
-            ("shared_prefix_attention", "suffix_lens", "strided", "triton")}
-
-
 def _params():
     for op, make in CASES.items():
         torch.manual_seed(0)
@@ -122,8 +115,6 @@ def _params():
                 if view == "transposed" and sum(s > 1 for s in t.shape) < 2:
                     continue  # reversing the dimensions of a vector changes nothing
                 for backend in BACKENDS:
-                    if (op, arg, view, backend) in LEFT_OUT:
-                        continue
                     yield pytest.param(op, arg, view, backend, id=f"{op}-{arg}-{view}-{backend}")
 
 
