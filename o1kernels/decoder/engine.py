@@ -1,12 +1,12 @@
 """TreeDecoder: batched decoding of search branches over a shared paged KV cache, on our kernels.
 
-Data path per decode iteration (one new token per active branch, all branches batched into one forward):
-  sample from the branches' last logits -> append the tokens to their tails in the KVTree (pages reserved at step
-  start) -> Transformer.run_layers with an attention callback that writes each layer's k/v into the pool and runs
-  o1kernels.tree_attention over the branches' segments. The TreeAttentionPlan (segments = the distinct Segments of
-  the branches' chains; the shared prompt is one segment read by every branch) is rebuilt only when the tree
-  changes: fork, release, new pages, or a different set of decoding branches (step start, a branch finishing its
-  step). Between rebuilds each tail's growth is passed in with plan.set_lengths.
+Decode (generate_step): o1kernels/decoder/runner.py runs the step on the device -- per token, sampling (greedy or
+seeded, o1kernels/decoder/sampling.py), Transformer.run_layers with an attention callback that writes each layer's
+k/v into the pool at device-provided slots and runs tree_attention on a capture-stable TreeAttentionPlan (segments
+= the distinct Segments of the branches' chains; the shared prompt is one segment read by every branch; updated in
+place once per step, lengths grown on the device), and stop detection on the device; on a GPU as the replay of a
+CUDA graph per batch bucket. The host reads the stop flag every `tokens_per_check` tokens and the step's tokens
+once at its end.
 Prefill: causal SDPA over the prompt, its k/v written to pages. teacher_force: tree_attention over the branch's
 segments (return_lse=True) + causal attention inside the chunk, merged with o1kernels.merge_states.
 Rewards: the reward head at each step's last token via o1kernels.step_rewards on the pre-norm hidden states of the
@@ -28,6 +28,8 @@ from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree
 
 from .kv_cache import KVTree, PagedKVPool
 from .model import Transformer
+from .runner import DEFAULT_BUCKETS, DecodeRunner, plan_segments  # noqa: F401  (plan_segments: used by integrations)
+from .sampling import draw_step_seed
 
 
 @dataclass
@@ -35,23 +37,6 @@ class StepOutput:
     new_tokens: list[list[int]]  # per branch, this step's tokens
     step_scores: list[float | None]  # per branch, PRM reward of the step (None without a reward head)
     finished: list[bool]  # per branch, emitted eos_id
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B] int64 (argmax when temperature == 0, else nucleus sampling)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def causal_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
@@ -82,30 +67,13 @@ def _check_token_ids(name: str, tokens, vocab_size: int, *, allow_empty: bool = 
     return tokens
 
 
-def plan_segments(tree: KVTree, branches: list[int], rows_per_branch: int = 1):
-    """TreeAttentionPlan segments for query rows laid out branch by branch (`rows_per_branch` consecutive rows per
-    branch): (segments, [the tree's Segment behind each plan segment]). A Segment shared by several branches is one
-    plan segment listing all their rows; segments without pages are left out."""
-    index: dict[int, int] = {}
-    segs, owners = [], []
-    for qi, b in enumerate(branches):
-        rows = range(qi * rows_per_branch, (qi + 1) * rows_per_branch)
-        for seg in tree.get(b).chain():
-            if not seg.pages:
-                continue
-            s = index.setdefault(id(seg), len(segs))
-            if s == len(segs):
-                segs.append((seg.pages, seg.length, []))
-                owners.append(seg)
-            segs[s][2].extend(rows)
-    return segs, owners
-
-
 class SearchDecoder:
-    """What TreeDecoder and NaiveDecoder share: the batched step loop, sampling, argument checks and stats.
+    """What TreeDecoder and NaiveDecoder share: argument checks, atomic operations, the step's output and stats.
 
-    Subclasses store the KV and implement _prefill, _decode, _teacher_force, _score, _begin_step, _end_step,
-    _store_atomic, _branch_table, _check_step_fits, fork, release, tokens, kv_bytes, kv_bytes_naive.
+    Subclasses store the KV and implement _prefill, _teacher_force, _generate_step, _score, _store_atomic,
+    _branch_table, _check_step_fits, fork, release, tokens, kv_bytes, kv_bytes_naive. Both sample with
+    o1kernels.decoder.sampling (one seed per step from the generator), so they draw the same tokens from the same
+    logits.
 
     add_prompt, fork, teacher_force and generate_step are atomic: if one raises (the KV store out of pages or
     memory, an error in the model), the KV store, the branch table and each branch's last hidden state are as
@@ -117,8 +85,11 @@ class SearchDecoder:
             raise TypeError(f"model must be an o1kernels.decoder.Transformer, got {type(model).__name__}")
         self.model = model
         self._last_hidden: dict[int, torch.Tensor] = {}  # branch -> pre-norm hidden [H] of its last token
+        # host_syncs: reads of device values by the decode loop (per token in the naive loop; per
+        # tokens_per_check tokens + once per step in TreeDecoder's)
         self.stats = {"tokens_generated": 0, "decode_seconds": 0.0, "decode_iterations": 0, "steps": 0,
-                      "prefill_tokens": 0, "prefill_seconds": 0.0, "plans_built": 0, "peak_kv_bytes": 0}
+                      "prefill_tokens": 0, "prefill_seconds": 0.0, "plans_built": 0, "peak_kv_bytes": 0,
+                      "host_syncs": 0, "graph_captures": 0}
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -212,39 +183,16 @@ class SearchDecoder:
 
     def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
         """generate_step after its argument checks."""
-        t0 = time.perf_counter()
-        n = len(branches)
-        new_tokens: list[list[int]] = [[] for _ in range(n)]
-        finished = [False] * n
-        end_hidden: list[torch.Tensor | None] = [None] * n
-        active = list(range(n))
-        self._begin_step(branches, max_new_tokens)
-        while active:
-            act = [branches[i] for i in active]
-            logits = self.model.logits(torch.stack([self._last_hidden[b] for b in act]))
-            toks = sample_tokens(logits, float(temperature), float(top_p), generator).tolist()
-            hidden = self._decode(act, toks)
-            self.stats["decode_iterations"] += 1
-            still = []
-            for j, i in enumerate(active):
-                self._last_hidden[branches[i]] = hidden[j]
-                new_tokens[i].append(toks[j])
-                finished[i] = eos_id is not None and toks[j] == eos_id
-                if toks[j] in stop or len(new_tokens[i]) >= max_new_tokens:
-                    end_hidden[i] = hidden[j]
-                else:
-                    still.append(i)
-            active = still
-            self._note_kv()
-        self._end_step(branches)
-        scores: list[float | None] = [None] * n
-        if self.model.reward_head is not None and n:
-            scores = self._score(torch.stack(end_hidden)).tolist()
-        self._sync()
+        raise NotImplementedError
+
+    def _step_output(self, t0: float, new_tokens: list[list[int]], scores: list[float] | None,
+                     eos_id: int | None) -> StepOutput:
+        """Count the step into stats (decode time since t0) and package it."""
         self.stats["decode_seconds"] += time.perf_counter() - t0
         self.stats["tokens_generated"] += sum(len(t) for t in new_tokens)
         self.stats["steps"] += 1
-        return StepOutput(new_tokens, scores, finished)
+        finished = [eos_id is not None and t[-1] == eos_id for t in new_tokens]
+        return StepOutput(new_tokens, scores if scores is not None else [None] * len(new_tokens), finished)
 
     def tokens_per_second(self) -> float:
         return self.stats["tokens_generated"] / self.stats["decode_seconds"] if self.stats["decode_seconds"] else 0.0
@@ -253,23 +201,50 @@ class SearchDecoder:
 class TreeDecoder(SearchDecoder):
     """Search branches over one paged, reference-counted KV pool, attention by o1kernels.tree_attention.
 
-    page_size: tokens per KV page; num_pages: fixed pool size (None: grow on demand); backend: passed to
-    tree_attention, merge_states and step_rewards.
+    page_size: tokens per KV page; num_pages: fixed pool size (None: grow on demand; with CUDA graphs a grown pool
+    means capturing again, so give a fixed size where you can); backend: of tree_attention (resolved once here),
+    merge_states and step_rewards.
+    cuda_graphs: run each decode iteration as the replay of a CUDA graph captured per batch bucket and sampling mode
+    (default: on for a CUDA model whose attention backend is not torch; the torch reference is not capturable).
+    batch_buckets: increasing batch sizes a step's branches are padded up to (default: DEFAULT_BUCKETS with graphs,
+    no padding without). Padding takes one scratch page from the pool (not counted by kv_bytes).
+    tokens_per_check: decode iterations between host reads of the stop flag (default 8 on a GPU, where a read is a
+    device sync; 1 on the CPU, where it is a read of host memory and stops the step as soon as all rows are done).
+    on_capture(message): called before each graph capture (the CLI prints it, so a first GPU run shows progress).
     """
 
     def __init__(self, model: Transformer, *, backend: str = "auto", page_size: int = 16,
-                 num_pages: int | None = None):
+                 num_pages: int | None = None, cuda_graphs: bool | None = None, batch_buckets=None,
+                 tokens_per_check: int | None = None, on_capture=None):
         super().__init__(model)
         cfg = model.config
-        resolve_backend(backend, model.device, SUPPORTED_BACKENDS)  # a bad or unavailable backend fails here
+        device = model.device
+        attention = resolve_backend(backend, device, SUPPORTED_BACKENDS)  # a bad or unavailable backend fails here
         self.backend = backend
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and attention != "torch"
+        elif not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool or None, got {type(cuda_graphs).__name__}")
+        elif cuda_graphs and (device.type != "cuda" or attention == "torch"):
+            raise ValueError(f"cuda_graphs=True needs a CUDA model and an attention backend other than torch, got "
+                             f"device {device} and backend {attention!r}")
+        if batch_buckets is None:
+            batch_buckets = DEFAULT_BUCKETS if cuda_graphs else None
+        else:
+            batch_buckets = _check_buckets(batch_buckets)
+        if tokens_per_check is None:
+            tokens_per_check = 8 if device.type == "cuda" else 1
+        elif isinstance(tokens_per_check, bool) or not isinstance(tokens_per_check, int) or tokens_per_check < 1:
+            raise ValueError(f"tokens_per_check must be a positive integer, got {tokens_per_check!r}")
         self.pool = PagedKVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size=page_size,
-                                num_pages=num_pages, dtype=model.dtype, device=model.device)
+                                num_pages=num_pages, dtype=model.dtype, device=device)
         self.tree = KVTree(self.pool)
         self.sm_scale = cfg.head_dim ** -0.5
-        self._plan: TreeAttentionPlan | None = None
-        self._plan_key = None
-        self._plan_tails: list = []  # tail Segment of each plan segment that grows (None for frozen ones)
+        self._scratch_pages = self.pool.alloc(1) if cuda_graphs or batch_buckets is not None else []
+        self.runner = DecodeRunner(model, self.pool, attention, cuda_graphs=cuda_graphs, buckets=batch_buckets,
+                                   tokens_per_check=tokens_per_check,
+                                   scratch_slot=self._scratch_pages[0] * page_size if self._scratch_pages else None,
+                                   stats=self.stats, on_capture=on_capture)
 
     def _branch(self, branch):
         return self.tree.get(branch)
@@ -305,37 +280,22 @@ class TreeDecoder(SearchDecoder):
     def _segments_of(self, branches: list[int], rows_per_branch: int = 1):
         return plan_segments(self.tree, branches, rows_per_branch)
 
-    def _decode_plan(self, branches: list[int]) -> TreeAttentionPlan:
-        key = (tuple(branches), self.tree.version)
-        if key != self._plan_key:
-            segs, self._plan_tails = self._segments_of(branches)
-            self._plan = TreeAttentionPlan(segs, len(branches), self.pool.page_size, device=self.model.device)
-            self._plan_key = key
-            self.stats["plans_built"] += 1
-        else:
-            self._plan.set_lengths([seg.length for seg in self._plan_tails])
-        return self._plan
-
-    def _begin_step(self, branches, max_new_tokens):
+    def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
+        """Reserve the step's pages, run it on the device (runner), then append its tokens to the tree (their K/V
+        is already in the pool) and free the unused reservation."""
+        t0 = time.perf_counter()
         self.tree.reserve_all(branches, max_new_tokens)
         self._note_kv()
-
-    def _end_step(self, branches):
-        for b in branches:
+        seed = draw_step_seed(generator, self.model.device) if temperature > 0 else None
+        hidden = torch.stack([self._last_hidden[b] for b in branches])
+        score = self._score if self.model.reward_head is not None else None
+        result = self.runner.step(self.tree, branches, hidden, max_new_tokens, stop, float(temperature),
+                                  float(top_p), seed, score)
+        for i, b in enumerate(branches):
+            self.tree.append(b, result.tokens[i])
             self.tree.trim(b)
-
-    def _decode(self, branches: list[int], toks: list[int]) -> torch.Tensor:
-        dev = self.model.device
-        positions = torch.tensor([self.tree.get(b).length for b in branches], device=dev)
-        slots = torch.tensor([s for b, t in zip(branches, toks) for s in self.tree.append(b, [t])], device=dev)
-        plan = self._decode_plan(branches)
-
-        def attend(layer, q, k, v):
-            self.pool.write(layer, slots, k, v)
-            return tree_attention(q, self.pool.k[layer], self.pool.v[layer], plan, sm_scale=self.sm_scale,
-                                  backend=self.backend)
-
-        return self.model.run_layers(torch.tensor(toks, device=dev), positions, attend)
+            self._last_hidden[b] = result.hidden[i]
+        return self._step_output(t0, result.tokens, result.scores, eos_id)
 
     def _teacher_force(self, branch: int, ids: list[int]) -> torch.Tensor:
         dev = self.model.device
@@ -379,7 +339,18 @@ class TreeDecoder(SearchDecoder):
         return self.tree.tokens(branch)
 
     def kv_bytes(self) -> int:
-        return self.pool.kv_bytes()
+        """Bytes of the KV pages branches reference now (the padding rows' scratch page left out)."""
+        return self.pool.kv_bytes() - len(self._scratch_pages) * self.pool.bytes_per_page
 
     def kv_bytes_naive(self) -> int:
         return self.tree.live_tokens() * self.pool.bytes_per_token
+
+
+def _check_buckets(buckets) -> tuple[int, ...]:
+    if isinstance(buckets, (str, bytes)) or not hasattr(buckets, "__iter__"):
+        raise TypeError(f"batch_buckets must be a sequence of batch sizes, got {type(buckets).__name__}")
+    sizes = tuple(buckets)
+    if (not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
+            or list(sizes) != sorted(set(sizes))):
+        raise ValueError(f"batch_buckets must be increasing positive integers, got {buckets!r}")
+    return sizes

@@ -2,10 +2,12 @@
 
 Each branch holds its own full dense KV copy (a fork copies the parent's KV), attention runs branch by branch with
 torch SDPA over that copy, and step rewards are scored with unfused torch ops (final norm -> head -> activation).
-Same interface as TreeDecoder.
+generate_step is a per-token host loop: sample, read the tokens back (one host sync per token), stop finished
+branches on the host, run the still-active ones. Same interface and sampling as TreeDecoder.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -14,8 +16,9 @@ import torch.nn.functional as F
 
 from o1kernels._checks import check_fits_memory
 
-from .engine import SearchDecoder
+from .engine import SearchDecoder, StepOutput
 from .model import Transformer
+from .sampling import draw_step_seed, row_uniforms, sample_tokens
 
 
 @dataclass(eq=False)
@@ -141,17 +144,43 @@ class NaiveDecoder(SearchDecoder):
         bid = self._new_branch(k, v, 0, [])
         return bid, self._run([self.branches[bid]], ids, len(ids))[-1]
 
-    def _begin_step(self, branches, max_new_tokens):
+    def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
+        """Per token: sample the active branches' tokens (row i's t-th token from the uniform of (seed, i, t), as
+        TreeDecoder does), read them back, feed them through the model, and drop branches that stopped."""
+        t0 = time.perf_counter()
+        dev = self.model.device
         for b in branches:
             br = self.branches[b]
             self._ensure_capacity(br, br.length + max_new_tokens)
         self._note_kv()
-
-    def _end_step(self, branches):
-        pass
-
-    def _decode(self, branches: list[int], toks: list[int]) -> torch.Tensor:
-        return self._run([self.branches[b] for b in branches], toks, 1)
+        seed = draw_step_seed(generator, dev) if temperature > 0 else None
+        params = torch.tensor([temperature, top_p], dtype=torch.float32, device=dev)
+        new_tokens: list[list[int]] = [[] for _ in branches]
+        active = list(range(len(branches)))
+        while active:
+            logits = self.model.logits(torch.stack([self._last_hidden[branches[i]] for i in active]))
+            uniforms = None
+            if seed is not None:
+                rows = torch.tensor(active, device=dev)
+                index = torch.tensor([len(new_tokens[i]) for i in active], device=dev)
+                uniforms = row_uniforms(seed, rows, index)
+            toks = sample_tokens(logits, uniforms, params[:1], params[1:] if top_p < 1 else None).tolist()
+            self.stats["host_syncs"] += 1
+            hidden = self._run([self.branches[branches[i]] for i in active], toks, 1)
+            self.stats["decode_iterations"] += 1
+            still = []
+            for j, i in enumerate(active):
+                self._last_hidden[branches[i]] = hidden[j]
+                new_tokens[i].append(toks[j])
+                if toks[j] not in stop and len(new_tokens[i]) < max_new_tokens:
+                    still.append(i)
+            active = still
+        scores = None
+        if self.model.reward_head is not None and branches:
+            scores = self._score(torch.stack([self._last_hidden[b] for b in branches])).tolist()
+            self.stats["host_syncs"] += 1
+        self._sync()
+        return self._step_output(t0, new_tokens, scores, eos_id)
 
     def _teacher_force(self, branch: int, ids: list[int]) -> torch.Tensor:
         return self._run([self.branches[branch]], ids, len(ids))
