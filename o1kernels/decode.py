@@ -195,8 +195,32 @@ def _load(args):
         model = load_checkpoint(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
-    decoder = TreeDecoder(model, backend=args.backend) if args.decoder == "tree" else NaiveDecoder(model)
+    if args.decoder == "tree":
+        note = None if args.no_progress else (lambda message: print(f"{message} ...", file=sys.stderr, flush=True))
+        decoder = TreeDecoder(model, backend=args.backend, on_capture=note)
+    else:
+        decoder = NaiveDecoder(model)
     return model, CharTokenizer(), decoder
+
+
+def _warm_up(args, decoder, tok, prompts: list[str]) -> None:
+    """On a GPU, compile the kernels and capture the decode graphs of every batch bucket the search can use
+    before the timed search (saying so on stderr: a first run compiles for a while and would look hung)."""
+    from .decoder import TreeDecoder
+    from .decoder.runner import pad_rows
+
+    if args.device.type != "cuda" or not isinstance(decoder, TreeDecoder):
+        return
+    buckets = decoder.runner.buckets
+    rows = args.config.n * len(prompts)  # every strategy decodes n branches per problem, all problems batched
+    sizes = [1] if buckets is None else sorted({pad_rows(n, buckets) for n in range(1, rows + 1)})
+    if not args.no_progress:
+        print(f"warming up on {args.device}: compiling the kernels and capturing decode graphs for batch sizes "
+              f"{sizes} (a first run on this machine compiles for a while) ...", file=sys.stderr, flush=True)
+    seconds = decoder.warm_up(tok.encode(prompts[0], bos=True), sizes, max_new_tokens=args.config.max_step_tokens,
+                              temperature=args.config.temperature, top_p=args.config.top_p)
+    if not args.no_progress:
+        print(f"warm-up done in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def _prompt_text(prompt: str) -> str:
@@ -254,6 +278,7 @@ def run(args) -> dict:
     try:
         model, tok, decoder = _load(args)
         problems = _problems(args)
+        _warm_up(args, decoder, tok, [text for text, _ in problems])
         bar = tqdm(total=args.config.max_steps, desc=f"{args.strategy} steps", unit="step", file=sys.stderr,
                    disable=args.no_progress, leave=False)
         t0 = time.perf_counter()

@@ -222,3 +222,13 @@ def test_bad_argument_in_a_subprocess_has_no_traceback(argv):
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "error: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_run_warms_up_and_says_so(capsys):
+    """On a GPU the CLI compiles and captures before the timed search and says so on stderr."""
+    code, out, err = _run(capsys, ["--json", "--device", "cuda", "--n", "4", "--problems", "2", "--max-steps", "8"])
+    assert code == 0, err
+    assert "warming up on cuda" in err and "capturing a CUDA graph" in err and "warm-up done" in err
+    report = json.loads(out)
+    assert report["tokens_per_s"] > 0 and len(report["problems"]) == 2

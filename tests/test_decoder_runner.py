@@ -4,12 +4,15 @@ and any number of tokens between host checks; host syncs per step counted; the p
 rebuilt only when a tree outgrows it; padding's scratch page kept out of kv_bytes; bad arguments."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_decoder_equivalence import EOS, STOP, VOCAB, assert_close, make_model, run_search
 
 from o1kernels._backend import backend_unavailable_reason
 from o1kernels.decoder import NaiveDecoder, TreeDecoder
+from o1kernels.decoder import runner as runner_module
 from o1kernels.decoder.runner import DEFAULT_BUCKETS, pad_rows
 
 
@@ -35,6 +38,36 @@ def test_device_loop_matches_the_naive_host_loop(buckets, tokens_per_check, temp
     naive = run_search(NaiveDecoder(model), prompt, temperature=temperature, top_p=top_p, steps=2)
     assert_same_search(fast, naive)
     assert dec.stats["graph_captures"] == 0 and dec.stats["steps"] == 2
+
+
+def test_graph_mode_control_flow_with_a_stand_in_graph(monkeypatch):
+    """The graph path on the CPU: capture_graph replaced by a stand-in that runs the iteration twice (the warm-up and
+    the capture run: a real capture runs nothing, so this is the stricter case) and replays by running it again.
+    Every row is done and writes to the scratch page during those runs, so they change nothing anyone reads: tokens
+    and scores equal the naive decoder's. A graph is captured once per (bucket, mode), kept across steps whose trees
+    differ, and captured again after the pool grew (new tensors)."""
+    def stand_in(fn, device, pool):
+        fn()
+        fn()
+        return SimpleNamespace(replay=fn)
+
+    monkeypatch.setattr(runner_module, "capture_graph", stand_in)
+    model = make_model()
+    prompt = torch.randint(0, VOCAB, (11,)).tolist()
+    dec = TreeDecoder(model, backend="torch", page_size=4, batch_buckets=(4, 8), tokens_per_check=2)
+    dec.runner.cuda_graphs = True
+    naive = NaiveDecoder(model)
+    plans = set()
+    for temperature, top_p in ((0.0, 1.0), (0.9, 0.8)):
+        assert_same_search(run_search(dec, prompt, temperature=temperature, top_p=top_p, steps=2),
+                           run_search(naive, prompt, temperature=temperature, top_p=top_p, steps=2))
+        plans.add(id(dec.runner._buckets[4].plan))
+    assert len(plans) == 1 and list(dec.runner._buckets) == [4]
+    assert dec.stats["graph_captures"] == 2  # bucket 4: greedy and top_p, over 4 steps with different trees
+    dec.pool.release(dec.pool.alloc(dec.pool.free_pages + 1))  # the pool grows: new K/V tensors
+    assert_same_search(run_search(dec, prompt, temperature=0.9, top_p=0.8, steps=1),
+                       run_search(naive, prompt, temperature=0.9, top_p=0.8, steps=1))
+    assert dec.stats["graph_captures"] == 3
 
 
 def expected_syncs(longest: int, max_new_tokens: int, every: int) -> int:
@@ -120,6 +153,23 @@ def test_padding_scratch_page_is_not_kv():
     for b in [root, *kids]:
         dec.release(b)
     assert dec.kv_bytes() == 0 and dec.pool.pages_in_use == 1
+
+
+def test_warm_up_leaves_nothing_behind_and_prepares_the_bucket():
+    """warm_up releases everything, leaves the decode statistics as they were, and lays out the bucket's plan with
+    the step's reservation: the first real step of that size updates it in place (no new plan)."""
+    model = make_model()
+    dec = TreeDecoder(model, backend="torch", page_size=4, batch_buckets=(2, 4))
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    before = dict(dec.stats)
+    seconds = dec.warm_up(prompt, [3], max_new_tokens=6, temperature=0.9, top_p=0.8)
+    assert seconds > 0 and dec.kv_bytes() == 0 and not dec.tree.branches and not dec._last_hidden
+    assert {k: v for k, v in dec.stats.items() if k != "plans_built"} == {k: v for k, v in before.items()
+                                                                           if k != "plans_built"}
+    built = dec.stats["plans_built"]
+    kids = dec.fork(dec.add_prompt(prompt), 3)
+    dec.generate_step(kids, max_new_tokens=6, stop_ids=STOP, temperature=0.9, top_p=0.8)
+    assert dec.stats["plans_built"] == built and dec.stats["steps"] == 1
 
 
 def test_pad_rows():

@@ -28,7 +28,7 @@ from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree
 
 from .kv_cache import KVTree, PagedKVPool
 from .model import Transformer
-from .runner import DEFAULT_BUCKETS, DecodeRunner, plan_segments  # noqa: F401  (plan_segments: used by integrations)
+from .runner import DEFAULT_BUCKETS, DecodeRunner, plan_segments
 from .sampling import draw_step_seed
 
 
@@ -193,6 +193,31 @@ class SearchDecoder:
         self.stats["steps"] += 1
         finished = [eos_id is not None and t[-1] == eos_id for t in new_tokens]
         return StepOutput(new_tokens, scores if scores is not None else [None] * len(new_tokens), finished)
+
+    @torch.no_grad()
+    def warm_up(self, prompt_ids, batch_sizes, *, max_new_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0) -> float:
+        """Run each decode path once, on a throwaway copy of `prompt_ids`, for every batch size in `batch_sizes`:
+        prefill, fork, a one-token teacher_force and a step with the given sampling settings that
+        reserves max_new_tokens per branch and stops after one token (every token is a stop token). On a GPU this
+        compiles the Triton kernels and captures the decode graph of each batch bucket, with the step's pages
+        reserved as a real step would, so the first timed step does neither. Everything is released afterwards and
+        the decode statistics are left as they were. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        saved = {k: v for k, v in self.stats.items() if k not in ("plans_built", "graph_captures")}
+        root = self.add_prompt(prompt_ids)
+        every_token = range(self.model.config.vocab_size)
+        for n in batch_sizes:
+            kids = self.fork(root, n)
+            self.teacher_force(kids[0], list(prompt_ids[-1:]))
+            self.generate_step(kids, max_new_tokens=max_new_tokens, stop_ids=every_token, temperature=temperature,
+                               top_p=top_p, generator=torch.Generator().manual_seed(0))
+            for k in kids:
+                self.release(k)
+        self.release(root)
+        self._sync()
+        self.stats.update(saved)
+        return time.perf_counter() - t0
 
     def tokens_per_second(self) -> float:
         return self.stats["tokens_generated"] / self.stats["decode_seconds"] if self.stats["decode_seconds"] else 0.0

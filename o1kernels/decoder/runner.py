@@ -69,6 +69,21 @@ def plan_segments(tree: KVTree, branches: list[int], rows_per_branch: int = 1):
     return segs, owners
 
 
+def capture_graph(fn: Callable[[], None], device: torch.device, pool) -> torch.cuda.CUDAGraph:
+    """Run fn once on a side stream (Triton compilation, lazy allocations, library handles), then capture one call
+    of it into a CUDA graph whose memory comes from `pool` (shared by all of a runner's graphs: they write their
+    results into static buffers and never run concurrently)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
+
+
 @dataclass
 class StepResult:
     tokens: list[list[int]]  # per branch, the step's tokens
@@ -270,15 +285,7 @@ class DecodeRunner:
         self._load(b, upload, b.hidden[:0], 1, None, 1.0, 1.0)
         b.done.fill_(True)
         b.slots.fill_(self.scratch_slot)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._iteration(b, mode)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            self._iteration(b, mode)
-        b.graphs[mode] = graph
+        b.graphs[mode] = capture_graph(lambda: self._iteration(b, mode), self.device, self._graph_pool)
         self.stats["graph_captures"] += 1
 
     # ---- buckets and plans -----------------------------------------------------------------------------------
