@@ -181,10 +181,6 @@ class SearchDecoder:
         with self._atomic(branches, generator):
             return self._generate_step(branches, max_new_tokens, stop, eos_id, temperature, top_p, generator)
 
-    def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
-        """generate_step after its argument checks."""
-        raise NotImplementedError
-
     def _step_output(self, t0: float, new_tokens: list[list[int]], scores: list[float] | None,
                      eos_id: int | None) -> StepOutput:
         """Count the step into stats (decode time since t0) and package it."""
