@@ -3,6 +3,13 @@
     python -m o1kernels.decode                                   # 3 task problems, defaults below
     python -m o1kernels.decode --strategy beam_search --n 16 --beam-width 4 --json
     python -m o1kernels.decode --prompt "Q:17+25-9+38"
+    python -m o1kernels.decode --model DIR --step-separator '\\n\\n' --prm PRM_DIR --prompt "..."   # any HF model
+
+Other models: --model is any Llama/Qwen2 HF checkpoint directory; its tokenizer files (or --tokenizer DIR) give the
+Hugging Face tokenizer, --step-separator (one token; backslash escapes) or --step-token-id the token that ends a step,
+--answer-regex how to read an answer. The PRM is the policy's reward head, or a separate checkpoint --prm DIR that
+shares the policy's tokenizer: with its own reward head, or a plain causal LM scored on two of its LM-head rows
+(--prm-token-pair "+,-", Math-Shepherd style).
 
 Prints, per problem, every candidate's steps with their PRM step scores, the chosen answer and whether
 it is correct; then tokens/s and the KV-cache bytes used versus what the naive decoder would hold.
@@ -22,6 +29,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "decoder" / "weights" / "tiny-arith"
+DEFAULT_STEP_SEPARATOR = "\\n\\n"  # search-and-learn's step delimiter, as typed on the command line
 DTYPES = ("float32", "float16", "bfloat16")
 PROBLEM_SEED = 1234  # the CLI's problems: disjoint from the training streams of decoder/train.py
 
@@ -63,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=None, help="task problems to solve (default 3, 1 with --json)")
     p.add_argument("--prompt", default=None, help='solve this prompt instead, e.g. "Q:17+25-9+38"')
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="Hugging Face tokenizer directory (default: --model's, when it has tokenizer files; else the "
+                        "task's character vocabulary)")
+    p.add_argument("--step-separator", default=None,
+                   help=f"with a Hugging Face tokenizer: the one-token text that ends a step, backslash escapes "
+                        f"allowed (default {DEFAULT_STEP_SEPARATOR!r})")
+    p.add_argument("--step-token-id", type=int, default=None, help="the step separator as a token id instead")
+    p.add_argument("--answer-regex", default=None,
+                   help="an answer is the first group (or the whole) of the regex's last match in a candidate's text "
+                        "(default: the task's 'A:<number>')")
+    p.add_argument("--prm", type=Path, default=None,
+                   help="separate PRM checkpoint directory (the policy's tokenizer; default: the policy's reward head)")
+    p.add_argument("--prm-token-pair", default=None,
+                   help='score with two rows of the --prm model\'s LM head: "POSITIVE,NEGATIVE" tokens (ids or '
+                        "one-token strings), reward = P(positive) of the pair")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--scaling", action="store_true",
                    help="run the accuracy-vs-N demo benchmarks/scaling.py (repository checkout only)")
@@ -103,12 +126,14 @@ def _load(args):
         model = load_checkpoint(args.model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
-    tok = CharTokenizer()
-    if model.config.vocab_size < len(tok):
+    tok = _tokenizer(args, model)
+    if isinstance(tok, CharTokenizer) and model.config.vocab_size < len(tok):
         raise UsageError(f"--model {args.model}: vocab_size {model.config.vocab_size} is smaller than the task "
-                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task")
-    if args.strategy != "majority" and model.reward_head is None:
-        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head")
+                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task, or "
+                         "a Hugging Face tokenizer (--tokenizer)")
+    prm = _load_prm(args, model, tok)
+    if args.strategy != "majority" and model.reward_head is None and prm is None:
+        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head (give --prm)")
     if args.decoder == "tree":
         from ._backend import resolve_backend
 
@@ -119,7 +144,119 @@ def _load(args):
         decoder = TreeDecoder(model, backend=args.backend)
     else:
         decoder = NaiveDecoder(model)
+    if prm is not None:
+        from .decoder.prm import PRMScoredDecoder
+
+        prm_model, pair = prm
+        prm_decoder = TreeDecoder(prm_model, backend=args.backend) if args.decoder == "tree" else NaiveDecoder(prm_model)
+        decoder = PRMScoredDecoder(decoder, prm_decoder, token_pair=pair)
     return model, tok, decoder
+
+
+def _tokenizer(args, model):
+    """The task's CharTokenizer, or an HFTokenizer from --tokenizer / the --model directory."""
+    from .decoder.task import CharTokenizer
+    from .decoder.tokenizers import has_tokenizer_files, load_tokenizer
+
+    source = args.tokenizer
+    if source is None and Path(args.model).resolve() != DEFAULT_MODEL.resolve() and has_tokenizer_files(args.model):
+        source = args.model
+    if args.step_separator is not None and args.step_token_id is not None:
+        raise UsageError("give --step-separator or --step-token-id, not both")
+    if source is None:
+        if args.step_separator is not None or args.step_token_id is not None:
+            raise UsageError("--step-separator/--step-token-id need a Hugging Face tokenizer (--tokenizer DIR, or "
+                             "tokenizer files in --model)")
+        return CharTokenizer()
+    separator = args.step_token_id if args.step_token_id is not None else _unescape(
+        args.step_separator if args.step_separator is not None else DEFAULT_STEP_SEPARATOR)
+    try:
+        tok = load_tokenizer(source, separator)
+    except (OSError, ImportError) as exc:
+        raise UsageError(f"{'--tokenizer' if args.tokenizer is not None else '--model'} {source}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{'--step-token-id' if args.step_token_id is not None else '--step-separator'}: {exc}") from None
+    if tok.eos_id is None:
+        tok.eos_id = model.config.eos_token_id
+    if len(tok) > model.config.vocab_size:
+        raise UsageError(f"tokenizer {source} has {len(tok)} tokens, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    return tok
+
+
+def _unescape(text: str) -> str:
+    r"""Command-line text with backslash escapes decoded ('
+
+' -> two newlines); other characters kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _load_prm(args, model, tok):
+    """(PRM Transformer, token pair or None) from --prm / --prm-token-pair, or None without --prm."""
+    import torch
+
+    from .decoder import load_checkpoint
+
+    if args.prm is None:
+        if args.prm_token_pair is not None:
+            raise UsageError("--prm-token-pair needs --prm")
+        return None
+    try:
+        prm = load_checkpoint(args.prm, device=model.device, dtype=getattr(torch, args.dtype))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--prm {args.prm}: {exc}") from None
+    if prm.config.vocab_size < model.config.vocab_size:
+        raise UsageError(f"--prm {args.prm}: vocab_size {prm.config.vocab_size} is smaller than the policy's "
+                         f"{model.config.vocab_size}; the PRM must share the policy's tokenizer")
+    if args.prm_token_pair is None:
+        if prm.reward_head is None:
+            raise UsageError(f"--prm {args.prm} has no reward head: give --prm-token-pair POSITIVE,NEGATIVE to score "
+                             "with two rows of its LM head")
+        return prm, None
+    parts = args.prm_token_pair.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(f"--prm-token-pair must be two tokens separated by a comma, got {args.prm_token_pair!r}")
+    return prm, tuple(_token(tok, _unescape(p), "--prm-token-pair", prm.config.vocab_size) for p in parts)
+
+
+def _token(tok, text: str, option: str, vocab_size: int) -> int:
+    """Token id of `text`: a decimal id, or a string that is one token of `tok`."""
+    if text.isdigit():
+        token = int(text)
+    else:
+        try:
+            ids = [tok.token_id(text, option)] if hasattr(tok, "token_id") else tok.encode(text)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        if len(ids) != 1:
+            raise UsageError(f"{option}: {text!r} is {len(ids)} tokens, not one")
+        token = ids[0]
+    if not 0 <= token < vocab_size:
+        raise UsageError(f"{option}: token id {token} is outside the PRM's vocabulary [0, {vocab_size})")
+    return token
+
+
+def _answer_fn(args):
+    """How answers are read from a candidate's text: the task's extract_answer, or --answer-regex."""
+    import re
+
+    from .decoder.task import extract_answer
+
+    if args.answer_regex is None:
+        return extract_answer
+    try:
+        pattern = re.compile(args.answer_regex)
+    except re.error as exc:
+        raise UsageError(f"--answer-regex {args.answer_regex!r}: {exc}") from None
+
+    def answer(text: str):
+        matches = list(pattern.finditer(text))
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last.group(1) if pattern.groups else last.group(0)).strip()
+
+    return answer
 
 
 def _problems(args, tok):
@@ -161,13 +298,15 @@ def run(args) -> dict:
 
     from .decoder.search import search
 
+    answer_fn = _answer_fn(args)
     model, tok, decoder = _load(args)
     problems = _problems(args, tok)
     bar = tqdm(total=args.config.max_steps, desc=f"{args.strategy} steps", unit="step", file=sys.stderr,
                disable=args.no_progress, leave=False)
     t0 = time.perf_counter()
     results, stats = search(decoder, tok, [tok.encode(text, bos=True) for text, _ in problems], args.strategy,
-                            args.config, has_prm=model.reward_head is not None, progress=bar)
+                            args.config, has_prm=model.reward_head is not None or args.prm is not None,
+                            answer_fn=answer_fn, progress=bar)
     seconds = time.perf_counter() - t0
     bar.close()
     per_problem = []
@@ -180,7 +319,7 @@ def run(args) -> dict:
         **{k: per_problem[0][k] for k in ("prompt", "answer", "correct", "candidates")},
         "strategy": args.strategy, "n": args.config.n, "beam_width": args.config.beam_width,
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
-        "decoder": args.decoder, "model": str(args.model),
+        "decoder": args.decoder, "model": str(args.model), "prm": None if args.prm is None else str(args.prm),
         "accuracy": sum(graded) / len(graded) if graded else None,
         "tokens_generated": stats["tokens_generated"], "seconds": seconds,
         "tokens_per_s": stats["tokens_generated"] / seconds if seconds > 0 else None,
