@@ -148,7 +148,8 @@ def _load(args):
         from .decoder.prm import PRMScoredDecoder
 
         prm_model, pair = prm
-        prm_decoder = TreeDecoder(prm_model, backend=args.backend) if args.decoder == "tree" else NaiveDecoder(prm_model)
+        prm_decoder = (TreeDecoder(prm_model, backend=args.backend) if args.decoder == "tree"
+                       else NaiveDecoder(prm_model))
         decoder = PRMScoredDecoder(decoder, prm_decoder, token_pair=pair)
     return model, tok, decoder
 
@@ -175,7 +176,8 @@ def _tokenizer(args, model):
     except (OSError, ImportError) as exc:
         raise UsageError(f"{'--tokenizer' if args.tokenizer is not None else '--model'} {source}: {exc}") from None
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"{'--step-token-id' if args.step_token_id is not None else '--step-separator'}: {exc}") from None
+        option = "--step-token-id" if args.step_token_id is not None else "--step-separator"
+        raise UsageError(f"{option}: {exc}") from None
     if tok.eos_id is None:
         tok.eos_id = model.config.eos_token_id
     if len(tok) > model.config.vocab_size:
