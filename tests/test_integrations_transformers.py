@@ -121,15 +121,15 @@ def test_sampling_matches_stock_generate(arch, n, prompt_len):
     assert_no_leak(cache)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_batch_of_two_padded_prompts(arch):
+@pytest.mark.parametrize("arch,lengths", [("llama", [23, 9]), ("qwen2", [23, 9]), ("llama", [6, 1])])
+def test_batch_of_two_padded_prompts(arch, lengths):
     """Two prompts of different lengths, left-padded: greedy (one row each) and sampling (4 rows each)."""
     stock, ours = stock_and_ours(arch)
-    ids, mask = prompts([23, 9])
+    ids, mask = prompts(lengths)
     cache = TreeCache(ours, backend="cpu" if "cpu" in _usable_backends() else "torch", page_size=8)
     check_generate(stock, ours, ids, mask, seed=0, cache=cache, do_sample=False, max_new_tokens=8)
-    assert [cache.branch_length(b) for b in cache.rows] == [23 + 7, 9 + 7]  # padding not stored
-    assert cache.get_seq_length() == 23 + 7  # transformers' view counts it
+    assert [cache.branch_length(b) for b in cache.rows] == [n + 7 for n in lengths]  # padding not stored
+    assert cache.get_seq_length() == max(lengths) + 7  # transformers' view counts it
     cache.reset()
     check_generate(stock, ours, ids, mask, seed=1, cache=cache, do_sample=True, num_return_sequences=4,
                    max_new_tokens=8)
