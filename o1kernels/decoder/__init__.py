@@ -6,6 +6,8 @@ and PRM-guided search over candidate branches.
   kv_cache.py    PagedKVPool (refcounted pages, vLLM layout) and KVTree (branches sharing pages)
   engine.py      TreeDecoder: batched branch decoding on tree_attention / merge_states / step_rewards
   naive.py       NaiveDecoder: dense KV copy per branch, per-branch attention, unfused scoring (the baseline)
+  tokenizers.py  HFTokenizer: a Hugging Face tokenizer with the step_id / eos_id / decode that search() reads
+  prm.py         PRMScoredDecoder: a PRM in its own checkpoint, decoding beside the policy, scoring its steps
 """
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import StepOutput, TreeDecoder
