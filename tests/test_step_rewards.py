@@ -364,8 +364,9 @@ def test_triton_many_scan_blocks():
 
 
 def test_folded_weight_cache():
-    """mlp_weight * norm_weight is computed once per weight pair and dtype, recomputed after an in-place change
-    of either, dropped when a weight is freed, never cached for inference tensors."""
+    """mlp_weight * norm_weight is computed once per weight pair and dtype, refreshed in place after an in-place
+    change of either (a CUDA graph that read the cached tensor sees the new values), dropped when a weight is
+    freed, never cached for inference tensors."""
     from o1kernels.triton_ops import step_rewards as triton_sr
 
     w1, nw = torch.randn(24, 16), torch.rand(16) + 0.5
@@ -374,12 +375,12 @@ def test_folded_weight_cache():
     assert triton_sr.folded_mlp_weight(w1, nw, torch.float32) is folded
     half = triton_sr.folded_mlp_weight(w1, nw, torch.float16)
     assert half.dtype == torch.float16 and triton_sr.folded_mlp_weight(w1, nw, torch.float32) is folded
-    w1.mul_(-2.0)
-    torch.testing.assert_close(triton_sr.folded_mlp_weight(w1, nw, torch.float32), w1 * nw, rtol=0, atol=0)
-    nw.add_(0.25)
-    torch.testing.assert_close(triton_sr.folded_mlp_weight(w1, nw, torch.float32), w1 * nw, rtol=0, atol=0)
+    for change in (lambda: w1.mul_(-2.0), lambda: nw.add_(0.25)):
+        change()
+        assert triton_sr.folded_mlp_weight(w1, nw, torch.float32) is folded
+        torch.testing.assert_close(folded, w1 * nw, rtol=0, atol=0)
     keys = [k for k in triton_sr._FOLDED if k[0] == id(w1)]
-    assert keys
+    assert len(keys) == 2
     del w1, folded, half
     gc.collect()
     assert not any(k in triton_sr._FOLDED for k in keys)
@@ -630,6 +631,28 @@ def test_cuda_graph_replay(backend, hm):
     scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
     assert_matches("step_scores (eager after capture)", scores, ref_scores, atol, rtol)
     assert_matches("chain_scores (eager after capture)", chain, ref_chain, atol, rtol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", backends("cuda")[1:])
+def test_cuda_graph_reads_refreshed_weights(backend):
+    """A graph captured after the prepared weights were cached reads the cache's tensors; an in-place weight
+    change followed by one eager call refreshes them in place, so the next replay uses the new weights."""
+    case = Case(bs=6, seq_len=40, hd=128, hm=96, dtype=torch.bfloat16)
+    hidden, mask, weight, bias, kwargs = make_inputs(case, "cuda")
+    step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)  # compiles and caches
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scores, chain = step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)
+    atol, rtol = tolerance(case.dtype, hidden.device, True)
+    for change in (lambda: kwargs["mlp_weight"].mul_(-1.0), lambda: kwargs["norm_weight"].mul_(2.0)):
+        change()
+        step_rewards(hidden, mask, weight, bias, backend=backend, **kwargs)  # refreshes the cached weights
+        graph.replay()
+        ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+        assert_matches("step_scores", scores, ref_scores, atol, rtol)
+        assert_matches("chain_scores", chain, ref_chain, atol, rtol)
 
 
 @pytest.mark.cuda

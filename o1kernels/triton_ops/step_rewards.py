@@ -13,7 +13,8 @@ With the hidden layer (4 launches):
   1. `_step_count_kernel`: steps per block of BLOCK_T tokens.
   2. `_step_compact_kernel`: block b's first step rank = the sum of the lower blocks' counts (every
      program reads all counts; blocks widen so that there are at most MAX_SCAN_BLOCKS); writes
-     token_of_rank and rank_of_token for its steps, zeroes their logits; block 0 stores the step count S.
+     token_of_rank and rank_of_token for its steps, zeroes their logits, writes NaN at its non-step
+     tokens; block 0 stores the step count S.
   3. `_step_mlp_kernel`: a persistent tiled GEMM over the gathered step rows (M = the S steps of the
      whole batch, N = Hm, K = Hd) on tensor cores when hidden and mlp_weight share a 16-bit dtype. The
      RMSNorm weight is folded into the weight once per weight tensor (`folded_mlp_weight`, cached):
@@ -21,7 +22,7 @@ With the hidden layer (4 launches):
      rstd is accumulated from the same A tiles in the K loop (each row is read once). The epilogue
      applies rstd, the bias and relu, multiplies the [BLOCK_M, BLOCK_N] tile by the head's [C, BLOCK_N]
      slice and adds the partial logits atomically (so their last bits depend on the order).
-  4. `_step_finish_kernel`: logits + bias -> softmax/sigmoid -> step_scores (NaN elsewhere), and the
+  4. `_step_finish_kernel`: logits + bias -> softmax/sigmoid -> step_scores at the steps, and the
      chain aggregate in position order.
 
 All math is fp32 except the hidden layer's dot on GPU when hidden and mlp_weight are both fp16 or
@@ -117,12 +118,12 @@ def _step_count_kernel(mask_ptr, count_ptr, num_tokens, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _step_compact_kernel(
-    mask_ptr, count_ptr, num_steps_ptr, token_ptr, rank_ptr, logits_ptr,
+    mask_ptr, count_ptr, num_steps_ptr, token_ptr, rank_ptr, logits_ptr, scores_ptr,
     num_tokens, num_blocks, num_classes,
     BLOCK_T: tl.constexpr, NUM_BLOCKS_POW2: tl.constexpr,
 ):
     """Ranks of block pid's steps (position order over the whole batch): token_of_rank, rank_of_token,
-    zeroed logits rows; block 0 also stores the step count."""
+    zeroed logits rows, NaN step_scores at its non-step tokens; block 0 also stores the step count."""
     pid = tl.program_id(0)
     blocks = tl.arange(0, NUM_BLOCKS_POW2)
     counts = tl.load(count_ptr + blocks, mask=blocks < num_blocks, other=0)
@@ -130,7 +131,9 @@ def _step_compact_kernel(
     if pid == 0:
         tl.store(num_steps_ptr, tl.sum(counts, 0))
     offs_t = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    is_step = tl.load(mask_ptr + offs_t, mask=offs_t < num_tokens, other=0) != 0
+    in_range = offs_t < num_tokens
+    is_step = tl.load(mask_ptr + offs_t, mask=in_range, other=0) != 0
+    tl.store(scores_ptr + offs_t, tl.full([BLOCK_T], float("nan"), tl.float32), mask=in_range & ~is_step)
     steps = is_step.to(tl.int32)
     rank = first_rank + tl.cumsum(steps, 0) - steps
     tl.store(token_ptr + rank, offs_t.to(token_ptr.dtype.element_ty), mask=is_step)
@@ -222,8 +225,9 @@ def _step_finish_kernel(
     AGGREGATE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """chain_scores[b] from sequence b's rewards in position order. FROM_LOGITS: rewards come from the
-    hidden-layer logits (bias + activation here) and every step_scores entry of the sequence is written;
-    otherwise the head kernel already wrote step_scores and they are only read."""
+    hidden-layer logits (bias + activation here) and are written to step_scores; otherwise the head kernel
+    wrote them and they are only read. (NaN at non-step tokens comes from the block kernels, so every
+    entry is written whatever cu_seqlens holds.)"""
     b = tl.program_id(0).to(tl.int64)
     if PACKED:
         # Clamped so that bad cu_seqlens values (not checked on GPU) never read out of bounds.
@@ -256,7 +260,7 @@ def _step_finish_kernel(
             if HAS_BIAS:
                 logits += bias[None, :]
             reward = _reward(logits, offs_c, num_classes, positive_index, ACTIVATION)
-            tl.store(scores_ptr + offs, tl.where(is_step, reward, float("nan")), mask=in_seq)
+            tl.store(scores_ptr + offs, reward, mask=is_step)
         else:
             reward = tl.load(scores_ptr + offs, mask=is_step, other=0.0)
         count += tl.sum(is_step.to(tl.int32), 0)
@@ -299,25 +303,30 @@ def folded_mlp_weight(mlp_weight: torch.Tensor, norm_weight: torch.Tensor, dtype
     """(mlp_weight * norm_weight[None, :]) as a contiguous [Hm, Hd] tensor of `dtype` (product in fp32,
     rounded once), cached per (mlp_weight, norm_weight, dtype).
 
-    The entry is rebuilt when either tensor was changed in place (its _version moved) or now points at
-    other memory, and dropped when either is freed. Not cached: inference tensors (no version counter, so
-    an in-place change could not be seen) and calls inside a CUDA-graph capture (the product is captured
-    into the graph, but its values exist only after a replay). In-place writes that bypass the version
-    counter (through .data or raw pointers) are not seen: call clear_weight_cache() after them. Inside a
-    captured graph the folded weight is a constant: recapture after changing a weight.
+    The cached tensor is refreshed in place when either weight was changed in place (its _version moved)
+    or now points at other memory, and dropped when either is freed. A CUDA graph captured while the entry
+    existed reads that tensor, so it sees a changed weight once an eager call has refreshed it (or recapture).
+    Not cached: inference tensors (no version counter, so an in-place change could not be seen) and calls
+    inside a CUDA-graph capture when the entry is missing or stale (the product is captured into the graph
+    and recomputed at every replay; its values exist only after a replay). In-place writes that bypass the
+    version counter (through .data or raw pointers) are not seen: call clear_weight_cache() after them.
     """
     key = (id(mlp_weight), id(norm_weight), dtype)
     stamp = (_stamp(mlp_weight), _stamp(norm_weight))
     entry = _FOLDED.get(key)
-    if (entry is not None and entry.refs[0]() is mlp_weight and entry.refs[1]() is norm_weight
-            and entry.stamp == stamp):
+    same_tensors = entry is not None and entry.refs[0]() is mlp_weight and entry.refs[1]() is norm_weight
+    if same_tensors and entry.stamp == stamp and None not in stamp:
         return entry.folded
     with torch.no_grad():
         folded = (mlp_weight.float() * norm_weight.float()[None, :]).to(dtype).contiguous()
-    capturing = mlp_weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if None not in stamp and not capturing:
-        drop = functools.partial(_drop_folded, key)
-        _FOLDED[key] = _FoldedWeight((weakref.ref(mlp_weight, drop), weakref.ref(norm_weight, drop)), stamp, folded)
+        if None in stamp or (mlp_weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return folded
+        if same_tensors and entry.folded.shape == folded.shape:
+            entry.folded.copy_(folded)  # in place: graphs captured with this tensor read the new values
+            entry.stamp = stamp
+            return entry.folded
+    drop = functools.partial(_drop_folded, key)
+    _FOLDED[key] = _FoldedWeight((weakref.ref(mlp_weight, drop), weakref.ref(norm_weight, drop)), stamp, folded)
     return folded
 
 
@@ -524,7 +533,8 @@ def _launch_mlp_pipeline(hidden, mask, cu_seqlens, weight, bias, has_norm, norm_
 
     _step_count_kernel[(num_blocks,)](mask, counts, num_tokens, BLOCK_T=block_t, num_warps=cfg["FINISH_WARPS"])
     _step_compact_kernel[(num_blocks,)](
-        mask, counts, num_steps, token_of_rank, rank_of_token, logits, num_tokens, num_blocks, num_classes,
+        mask, counts, num_steps, token_of_rank, rank_of_token, logits, step_scores, num_tokens, num_blocks,
+        num_classes,
         BLOCK_T=block_t, NUM_BLOCKS_POW2=_pow2(num_blocks), num_warps=cfg["FINISH_WARPS"])
     max_tiles = _cdiv(num_tokens, cfg["BLOCK_M"]) * _cdiv(hm, cfg["BLOCK_N"])
     programs = cfg["programs"] if device.type != "cuda" else \
