@@ -23,7 +23,9 @@ eff_% = floor / the best fused provider's time (graph time where there is one).
   python benchmarks/bench_step_rewards.py [--device cpu|cuda] [--quick] [--reps N] [--threads N]
 
 --quick: the acceptance shapes (Bs=256, L=2048, Hd=4096, C=2, with and without the hidden layer) and a
-few others; under a minute on an H100/H200.
+few others; under a minute on an H100/H200. With O1KERNELS_AUTOTUNE=1 the Triton launch parameters are
+tuned per shape class at first use and the winners are printed and written to the notes (candidates for
+LAUNCH_TABLE in o1kernels/triton_ops/step_rewards.py).
 """
 from __future__ import annotations
 
@@ -248,6 +250,13 @@ def main():
 
     print()
     print(markdown_table(COLUMNS, rows))
+    if has_triton and on_gpu:
+        from o1kernels.triton_ops import step_rewards as triton_step_rewards
+
+        for key, config in triton_step_rewards._TUNED.items():  # filled only with O1KERNELS_AUTOTUNE=1
+            line = f"autotuned triton {key}: {config}"
+            print(line)
+            notes.append(line)
     if on_gpu:
         for line in acceptance(rows):
             print(line)

@@ -234,9 +234,11 @@ def test_math_shepherd_style_two_lm_head_rows(backend):
 
 
 @pytest.mark.parametrize("backend", backends())
-def test_non_contiguous_inputs(backend):
-    """Strided hidden (sliced rows, batch-transposed) and transposed weights."""
-    case = Case(bs=3, seq_len=11, hd=48, hm=32, aggregate="mean")
+@pytest.mark.parametrize("norm", (True, False), ids=("norm", "no-norm"))
+def test_non_contiguous_inputs(backend, norm):
+    """Strided hidden (sliced rows, batch-transposed) and transposed weights (without a norm, the hidden layer's
+    weight is used as given, strides and all)."""
+    case = Case(bs=3, seq_len=11, hd=48, hm=32, aggregate="mean", norm=norm)
     _, mask, _, bias, kwargs = make_inputs(case)
     hidden = torch.randn(case.seq_len, case.bs, case.hd + 5)[:, :, 2:2 + case.hd].transpose(0, 1)
     weight = torch.randn(case.hm, case.num_classes).T / case.hm ** 0.5
@@ -676,6 +678,8 @@ def test_triton_autotune(monkeypatch):
     from o1kernels.triton_ops import step_rewards as triton_sr
 
     monkeypatch.setattr(triton_sr, "_TUNED", {})
+    for path in ("head", "mlp"):  # two candidates each keep the compile time short
+        monkeypatch.setitem(triton_sr.AUTOTUNE_CANDIDATES, path, triton_sr.AUTOTUNE_CANDIDATES[path][:2])
     monkeypatch.setenv("O1KERNELS_AUTOTUNE", "1")
     for hm in (0, 96):
         check_case(Case(bs=4, seq_len=300, hd=256, hm=hm, dtype=torch.bfloat16, aggregate="mean"), "triton", "cuda")

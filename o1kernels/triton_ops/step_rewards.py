@@ -144,16 +144,6 @@ def _step_compact_kernel(
 
 
 @triton.jit
-def _dot_acc(acc, a, b, DOT_FP32: tl.constexpr):
-    """acc + a @ b; a in hidden's dtype, b in the folded weight's."""
-    if DOT_FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)  # both fp16 or both bf16: tensor cores, fp32 accumulation
-    return acc
-
-
-@triton.jit
 def _step_mlp_kernel(
     hidden_ptr, token_ptr, num_steps_ptr, mlp_w_ptr, mlp_b_ptr, w_ptr, logits_ptr,
     seq_len, hd, hm, num_classes, norm_eps, num_programs,
@@ -200,7 +190,11 @@ def _step_mlp_kernel(
             if HAS_NORM:
                 a32 = a.to(tl.float32)
                 sum_sq += tl.sum(a32 * a32, axis=1)
-            acc = _dot_acc(acc, a, b, DOT_FP32)
+            # Written out here, not as a jit helper: the interpreter pays milliseconds per helper call.
+            if DOT_FP32:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)  # both fp16 or both bf16: tensor cores, fp32 accumulation
         if HAS_NORM:
             acc = acc * tl.rsqrt(sum_sq / hd + norm_eps)[:, None]
         if HAS_MLP_BIAS:
