@@ -290,7 +290,8 @@ def _print_legend(report: dict, out) -> None:
     tree = strategy in ("beam_search", "dvts")
     print(f"{strategy}, n={n}" + (f", beam width {width}" if tree else "")
           + f", temperature {report['temperature']:g}, {report['decoder']} decoder on {report['device']}"
-          + (f" ({report['threads']} threads)" if report["threads"] else ""), file=out)
+          + (f", {report['threads']} CPU thread{'s' * (report['threads'] != 1)}" if report["threads"] else ""),
+          file=out)
     print(f"each candidate: its steps with their PRM step scores in parentheses; score = "
           f"{AGGREGATE_WORDS[report['aggregate']]} of its step scores (--aggregate {report['aggregate']})", file=out)
     if strategy == "beam_search" and report["filter_duplicates"]:

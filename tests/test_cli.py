@@ -180,7 +180,7 @@ def test_text_report_explains_scores_and_merged_duplicates(capsys):
     code, out, err = _run(capsys, ["--n", "8", "--threads", "1", *FAST])
     assert code == 0, err
     assert "score = the product of its step scores (--aggregate prod)" in out
-    assert "each distinct finished chain is listed once" in out and "(1 threads)" in out
+    assert "each distinct finished chain is listed once" in out and "on cpu, 1 CPU thread\n" in out
     code, out, err = _run(capsys, ["--n", "8", "--keep-duplicate-beams", "--aggregate", "min", *FAST])
     assert "score = the minimum of its step scores" in out and "listed once" not in out
 
