@@ -8,8 +8,9 @@ Prints what the lines show (settings, the chain score's aggregate, merged duplic
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
 and the KV-cache bytes used versus what the naive decoder would hold.
 --json prints one JSON object instead: the first problem's prompt/answer/correct/candidates at the top
-level, every problem under "problems", plus the run's strategy, n, threads, tokens_generated, tokens_per_s,
-kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of one dense KV copy per branch).
+level, every problem under "problems", plus the run's strategy, n, threads, omp_wait_policy,
+tokens_generated, tokens_per_s, kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of
+one dense KV copy per branch).
 The accuracy-vs-compute demo is benchmarks/scaling.py: `--scaling [its options]` runs it from a repository
 checkout. Bad arguments end with a one-line error naming the option on stderr and exit status 2, before the
 model is loaded (sizes are checked against the model's positions and the memory available).
@@ -276,6 +277,7 @@ def run(args) -> dict:
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
         "filter_duplicates": args.config.filter_duplicates, "decoder": args.decoder, "model": str(args.model),
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "accuracy": sum(graded) / len(graded) if graded else None,
         "tokens_generated": stats["tokens_generated"], "seconds": seconds,
         "tokens_per_s": stats["tokens_generated"] / seconds if seconds > 0 else None,
