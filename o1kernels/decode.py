@@ -15,8 +15,9 @@ Prints what the lines show (settings, the chain score's aggregate, merged duplic
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
 and the KV-cache bytes used versus what the naive decoder would hold.
 --json prints one JSON object instead: the first problem's prompt/answer/correct/candidates at the top
-level, every problem under "problems", plus the run's strategy, n, threads, tokens_generated, tokens_per_s,
-kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of one dense KV copy per branch).
+level, every problem under "problems", plus the run's strategy, n, threads, omp_wait_policy,
+tokens_generated, tokens_per_s, kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of
+one dense KV copy per branch).
 The accuracy-vs-compute demo is benchmarks/scaling.py: `--scaling [its options]` runs it from a repository
 checkout. Bad arguments end with a one-line error naming the option on stderr and exit status 2, before the
 model is loaded (sizes are checked against the model's positions and the memory available).
@@ -419,6 +420,7 @@ def run(args) -> dict:
         "filter_duplicates": args.config.filter_duplicates, "decoder": args.decoder, "model": str(args.model),
         "prm": None if args.prm is None else str(args.prm),
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "accuracy": sum(graded) / len(graded) if graded else None,
         "tokens_generated": stats["tokens_generated"], "seconds": seconds,
         "tokens_per_s": stats["tokens_generated"] / seconds if seconds > 0 else None,
@@ -433,7 +435,8 @@ def _print_legend(report: dict, out) -> None:
     tree = strategy in ("beam_search", "dvts")
     print(f"{strategy}, n={n}" + (f", beam width {width}" if tree else "")
           + f", temperature {report['temperature']:g}, {report['decoder']} decoder on {report['device']}"
-          + (f" ({report['threads']} threads)" if report["threads"] else ""), file=out)
+          + (f", {report['threads']} CPU thread{'s' * (report['threads'] != 1)}" if report["threads"] else ""),
+          file=out)
     print(f"each candidate: its steps with their PRM step scores in parentheses; score = "
           f"{AGGREGATE_WORDS[report['aggregate']]} of its step scores (--aggregate {report['aggregate']})", file=out)
     if strategy == "beam_search" and report["filter_duplicates"]:
