@@ -20,13 +20,14 @@ speedups over naive_sdpa and torch_flash_comp (graph times on GPU), the path our
     python benchmarks/bench_attention.py                 # GPU grid, bf16
     python benchmarks/bench_attention.py --quick         # GPU: the acceptance shapes only (~1 minute)
     python benchmarks/bench_attention.py --device cpu    # small shapes, fp32
+Results go to a new timestamped file under benchmarks/results/ (--out DIR_OR_PREFIX elsewhere; --update-shipped
+overwrites the shipped bench_attention_<cpu|gpu>.*).
 
 Triton runs on the CPU only under its interpreter (TRITON_INTERPRET=1 set before launching); its CPU times are
 then no speed measurement, so the CPU run skips Triton unless that variable is set.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import o1kernels  # noqa: E402
-from common import (bench, bench_cuda_graph, floor_ms, measured_copy_gbps, measured_matmul_tflops,  # noqa: E402
+from common import (ArgumentParser, add_output_args, bench, bench_cuda_graph, floor_ms,  # noqa: E402
+                    measured_copy_gbps, measured_matmul_tflops, output_prefix, print_legend, table_header, table_row,
                     write_results)
 
 PAGE_SIZE = 16
@@ -75,12 +77,17 @@ CPU_SHAPES = [Shape(1024, 32, 32, 8, 2, 64), Shape(256, 8, 32, 8, 2, 64), Shape(
 COLUMNS = ["shape", "provider", "eager_ms", "graph_ms", "host_us", "floor_ms", "eff_eager", "eff_graph",
            "x_naive", "x_comp", "path", "max_err"]
 LEGEND = {
-    "eager_ms / graph_ms": "median time per call, plain launches / replayed inside a CUDA graph (GPU only)",
-    "host_us": "eager - graph: host work per call (Python, launches)",
-    "floor_ms": "max(unique bytes / measured copy bandwidth, FLOPs / measured bf16 matmul rate)",
-    "eff_eager / eff_graph": "floor / time",
-    "x_naive / x_comp": "speedup over naive_sdpa / torch_flash_comp (graph times on GPU, eager on CPU)",
-    "path": "shared/direct segments the plan chose (ours)",
+    "shape": "prefix: B branches over a P-token prompt, S-token suffix each; beam tree: see the notes",
+    "provider": "see the module docstring; ours: shared_prefix[backend], tree[backend(,path|tuned)]",
+    "eager_ms": "median time per call, plain launches",
+    "graph_ms": "median time per call replayed inside a CUDA graph (GPU only)",
+    "host_us": "eager_ms - graph_ms: host work per call (Python, launches)",
+    "floor_ms": "max(unique bytes / measured copy bandwidth, FLOPs / measured matmul rate)",
+    "eff_eager": "floor_ms / eager_ms",
+    "eff_graph": "floor_ms / graph_ms",
+    "x_naive": "speedup over naive_sdpa (graph times on a GPU, eager on the CPU)",
+    "x_comp": "speedup over torch_flash_comp (likewise)",
+    "path": "ours: the plan's shared work items, partial slots and direct (query, segment) pairs",
     "max_err": "max |o - o_ref|, o_ref = naive_sdpa (else torch_flash_comp)",
 }
 
@@ -294,7 +301,7 @@ def providers(sh: Shape, dtype, device, args, notes):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--quick", action="store_true", help="the acceptance shapes only (GPU: about a minute)")
@@ -303,11 +310,13 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also run tree plans tuned by plan.tune() (GPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
+    add_output_args(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
+    prefix = output_prefix(ap, args, "bench_attention", device)
     if not on_gpu:
         torch.set_num_threads(args.threads or 1)
     args.backends = args.backends.split(",") if args.backends else None
@@ -332,9 +341,7 @@ def main():
         notes.add(f"torch CPU threads: {torch.get_num_threads()}; CPU times say nothing about GPU speed")
     print(f"# bench_attention on {device}: copy {gbps:.0f} GB/s, matmul {tflops:.1f} TFLOP/s, "
           f"{str(dtype).replace('torch.', '')}", flush=True)
-    header = f"{'shape':<46} {'provider':<26} {'eager_ms':>9} {'graph_ms':>9} {'host_us':>8} {'floor_ms':>9} " \
-             f"{'eff_g':>6} {'x_naive':>8} {'x_comp':>7}  path"
-    print(header, flush=True)
+    print(table_header(COLUMNS), flush=True)
     rows = []
     for sh in shapes:
         runs, ref_name, nbytes, flops = providers(sh, dtype, device, args, notes)
@@ -354,17 +361,14 @@ def main():
             t = r["graph_ms"] or r["eager_ms"]
             r["x_naive"] = best["naive_sdpa"] / t if "naive_sdpa" in best else None
             r["x_comp"] = best["torch_flash_comp"] / t if "torch_flash_comp" in best else None
-            fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-            print(f"{r['shape']:<46} {r['provider']:<26} {fmt(r['eager_ms'], '9.4f')} {fmt(r['graph_ms'], '9.4f')} "
-                  f"{fmt(r['host_us'], '8.1f')} {fmt(r['floor_ms'], '9.4f')} {fmt(r['eff_graph'] or r['eff_eager'], '6.1%')} "
-                  f"{fmt(r['x_naive'], '8.2f')} {fmt(r['x_comp'], '7.2f')}  {r['path'] or ''}", flush=True)
+            print(table_row(COLUMNS, r), flush=True)
         rows += shape_rows
         del runs
         if on_gpu:
             torch.cuda.empty_cache()
-    print("\ncolumns: " + "; ".join(f"{k}: {v}" for k, v in LEGEND.items()))
-    json_path, md_path = write_results("bench_attention", device, COLUMNS, rows,
-                                       sorted(notes) + [f"{k}: {v}" for k, v in LEGEND.items()])
+    print_legend(LEGEND)
+    json_path, md_path = write_results("bench_attention", device, COLUMNS, rows, sorted(notes), prefix=prefix,
+                                       legend=LEGEND)
     print(f"wrote {json_path} and {md_path}")
 
 

@@ -3,13 +3,21 @@
     python -m o1kernels.decode                                   # 3 task problems, defaults below
     python -m o1kernels.decode --strategy beam_search --n 16 --beam-width 4 --json
     python -m o1kernels.decode --prompt "Q:17+25-9+38"
+    python -m o1kernels.decode --model DIR --step-separator '\\n\\n' --prm PRM_DIR --prompt "..."   # any HF model
+
+Other models: --model is any Llama/Qwen2 HF checkpoint directory; its tokenizer files (or --tokenizer DIR) give the
+Hugging Face tokenizer, --step-separator (one token; backslash escapes) or --step-token-id the token that ends a step,
+--answer-regex how to read an answer. The PRM is the policy's reward head, or a separate checkpoint --prm DIR that
+shares the policy's tokenizer: with its own reward head, or a plain causal LM scored on two of its LM-head rows
+(--prm-token-pair "+,-", Math-Shepherd style).
 
 Prints what the lines show (settings, the chain score's aggregate, merged duplicate beams), then per problem
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
 and the KV-cache bytes used versus what the naive decoder would hold.
 --json prints one JSON object instead: the first problem's prompt/answer/correct/candidates at the top
-level, every problem under "problems", plus the run's strategy, n, threads, tokens_generated, tokens_per_s,
-kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of one dense KV copy per branch).
+level, every problem under "problems", plus the run's strategy, n, threads, omp_wait_policy,
+tokens_generated, tokens_per_s, kv_bytes (peak of the shared paged cache) and kv_bytes_naive (peak of
+one dense KV copy per branch).
 The accuracy-vs-compute demo is benchmarks/scaling.py: `--scaling [its options]` runs it from a repository
 checkout. Bad arguments end with a one-line error naming the option on stderr and exit status 2, before the
 model is loaded (sizes are checked against the model's positions and the memory available).
@@ -41,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
 AGGREGATE_WORDS = {"prod": "the product", "min": "the minimum", "mean": "the mean", "last": "the last"}
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 2**64 - 1
 TREE_PAGE_SIZE = 16  # TreeDecoder's default page size
+DEFAULT_STEP_SEPARATOR = "\\n\\n"  # search-and-learn's step delimiter, as typed on the command line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m o1kernels.decode",
                 description="PRM-guided test-time search with the o1kernels reference decoder.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                   help="HF checkpoint directory with the task's character vocabulary (default: shipped tiny model)")
+                   help="HF checkpoint directory (default: the shipped tiny model; other models: see --tokenizer)")
     p.add_argument("--strategy", choices=STRATEGIES, default="beam_search",
                    help="search strategy (default beam_search)")
     p.add_argument("--n", type=positive_int, default=8, help="candidates / beams per problem (default 8)")
@@ -83,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task problems to solve (default 3, 1 with --json)")
     p.add_argument("--prompt", default=None, help='solve this prompt instead, e.g. "Q:17+25-9+38"')
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="Hugging Face tokenizer directory (default: --model's, when it has tokenizer files; else the "
+                        "task's character vocabulary)")
+    p.add_argument("--step-separator", default=None,
+                   help=f"with a Hugging Face tokenizer: the one-token text that ends a step, backslash escapes "
+                        f"allowed (default {DEFAULT_STEP_SEPARATOR!r})")
+    p.add_argument("--step-token-id", type=int_in(0, 2**31 - 1), default=None,
+                   help="the step separator as a token id instead")
+    p.add_argument("--answer-regex", default=None,
+                   help="an answer is the first group (or the whole) of the regex's last match in a candidate's text "
+                        "(default: the task's 'A:<number>')")
+    p.add_argument("--prm", type=Path, default=None,
+                   help="separate PRM checkpoint directory (the policy's tokenizer; default: the policy's reward head)")
+    p.add_argument("--prm-token-pair", default=None,
+                   help='score with two rows of the --prm model\'s LM head: "POSITIVE,NEGATIVE" tokens (ids or '
+                        "one-token strings), reward = P(positive) of the pair")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--scaling", action="store_true",
                    help="run the accuracy-vs-N demo benchmarks/scaling.py instead (repository checkout only); the "
@@ -138,12 +163,15 @@ def _check_args(args) -> None:
         config = load_config(args.model)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--model {args.model}: {exc}") from None
-    tok = CharTokenizer()
-    if config.vocab_size < len(tok):
+    args.answer_fn = _answer_fn(args)
+    tok = args.tok = _tokenizer(args, config)
+    if isinstance(tok, CharTokenizer) and config.vocab_size < len(tok):
         raise UsageError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the task "
-                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task")
-    if args.strategy != "majority" and config.reward_head is None:
-        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head")
+                         f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task, or "
+                         "a Hugging Face tokenizer (--tokenizer)")
+    args.prm_token_ids = _check_prm(args, config, tok)
+    if args.strategy != "majority" and config.reward_head is None and args.prm is None:
+        raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head (give --prm)")
     positions = config.max_position_embeddings
     if args.prompt is not None:
         args.prompt_text = _prompt_text(args.prompt)
@@ -189,18 +217,132 @@ def _load(args):
     import torch
 
     from .decoder import NaiveDecoder, TreeDecoder, load_checkpoint
-    from .decoder.task import CharTokenizer
 
+    note = None if args.no_progress else (lambda message: print(f"{message} ...", file=sys.stderr, flush=True))
+
+    def decoder_of(model):
+        if args.decoder == "tree":
+            return TreeDecoder(model, backend=args.backend, on_capture=note)
+        return NaiveDecoder(model)
+
+    def load(option, path):
+        try:
+            return load_checkpoint(path, device=args.device, dtype=getattr(torch, args.dtype))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{option} {path}: {exc}") from None
+
+    model = load("--model", args.model)
+    decoder = decoder_of(model)
+    if args.prm is not None:
+        from .decoder.prm import PRMScoredDecoder
+
+        decoder = PRMScoredDecoder(decoder, decoder_of(load("--prm", args.prm)), token_pair=args.prm_token_ids)
+    return model, args.tok, decoder
+
+
+def _tokenizer(args, config):
+    """The task's CharTokenizer, or an HFTokenizer from --tokenizer / the --model directory (config: the model's)."""
+    from .decoder.task import CharTokenizer
+    from .decoder.tokenizers import has_tokenizer_files, load_tokenizer
+
+    source = args.tokenizer
+    if source is None and Path(args.model).resolve() != DEFAULT_MODEL.resolve() and has_tokenizer_files(args.model):
+        source = args.model
+    if args.step_separator is not None and args.step_token_id is not None:
+        raise UsageError("give --step-separator or --step-token-id, not both")
+    if source is None:
+        if args.step_separator is not None or args.step_token_id is not None:
+            raise UsageError("--step-separator/--step-token-id need a Hugging Face tokenizer (--tokenizer DIR, or "
+                             "tokenizer files in --model)")
+        return CharTokenizer()
+    separator = args.step_token_id if args.step_token_id is not None else _unescape(
+        args.step_separator if args.step_separator is not None else DEFAULT_STEP_SEPARATOR)
     try:
-        model = load_checkpoint(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--model {args.model}: {exc}") from None
-    if args.decoder == "tree":
-        note = None if args.no_progress else (lambda message: print(f"{message} ...", file=sys.stderr, flush=True))
-        decoder = TreeDecoder(model, backend=args.backend, on_capture=note)
+        tok = load_tokenizer(source, separator)
+    except (OSError, ImportError) as exc:
+        raise UsageError(f"{'--tokenizer' if args.tokenizer is not None else '--model'} {source}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        option = "--step-token-id" if args.step_token_id is not None else "--step-separator"
+        raise UsageError(f"{option}: {exc}") from None
+    if tok.eos_id is None:
+        tok.eos_id = config.eos_token_id
+    if len(tok) > config.vocab_size:
+        raise UsageError(f"tokenizer {source} has {len(tok)} tokens, more than the model's vocab_size "
+                         f"{config.vocab_size}")
+    return tok
+
+
+def _unescape(text: str) -> str:
+    r"""Command-line text with backslash escapes decoded ('
+
+' -> two newlines); other characters kept."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _check_prm(args, config, tok):
+    """--prm / --prm-token-pair from the PRM's config.json (no weights): the token pair's ids, or None."""
+    from .decoder.checkpoint import load_config
+
+    if args.prm is None:
+        if args.prm_token_pair is not None:
+            raise UsageError("--prm-token-pair needs --prm")
+        return None
+    try:
+        prm = load_config(args.prm)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--prm {args.prm}: {exc}") from None
+    if prm.vocab_size < config.vocab_size:
+        raise UsageError(f"--prm {args.prm}: vocab_size {prm.vocab_size} is smaller than the policy's "
+                         f"{config.vocab_size}; the PRM must share the policy's tokenizer")
+    if args.prm_token_pair is None:
+        if prm.reward_head is None:
+            raise UsageError(f"--prm {args.prm} has no reward head: give --prm-token-pair POSITIVE,NEGATIVE to score "
+                             "with two rows of its LM head")
+        return None
+    parts = args.prm_token_pair.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(f"--prm-token-pair must be two tokens separated by a comma, got {args.prm_token_pair!r}")
+    return tuple(_token(tok, _unescape(p), "--prm-token-pair", prm.vocab_size) for p in parts)
+
+
+def _token(tok, text: str, option: str, vocab_size: int) -> int:
+    """Token id of `text`: a decimal id, or a string that is one token of `tok`."""
+    if text.isdigit():
+        token = int(text)
     else:
-        decoder = NaiveDecoder(model)
-    return model, CharTokenizer(), decoder
+        try:
+            ids = [tok.token_id(text, option)] if hasattr(tok, "token_id") else tok.encode(text)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        if len(ids) != 1:
+            raise UsageError(f"{option}: {text!r} is {len(ids)} tokens, not one")
+        token = ids[0]
+    if not 0 <= token < vocab_size:
+        raise UsageError(f"{option}: token id {token} is outside the PRM's vocabulary [0, {vocab_size})")
+    return token
+
+
+def _answer_fn(args):
+    """How answers are read from a candidate's text: the task's extract_answer, or --answer-regex."""
+    import re
+
+    from .decoder.task import extract_answer
+
+    if args.answer_regex is None:
+        return extract_answer
+    try:
+        pattern = re.compile(args.answer_regex)
+    except re.error as exc:
+        raise UsageError(f"--answer-regex {args.answer_regex!r}: {exc}") from None
+
+    def answer(text: str):
+        matches = list(pattern.finditer(text))
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last.group(1) if pattern.groups else last.group(0)).strip()
+
+    return answer
 
 
 def _warm_up(args, decoder, tok, prompts: list[str]) -> None:
@@ -209,6 +351,7 @@ def _warm_up(args, decoder, tok, prompts: list[str]) -> None:
     from .decoder import TreeDecoder
     from .decoder.runner import pad_rows
 
+    decoder = getattr(decoder, "policy", decoder)  # with --prm: the policy's decoder runs the decode steps
     if args.device.type != "cuda" or not isinstance(decoder, TreeDecoder):
         return
     buckets = decoder.runner.buckets
@@ -283,7 +426,8 @@ def run(args) -> dict:
                    disable=args.no_progress, leave=False)
         t0 = time.perf_counter()
         results, stats = search(decoder, tok, [tok.encode(text, bos=True) for text, _ in problems], args.strategy,
-                                args.config, has_prm=model.reward_head is not None, progress=bar)
+                                args.config, has_prm=model.reward_head is not None or args.prm is not None,
+                                answer_fn=args.answer_fn, progress=bar)
         seconds = time.perf_counter() - t0
         bar.close()
         run_threads = torch.get_num_threads()
@@ -300,7 +444,9 @@ def run(args) -> dict:
         "strategy": args.strategy, "n": args.config.n, "beam_width": args.config.beam_width,
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
         "filter_duplicates": args.config.filter_duplicates, "decoder": args.decoder, "model": str(args.model),
+        "prm": None if args.prm is None else str(args.prm),
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "accuracy": sum(graded) / len(graded) if graded else None,
         "tokens_generated": stats["tokens_generated"], "seconds": seconds,
         "tokens_per_s": stats["tokens_generated"] / seconds if seconds > 0 else None,
@@ -315,7 +461,8 @@ def _print_legend(report: dict, out) -> None:
     tree = strategy in ("beam_search", "dvts")
     print(f"{strategy}, n={n}" + (f", beam width {width}" if tree else "")
           + f", temperature {report['temperature']:g}, {report['decoder']} decoder on {report['device']}"
-          + (f" ({report['threads']} threads)" if report["threads"] else ""), file=out)
+          + (f", {report['threads']} CPU thread{'s' * (report['threads'] != 1)}" if report["threads"] else ""),
+          file=out)
     print(f"each candidate: its steps with their PRM step scores in parentheses; score = "
           f"{AGGREGATE_WORDS[report['aggregate']]} of its step scores (--aggregate {report['aggregate']})", file=out)
     if strategy == "beam_search" and report["filter_duplicates"]:

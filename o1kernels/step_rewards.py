@@ -72,6 +72,10 @@ def step_rewards(
     reward at step positions and NaN elsewhere; chain_scores [Bs] is NaN for a sequence
     without steps. All tensors must be on one device; weights may be any float dtype
     (fp32 math throughout; see the Triton module for the hidden layer's dot precision).
+    The triton and cuda backends convert no weight per call: what they convert (e.g. the RMSNorm
+    weight folded into the next matrix) is cached per weight tensor and refreshed after an in-place
+    change; a captured CUDA graph reads that cache, so after changing a weight call once eagerly
+    (or recapture) before replaying.
     """
     args = _validate(hidden, step_mask, weight, bias, norm_weight, norm_eps, mlp_weight, mlp_bias,
                      activation, positive_index, aggregate, cu_seqlens)

@@ -2,6 +2,7 @@
 where results are written; console table layout."""
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_output_location(tmp_path, capsys):
     assert default.parent == RESULTS_DIR and re.fullmatch(r"bench_x_cpu_\d{8}-\d{6}", default.name)
     subprocess.run(["git", "check-ignore", "-q", f"{default}.json"], cwd=ROOT, check=True)  # git status stays clean
     assert output_prefix(*_output_args("--update-shipped"), "bench_x", cpu) == RESULTS_DIR / "bench_x_cpu"
-    assert output_prefix(*_output_args("--out", str(tmp_path / "a" / "run1")), "bench_x", cpu) == tmp_path / "a" / "run1"
+    chosen = tmp_path / "a" / "run1"
+    assert output_prefix(*_output_args("--out", str(chosen)), "bench_x", cpu) == chosen
     in_dir = output_prefix(*_output_args("--out", str(tmp_path)), "bench_x", cpu)
     assert in_dir.parent == tmp_path and in_dir.name.startswith("bench_x_cpu_")
     (tmp_path / f"{in_dir.name}.json").write_text("{}")  # a second run in the same second gets a new name
@@ -80,6 +82,7 @@ def test_console_table_header_rows_legend_and_files(tmp_path):
                            "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
+    assert lines[0].endswith(f"{os.cpu_count()} logical CPUs), 1 torch thread(s)")  # not "2 threads" with 1 used
     header = next(i for i, line in enumerate(lines) if line.startswith("| P | N | S |"))
     assert lines[header + 1].startswith("|---|") and lines[header + 2].startswith("| 16 | 2 | 2 |")
     assert lines[header + 3] == "columns:" and any(line.strip().startswith("speedup") for line in lines)

@@ -1,6 +1,7 @@
 """CLI `python -m o1kernels.decode`: --json fields, text report, and one-line errors for bad arguments."""
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -50,11 +51,15 @@ def test_text_report_and_prompt(capsys, strategy):
 
 
 def test_module_entry_point_prints_json():
+    """Run as a program, the CLI restarts itself with OMP_WAIT_POLICY=PASSIVE (unless it is set): spinning OpenMP
+    threads collapsed the demo's speed beside any busy process."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run([sys.executable, "-m", "o1kernels.decode", "--json", "--n", "2", "--beam-width", "2",
-                           "--problems", "2", *FAST], capture_output=True, text=True, timeout=300)
+                           "--problems", "2", *FAST], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert len(report["problems"]) == 2 and report["strategy"] == "beam_search"
+    assert report["omp_wait_policy"] == "PASSIVE"
 
 
 @pytest.fixture
@@ -180,7 +185,7 @@ def test_text_report_explains_scores_and_merged_duplicates(capsys):
     code, out, err = _run(capsys, ["--n", "8", "--threads", "1", *FAST])
     assert code == 0, err
     assert "score = the product of its step scores (--aggregate prod)" in out
-    assert "each distinct finished chain is listed once" in out and "(1 threads)" in out
+    assert "each distinct finished chain is listed once" in out and "on cpu, 1 CPU thread\n" in out
     code, out, err = _run(capsys, ["--n", "8", "--keep-duplicate-beams", "--aggregate", "min", *FAST])
     assert "score = the minimum of its step scores" in out and "listed once" not in out
 
@@ -198,9 +203,9 @@ def test_scaling_forwards_its_own_options(capsys, tmp_path):
     assert err.strip() == ("python -m o1kernels.decode --scaling: error: argument --problems: expected an integer "
                            ">= 1, got '0'")
     code, out, err = _run(capsys, ["--scaling", "--ns", "1", "--problems", "2", "--strategies", "beam_search",
-                                   "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "run"),
-                                   "--no-progress"])
+                                   "--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "run")])
     assert code == 0, err
+    assert "beam_search N=1" in err and "problem/s" in err  # the progress bar on stderr
     rows = json.loads((tmp_path / "run.json").read_text())["rows"]
     assert [(r["strategy"], r["n"]) for r in rows] == [("greedy", 1), ("majority", 1), ("best_of_n", 1),
                                                         ("weighted_best_of_n", 1), ("beam_search", 1)]

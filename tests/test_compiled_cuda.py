@@ -6,7 +6,8 @@ The op owners' GPU tests (test_tree_attention.py, test_shared_prefix_attention.p
 test_merge_states.py, test_step_rewards.py) also run backend="cuda" over their full case lists;
 the cases here target the kernel paths: tensor-core tree attention for fp16/bf16 x head_dim
 64/128/256 x 1/2/4 row warps, the SIMT fallback (fp32, other head dims, unaligned strides), and
-the step-reward hidden layer on tensor cores and in SIMT.
+the step-reward head kernel (16-byte and scalar row loads) and hidden layer on tensor cores and in SIMT,
+and the binding's prepared-weight cache.
 """
 from __future__ import annotations
 
@@ -126,12 +127,14 @@ def test_shared_prefix_unbalanced_groups(dtype):
 
 
 STEP_CASES = [
-    step_cases.Case(bs=70, seq_len=600, hd=256, hm=200, dtype=torch.bfloat16, aggregate="min"),  # mma, 2 row tiles
+    step_cases.Case(bs=70, seq_len=600, hd=256, hm=200, dtype=torch.bfloat16, aggregate="min"),  # mma, many row tiles
     step_cases.Case(bs=5, seq_len=300, hd=128, hm=64, dtype=torch.float16, aggregate="prod", mask="all"),
     step_cases.Case(bs=9, seq_len=50, hd=100, hm=72, dtype=torch.bfloat16, aggregate="last"),  # Hd % 8: SIMT
     step_cases.Case(bs=9, seq_len=50, hd=96, hm=40, dtype=torch.float32, aggregate="mean", num_classes=5,
                     positive_index=3),  # fp32: SIMT
-    step_cases.Case(bs=33, seq_len=700, hd=160, dtype=torch.bfloat16, aggregate="max"),  # no hidden layer
+    step_cases.Case(bs=33, seq_len=700, hd=160, dtype=torch.bfloat16, aggregate="max"),  # head, 16-byte row loads
+    step_cases.Case(bs=7, seq_len=1500, hd=100, dtype=torch.float16, aggregate="prod", num_classes=5,
+                    positive_index=2),  # head, scalar row loads (Hd % 8), two passes over the classes
     step_cases.Case(bs=4, seq_len=40, hd=64, num_classes=1, activation="sigmoid", positive_index=0,
                     dtype=torch.float16, hm=0, norm=False),
 ]
@@ -151,6 +154,22 @@ def test_step_rewards_fp32_hidden_layer_weight_with_bf16_hidden():
     ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
     step_cases.assert_matches("step_scores", scores, ref_scores, *step_cases.FP32_MATH_TOL[1:])
     step_cases.assert_matches("chain_scores", chain, ref_chain, *step_cases.FP32_MATH_TOL[1:])
+
+
+@pytest.mark.parametrize("hm", (0, 32))
+def test_step_rewards_inference_tensor_weights(hm):
+    """Weights made under torch.inference_mode have no version counter: they are prepared on every call (not
+    cached), so an in-place change made under inference mode still reaches the scores."""
+    case = step_cases.Case(bs=3, seq_len=20, hd=48, hm=hm)
+    with torch.inference_mode():
+        hidden, mask, weight, bias, kwargs = step_cases.make_inputs(case, "cuda")
+    for change in (lambda: None, lambda: kwargs["norm_weight"].mul_(1.7), lambda: weight.add_(0.2)):
+        with torch.inference_mode():
+            change()
+        scores, chain = o1kernels.step_rewards(hidden, mask, weight, bias, backend="cuda", **kwargs)
+        ref_scores, ref_chain = reference_step_rewards(hidden, mask, weight, bias, **kwargs)
+        step_cases.assert_matches("step_scores", scores, ref_scores, *step_cases.FP32_MATH_TOL[1:])
+        step_cases.assert_matches("chain_scores", chain, ref_chain, *step_cases.FP32_MATH_TOL[1:])
 
 
 def test_cuda_matches_cpu_backend():

@@ -322,6 +322,10 @@ def test_sizes_beyond_memory_are_value_errors(kind):
     if kind == "tree":
         with pytest.raises(ValueError, match=r"n: at most 2\*\*31 - 1 live branches"):
             dec.fork(root, 2**31)
+        with pytest.raises(ValueError, match=r"^num_pages: a KV pool of 1099511627776 pages of 4 tokens needs"):
+            TreeDecoder(model, backend="torch", page_size=4, num_pages=2**40)
+        with pytest.raises(ValueError, match=r"^num_pages: a KV pool of 4 pages of 2147483648 tokens needs"):
+            PagedKVPool(2, 2, 4, page_size=2**31, num_pages=4)
 
 
 def test_atomic_undoes_growth_forks_and_releases():

@@ -7,54 +7,77 @@
 
 namespace o1k {
 namespace detail {
+namespace {
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Rows of 8-element (16-byte for 16-bit types) aligned chunks: Hd and both row strides multiples of 8.
+bool hidden_rows_vec8(const StepRewardsParams& p) {
+  return p.hidden_dim % 8 == 0 && p.hidden_stride_b % 8 == 0 && p.hidden_stride_l % 8 == 0 && aligned16(p.hidden);
+}
 
 bool step_mlp_uses_tensor_cores(DType dtype, const StepRewardsParams& p) {
-  if (dtype == DType::kFloat32 || p.mlp_weight_fp32 || p.hidden_dim % 8 != 0) return false;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return p.hidden_stride_b % 8 == 0 && p.hidden_stride_l % 8 == 0 && aligned(p.hidden) && aligned(p.mlp_weight);
+  return dtype != DType::kFloat32 && !p.mlp_weight_fp32 && hidden_rows_vec8(p) && aligned16(p.mlp_weight);
 }
 
 template <typename T>
 cudaError_t launch_step_rewards(DType dtype, const StepRewardsParams& p, cudaStream_t stream) {
   if (p.mlp_weight == nullptr) {
-    step_rewards_finalize_kernel<T, false><<<p.num_seqs, kStepThreads, 0, stream>>>(p);
+    if (p.num_tokens > 0) {
+      const int grid = ceil_div(p.num_tokens, kHeadBlockTokens);
+      if (hidden_rows_vec8(p) && aligned16(p.head_weight)) {
+        step_head_kernel<T, true><<<grid, kStepThreads, 0, stream>>>(p);
+      } else {
+        step_head_kernel<T, false><<<grid, kStepThreads, 0, stream>>>(p);
+      }
+    }
+    step_chain_kernel<false><<<p.num_seqs, kStepThreads, 0, stream>>>(p, StepWorkspace{});
     return cudaGetLastError();
   }
-  step_count_kernel<<<p.num_seqs, kStepThreads, 0, stream>>>(p);
-  step_scan_kernel<<<1, kScanThreads, 0, stream>>>(p);
-  step_gather_kernel<T><<<p.num_seqs, kStepThreads, 0, stream>>>(p);
+  if (p.num_tokens == 0) {
+    step_chain_kernel<true><<<p.num_seqs, kStepThreads, 0, stream>>>(p, StepWorkspace{});
+    return cudaGetLastError();
+  }
+  const StepWorkspace w = carve_workspace(p);
+  step_count_kernel<<<w.num_blocks, kStepThreads, 0, stream>>>(p, w);
+  step_compact_kernel<<<w.num_blocks, kStepThreads, 0, stream>>>(p, w);
   // Persistent grid: the step count is only known on the device.
-  const int64_t max_tiles = static_cast<int64_t>(ceil_div(std::max(p.num_tokens, 1), kMlpRows)) *
-                            ceil_div(p.mlp_dim, kMlpUnits);
-  const int grid = static_cast<int>(std::min<int64_t>(max_tiles, 4 * static_cast<int64_t>(std::max(p.num_sms, 1))));
-  if (grid > 0) {
-    if constexpr (!std::is_same<T, float>::value) {
-      if (step_mlp_uses_tensor_cores(dtype, p)) {
-        step_mlp_mma_kernel<T><<<grid, kMlpThreads, 0, stream>>>(p);
-      } else if (p.mlp_weight_fp32) {
-        step_mlp_simt_kernel<T, float><<<grid, kMlpThreads, 0, stream>>>(p);
-      } else {
-        step_mlp_simt_kernel<T, T><<<grid, kMlpThreads, 0, stream>>>(p);
-      }
-    } else {
-      step_mlp_simt_kernel<float, float><<<grid, kMlpThreads, 0, stream>>>(p);
+  const int sms = std::max(p.num_sms, 1);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (step_mlp_uses_tensor_cores(dtype, p)) {
+      const int64_t max_tiles = static_cast<int64_t>(ceil_div(p.num_tokens, kMmaRows)) * ceil_div(p.mlp_dim, kMmaUnits);
+      const int grid = static_cast<int>(std::min<int64_t>(max_tiles, 2 * static_cast<int64_t>(sms)));
+      constexpr int smem = static_cast<int>(mma_smem_bytes<T>());
+      const cudaError_t err =
+          cudaFuncSetAttribute(step_mlp_mma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return err;
+      step_mlp_mma_kernel<T><<<grid, kMmaThreads, smem, stream>>>(p, w);
+      step_chain_kernel<true><<<p.num_seqs, kStepThreads, 0, stream>>>(p, w);
+      return cudaGetLastError();
     }
   }
-  step_rewards_finalize_kernel<T, true><<<p.num_seqs, kStepThreads, 0, stream>>>(p);
+  const int64_t max_tiles = static_cast<int64_t>(ceil_div(p.num_tokens, kSimtRows)) * ceil_div(p.mlp_dim, kSimtUnits);
+  const int grid = static_cast<int>(std::min<int64_t>(max_tiles, 4 * static_cast<int64_t>(sms)));
+  if (p.mlp_weight_fp32) {
+    step_mlp_simt_kernel<T, float><<<grid, kSimtThreads, 0, stream>>>(p, w);
+  } else {
+    step_mlp_simt_kernel<T, T><<<grid, kSimtThreads, 0, stream>>>(p, w);
+  }
+  step_chain_kernel<true><<<p.num_seqs, kStepThreads, 0, stream>>>(p, w);
   return cudaGetLastError();
 }
 
+}  // namespace
 }  // namespace detail
 
-StepRewardsWorkspace step_rewards_workspace_sizes(const StepRewardsParams& p) {
-  if (p.mlp_weight == nullptr) return {0, 0, 0, 0};
-  const int64_t tokens = p.num_tokens;
-  return {static_cast<int64_t>(p.num_seqs) + 1, tokens, tokens, tokens * p.num_classes};
+size_t step_rewards_workspace_bytes(const StepRewardsParams& p) {
+  return p.mlp_weight == nullptr || p.num_tokens == 0 ? 0 : detail::workspace_bytes(p);
 }
 
 cudaError_t step_rewards(DType hidden_dtype, const StepRewardsParams& p, cudaStream_t stream) {
   if (p.num_classes < 1 || p.num_classes > kMaxClasses || p.positive_index < 0 ||
-      p.positive_index >= p.num_classes || p.seq_len < 0) {
+      p.positive_index >= p.num_classes || p.seq_len < 0 || p.num_tokens < 0 ||
+      (p.mlp_weight != nullptr && p.num_tokens > 0 && p.workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (p.num_seqs == 0) return cudaSuccess;

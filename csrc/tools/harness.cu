@@ -4,7 +4,7 @@
 // paths of each kernel on small random problems:
 //   tree attention: tensor-core path vs SIMT path (fp16/bf16 x head_dim 64/128/256 x 1/2/4 row warps),
 //   then merge_partials of both;
-//   step rewards:   hidden layer on tensor cores (bf16 weight) vs SIMT (the same weight in fp32).
+//   step rewards:   head-only and hidden-layer paths (tensor cores, SIMT) vs a float64 host reference.
 // Exit status 0 when every comparison is within tolerance, 1 otherwise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "o1kernels/api.h"
@@ -190,59 +191,179 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
   compare(what, merged[0], merged[1], tol);
 }
 
-// Hidden-layer step rewards: bf16 weight (tensor cores) vs the same values as fp32 (SIMT).
-void check_step_rewards(std::mt19937& rng) {
-  const int bs = 5, len = 70, hd = 96, hm = 72, classes = 2;
-  const auto hidden = random_values<__nv_bfloat16>(static_cast<size_t>(bs) * len * hd, rng);
-  const auto mlp_w = random_values<__nv_bfloat16>(static_cast<size_t>(hm) * hd, rng);
-  std::vector<float> mlp_w_f32(mlp_w.size());
-  for (size_t i = 0; i < mlp_w.size(); ++i) mlp_w_f32[i] = __bfloat162float(mlp_w[i]);
-  const auto weight = random_values<float>(static_cast<size_t>(classes) * hm, rng);
-  const auto mlp_b = random_values<float>(hm, rng);
-  std::vector<float> norm_w(hd, 1.25f);
-  std::vector<char> mask_bytes(static_cast<size_t>(bs) * len, 0);
-  std::uniform_int_distribution<int> coin(0, 4);
-  for (size_t i = 0; i < mask_bytes.size(); ++i) mask_bytes[i] = i / len != 3 && coin(rng) == 0;  // seq 3: no steps
-  bool* mask = nullptr;
-  HARNESS_CUDA(cudaMalloc(&mask, mask_bytes.size()));
-  HARNESS_CUDA(cudaMemcpy(mask, mask_bytes.data(), mask_bytes.size(), cudaMemcpyHostToDevice));
+// Host float64 reference of step_rewards (padded layout when cu_seqlens is empty). Each step's
+// reward, NaN elsewhere; chain = aggregate "mean" in position order.
+struct StepProblem {
+  int bs, len, hd, hm, classes;  // hm = 0: no hidden layer
+  std::vector<float> hidden, norm_w, mlp_w, mlp_b, head_w, head_b;  // hidden values already rounded to its dtype
+  std::vector<char> mask;
+  std::vector<int32_t> cu_seqlens;  // empty: padded
+};
 
-  std::vector<float> chain[2], scores[2];
-  for (int path = 0; path < 2; ++path) {
-    o1k::StepRewardsParams p{};
-    p.hidden = to_device(hidden);
-    p.hidden_stride_l = hd;
-    p.hidden_stride_b = static_cast<int64_t>(len) * hd;
-    p.step_mask = mask;
-    p.weight = to_device(weight);
-    p.norm_weight = to_device(norm_w);
-    p.mlp_bias = to_device(mlp_b);
-    p.mlp_weight = path == 0 ? static_cast<const void*>(to_device(mlp_w)) : to_device(mlp_w_f32);
-    p.mlp_weight_fp32 = path == 1;
-    p.norm_eps = 1e-6f;
-    p.num_seqs = bs;
-    p.seq_len = len;
-    p.num_tokens = bs * len;
-    p.hidden_dim = hd;
-    p.mlp_dim = hm;
-    p.num_classes = classes;
-    p.positive_index = 1;
-    p.activation = o1k::Activation::kSoftmax;
-    p.aggregate = o1k::Aggregate::kMean;
-    p.num_sms = 4;
-    const o1k::StepRewardsWorkspace ws = o1k::step_rewards_workspace_sizes(p);
-    HARNESS_CUDA(cudaMalloc(&p.seq_step_start, ws.int32_elems_seq_start * sizeof(int32_t)));
-    HARNESS_CUDA(cudaMalloc(&p.step_token, ws.int32_elems_step_token * sizeof(int32_t)));
-    HARNESS_CUDA(cudaMalloc(&p.step_row_scale, ws.float_elems_row_scale * sizeof(float)));
-    HARNESS_CUDA(cudaMalloc(&p.step_logits, ws.float_elems_logits * sizeof(float)));
-    HARNESS_CUDA(cudaMalloc(&p.step_scores, static_cast<size_t>(bs) * len * sizeof(float)));
-    HARNESS_CUDA(cudaMalloc(&p.chain_scores, bs * sizeof(float)));
-    HARNESS_CUDA(o1k::step_rewards(o1k::DType::kBFloat16, p, nullptr));
-    scores[path] = to_host(p.step_scores, static_cast<size_t>(bs) * len);
-    chain[path] = to_host(p.chain_scores, bs);
+void reference_step_rewards(const StepProblem& q, std::vector<float>& scores, std::vector<float>& chain) {
+  scores.assign(q.mask.size(), NAN);
+  chain.assign(q.bs, NAN);
+  for (int b = 0; b < q.bs; ++b) {
+    const int begin = q.cu_seqlens.empty() ? b * q.len : q.cu_seqlens[b];
+    const int end = q.cu_seqlens.empty() ? (b + 1) * q.len : q.cu_seqlens[b + 1];
+    double sum = 0;
+    int count = 0;
+    for (int t = begin; t < end; ++t) {
+      if (!q.mask[t]) continue;
+      std::vector<double> x(q.hidden.begin() + static_cast<size_t>(t) * q.hd, q.hidden.begin() + static_cast<size_t>(t + 1) * q.hd);
+      double ss = 0;
+      for (double v : x) ss += v * v;
+      const double rstd = 1.0 / std::sqrt(ss / q.hd + 1e-6);
+      for (int d = 0; d < q.hd; ++d) x[d] *= rstd * q.norm_w[d];
+      if (q.hm > 0) {
+        std::vector<double> h(q.hm);
+        for (int j = 0; j < q.hm; ++j) {
+          double acc = q.mlp_b[j];
+          for (int d = 0; d < q.hd; ++d) acc += x[d] * q.mlp_w[static_cast<size_t>(j) * q.hd + d];
+          h[j] = std::max(acc, 0.0);
+        }
+        x = h;
+      }
+      const int k = static_cast<int>(x.size());
+      std::vector<double> z(q.classes);
+      double m = -INFINITY;
+      for (int c = 0; c < q.classes; ++c) {
+        z[c] = q.head_b[c];
+        for (int d = 0; d < k; ++d) z[c] += x[d] * q.head_w[static_cast<size_t>(c) * k + d];
+        m = std::max(m, z[c]);
+      }
+      double denom = 0;
+      for (int c = 0; c < q.classes; ++c) denom += std::exp(z[c] - m);
+      const double reward = std::exp(z[1] - m) / denom;  // softmax, positive class 1
+      scores[t] = static_cast<float>(reward);
+      sum += reward;
+      ++count;
+    }
+    if (count > 0) chain[b] = static_cast<float>(sum / count);
   }
-  compare("step_rewards bf16 hidden layer: step scores mma vs simt", scores[0], scores[1], 2e-2f);
-  compare("step_rewards bf16 hidden layer: chain scores mma vs simt", chain[0], chain[1], 2e-2f);
+}
+
+// Runs o1k::step_rewards on `q` with hidden of type T and the hidden-layer weight prepared as TW
+// (norm folded in, rounded to TW, as the torch binding prepares it); returns (scores, chain).
+template <typename T, typename TW>
+void run_step_rewards(o1k::DType dtype, const StepProblem& q, std::vector<float>& scores, std::vector<float>& chain) {
+  const int tokens = static_cast<int>(q.mask.size());
+  std::vector<T> hidden(q.hidden.size());
+  for (size_t i = 0; i < hidden.size(); ++i) hidden[i] = from_float_host<T>(q.hidden[i]);
+  const int k = q.hm > 0 ? q.hm : q.hd;
+  std::vector<float> head_w(q.head_w);  // without a hidden layer the norm folds into the head
+  if (q.hm == 0) {
+    for (int c = 0; c < q.classes; ++c) {
+      for (int d = 0; d < q.hd; ++d) head_w[static_cast<size_t>(c) * k + d] *= q.norm_w[d];
+    }
+  }
+  o1k::StepRewardsParams p{};
+  p.hidden = to_device(hidden);
+  p.hidden_stride_l = q.hd;
+  p.hidden_stride_b = q.cu_seqlens.empty() ? static_cast<int64_t>(q.len) * q.hd : 0;
+  bool* mask = nullptr;
+  HARNESS_CUDA(cudaMalloc(&mask, q.mask.size()));
+  HARNESS_CUDA(cudaMemcpy(mask, q.mask.data(), q.mask.size(), cudaMemcpyHostToDevice));
+  p.step_mask = mask;
+  p.cu_seqlens = q.cu_seqlens.empty() ? nullptr : to_device(q.cu_seqlens);
+  p.head_weight = to_device(head_w);
+  p.bias = to_device(q.head_b);
+  p.has_norm = true;
+  p.norm_eps = 1e-6f;
+  if (q.hm > 0) {
+    std::vector<TW> mlp_w(q.mlp_w.size());
+    for (int j = 0; j < q.hm; ++j) {
+      for (int d = 0; d < q.hd; ++d) {
+        const size_t i = static_cast<size_t>(j) * q.hd + d;
+        mlp_w[i] = from_float_host<TW>(q.mlp_w[i] * q.norm_w[d]);
+      }
+    }
+    p.mlp_weight = to_device(mlp_w);
+    p.mlp_bias = to_device(q.mlp_b);
+    p.mlp_weight_fp32 = !std::is_same<T, TW>::value;
+  }
+  p.num_seqs = q.bs;
+  p.seq_len = q.cu_seqlens.empty() ? q.len : tokens;
+  p.num_tokens = tokens;
+  p.hidden_dim = q.hd;
+  p.mlp_dim = q.hm;
+  p.num_classes = q.classes;
+  p.positive_index = 1;
+  p.activation = o1k::Activation::kSoftmax;
+  p.aggregate = o1k::Aggregate::kMean;
+  p.num_sms = 2;  // few persistent programs: each loops over several tiles
+  const size_t ws = o1k::step_rewards_workspace_bytes(p);
+  if (ws > 0) HARNESS_CUDA(cudaMalloc(&p.workspace, ws));
+  float *step_scores = nullptr, *chain_scores = nullptr;
+  HARNESS_CUDA(cudaMalloc(&step_scores, tokens * sizeof(float)));
+  HARNESS_CUDA(cudaMalloc(&chain_scores, q.bs * sizeof(float)));
+  HARNESS_CUDA(cudaMemset(step_scores, 0x7f, tokens * sizeof(float)));  // poison: every entry must be written
+  HARNESS_CUDA(cudaMemset(chain_scores, 0x7f, q.bs * sizeof(float)));
+  if (ws > 0) HARNESS_CUDA(cudaMemset(p.workspace, 0x7f, ws));
+  p.step_scores = step_scores;
+  p.chain_scores = chain_scores;
+  HARNESS_CUDA(o1k::step_rewards(dtype, p, nullptr));
+  scores = to_host(step_scores, tokens);
+  chain = to_host(chain_scores, q.bs);
+}
+
+// Step rewards against the float64 reference: the head-only path (vectorised bf16 rows; fp32 rows with
+// Hd % 8 != 0, packed with an empty sequence) and the hidden layer on tensor cores and in SIMT.
+void check_step_rewards(std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
+  std::uniform_int_distribution<int> coin(0, 3);
+  const auto make = [&](int bs, int len, int hd, int hm, int classes, bool packed, bool round_bf16) {
+    StepProblem q{bs, len, hd, hm, classes, {}, {}, {}, {}, {}, {}, {}, {}};
+    const int tokens = bs * len, k = hm > 0 ? hm : hd;
+    for (int i = 0; i < tokens * hd; ++i) {
+      const float v = 2.f * normal(rng);
+      q.hidden.push_back(round_bf16 ? __bfloat162float(__float2bfloat16(v)) : v);
+    }
+    for (int d = 0; d < hd; ++d) q.norm_w.push_back(uniform(rng));
+    for (int i = 0; i < hm * hd; ++i) q.mlp_w.push_back(normal(rng) / std::sqrt(static_cast<float>(hd)));
+    for (int j = 0; j < hm; ++j) q.mlp_b.push_back(0.2f * normal(rng));
+    for (int i = 0; i < classes * k; ++i) q.head_w.push_back(2.f * normal(rng) / std::sqrt(static_cast<float>(k)));
+    for (int c = 0; c < classes; ++c) q.head_b.push_back(0.5f * normal(rng));
+    for (int t = 0; t < tokens; ++t) {
+      const int seq = t / len;
+      q.mask.push_back(seq == 1 ? 0 : seq == 2 ? 1 : coin(rng) == 0);  // sequence 1: no steps; 2: all steps
+    }
+    if (packed) {  // sequence 3 empty: cu_seqlens 0, len, 2 len, 3 len, 3 len, 4 len, ...
+      q.cu_seqlens.push_back(0);
+      for (int b = 0; b < bs; ++b) q.cu_seqlens.push_back(q.cu_seqlens.back() + (b == 3 ? 0 : len));
+      const int total = q.cu_seqlens.back();
+      q.mask.resize(total);
+      q.hidden.resize(static_cast<size_t>(total) * hd);
+    }
+    return q;
+  };
+  std::vector<float> ref_scores, ref_chain, scores, chain;
+  const struct {
+    const char* name;
+    int bs, len, hd, hm;
+    bool packed;
+    int path;  // 0: bf16 head, 1: fp32 head, 2: bf16 mma, 3: bf16 hidden + fp32 weight (simt)
+    float tol;
+  } cases[] = {
+      {"step_rewards head bf16 (vec8, blocks across sequences)", 5, 1100, 96, 0, false, 0, 1e-4f},
+      {"step_rewards head fp32 (Hd % 8 != 0, packed, empty seq)", 6, 300, 50, 0, true, 1, 1e-4f},
+      {"step_rewards hidden layer bf16 on tensor cores", 5, 300, 96, 200, false, 2, 2e-2f},
+      {"step_rewards hidden layer bf16, fp32 weight (simt)", 5, 300, 96, 200, true, 3, 1e-4f},
+  };
+  for (const auto& c : cases) {
+    const StepProblem q = make(c.bs, c.len, c.hd, c.hm, 2, c.packed, c.path != 1);
+    reference_step_rewards(q, ref_scores, ref_chain);
+    if (c.path == 0) run_step_rewards<__nv_bfloat16, __nv_bfloat16>(o1k::DType::kBFloat16, q, scores, chain);
+    if (c.path == 1) run_step_rewards<float, float>(o1k::DType::kFloat32, q, scores, chain);
+    if (c.path == 2) run_step_rewards<__nv_bfloat16, __nv_bfloat16>(o1k::DType::kBFloat16, q, scores, chain);
+    if (c.path == 3) run_step_rewards<__nv_bfloat16, float>(o1k::DType::kBFloat16, q, scores, chain);
+    char what[160];
+    std::snprintf(what, sizeof(what), "%s: scores", c.name);
+    compare(what, scores, ref_scores, c.tol);
+    std::snprintf(what, sizeof(what), "%s: chain", c.name);
+    compare(what, chain, ref_chain, c.tol);
+  }
 }
 
 }  // namespace

@@ -1,10 +1,17 @@
 // CUDA implementations of the o1kernels ops: check arguments, fill the framework-agnostic
 // parameter structs (csrc/include/o1kernels/api.h) and launch on the current torch stream.
 // No host-device synchronisation: index values are trusted (the Python plan validated them on
-// the host; segment lengths and cu_seqlens are clamped by the kernels).
+// the host; segment lengths and cu_seqlens are clamped by the kernels). step_rewards converts its
+// weights once per weight tensor (PreparedWeights below), not per call.
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
+#include <optional>
+#include <vector>
 
 #include "o1kernels/api.h"
 #include "ops.h"
@@ -25,12 +32,6 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
-
-const float* f32_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-at::Tensor float_or_empty(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
-}
 
 }  // namespace
 
@@ -123,34 +124,155 @@ void merge_states_cuda(O1K_MERGE_STATES_ARGS) {
   check_launch(o1k::merge_states(to_dtype(o_a.scalar_type()), p, c10::cuda::getCurrentCUDAStream()), "merge_states");
 }
 
+namespace {
+
+// ---- step_rewards: weights prepared once per weight tensor ----
+
+// A tensor's identity and state when a prepared weight was made from it: the TensorImpl (held weakly,
+// so a freed tensor is seen as expired and its address cannot be reused while the entry lives), its
+// version counter (bumped by every in-place op) and its data pointer (a .data / set_ swap).
+struct WeightStamp {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  int64_t version;
+  const void* data;
+
+  static std::optional<WeightStamp> of(const at::Tensor& t) {
+    if (t.is_inference()) return std::nullopt;  // no version counter: in-place changes would go unseen
+    return WeightStamp{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()),
+                       t._version(), t.data_ptr()};
+  }
+  bool same_tensor(const at::Tensor& t) const {
+    return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl();
+  }
+  bool current(const at::Tensor& t) const {
+    return same_tensor(t) && !t.is_inference() && version == t._version() && data == t.data_ptr();
+  }
+};
+
+// Cache of prepared (converted, norm-folded) step-reward weights: one entry per (purpose, source
+// tensors, dtype), dropped once a source is freed. When a source changed in place or moved, the entry's
+// tensor is refreshed in place, so a CUDA graph captured with it reads the new values after that eager
+// call (or recapture). Inference tensors are never cached (no version counter); during a CUDA-graph
+// capture a missing or stale entry is not filled (the conversion is captured into the graph and rerun
+// at every replay; its values exist only after a replay).
+class PreparedWeights {
+ public:
+  using Make = at::Tensor (*)(const at::Tensor&, const std::optional<at::Tensor>&, at::ScalarType);
+
+  at::Tensor get(int purpose, const at::Tensor& source, const std::optional<at::Tensor>& norm, at::ScalarType dtype,
+                 Make make) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) {
+                     return e.source.impl.expired() || (e.norm.has_value() && e.norm->impl.expired());
+                   }),
+                   entries_.end());
+    const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+    std::optional<WeightStamp> source_stamp = WeightStamp::of(source), norm_stamp;
+    if (norm.has_value()) norm_stamp = WeightStamp::of(*norm);
+    const bool cacheable = source_stamp.has_value() && (!norm.has_value() || norm_stamp.has_value());
+    for (Entry& e : entries_) {
+      if (e.purpose != purpose || e.dtype != dtype || !e.source.same_tensor(source) ||
+          e.norm.has_value() != norm.has_value() || (norm.has_value() && !e.norm->same_tensor(*norm))) {
+        continue;
+      }
+      if (e.source.current(source) && (!norm.has_value() || e.norm->current(*norm))) return e.value;
+      at::Tensor value = make(source, norm, dtype);
+      if (capturing || !cacheable) return value;
+      if (value.sizes() == e.value.sizes()) {
+        e.value.copy_(value);  // in place: graphs captured with e.value read the new values
+      } else {
+        e.value = value;
+      }
+      e.source = std::move(*source_stamp);
+      e.norm = std::move(norm_stamp);
+      return e.value;
+    }
+    at::Tensor value = make(source, norm, dtype);
+    if (cacheable && !capturing) {
+      entries_.push_back(Entry{purpose, dtype, std::move(*source_stamp), std::move(norm_stamp), value});
+    }
+    return value;
+  }
+
+ private:
+  struct Entry {
+    int purpose;
+    at::ScalarType dtype;
+    WeightStamp source;
+    std::optional<WeightStamp> norm;
+    at::Tensor value;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+PreparedWeights& prepared_weights() {
+  static PreparedWeights cache;
+  return cache;
+}
+
+// w * norm[None, :] (product in fp32), as a contiguous tensor of `dtype`; w alone without norm.
+at::Tensor fold_norm(const at::Tensor& w, const std::optional<at::Tensor>& norm, at::ScalarType dtype) {
+  const at::NoGradGuard no_grad;
+  at::Tensor folded = norm.has_value() ? w.to(at::kFloat) * norm->to(at::kFloat).unsqueeze(0) : w.to(at::kFloat);
+  return folded.to(dtype).contiguous();
+}
+
+// Multiprocessor count of a device, queried once per device.
+int multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::vector<int> counts;  // 0: not queried yet
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (counts.size() <= static_cast<size_t>(device)) counts.resize(device + 1, 0);
+  if (counts[device] == 0) {
+    check_launch(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device),
+                 "step_rewards (SM count query)");
+  }
+  return counts[device];
+}
+
+enum WeightPurpose { kHeadWeight, kBias, kMlpWeight, kMlpBias };
+
+// `t` as fp32 contiguous (norm folded in when given): itself when it already is, else the cached copy.
+const float* prepared_f32(int purpose, const at::Tensor& t, const std::optional<at::Tensor>& norm, at::Tensor& keep) {
+  keep = !norm.has_value() && t.scalar_type() == at::kFloat && t.is_contiguous()
+             ? t
+             : prepared_weights().get(purpose, t, norm, at::kFloat, fold_norm);
+  return keep.data_ptr<float>();
+}
+
+}  // namespace
+
 void step_rewards_cuda(O1K_STEP_REWARDS_ARGS) {
   const StepRewardsSizes s =
       check_step_rewards(hidden, step_mask, cu_seqlens, weight, bias, norm_weight, norm_eps, mlp_weight, mlp_bias,
                          activation, positive_index, aggregate, step_scores, chain_scores);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  // Small parameters as fp32 copies (a few KiB); the hidden-layer weight is used as is when it
-  // has the hidden dtype (tensor cores), else as fp32.
   const at::Tensor mask = step_mask.contiguous();
   const at::Tensor cu = cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const at::Tensor b_head = float_or_empty(bias), nw = float_or_empty(norm_weight), mlp_b = float_or_empty(mlp_bias);
-  at::Tensor mlp_w;
-  if (mlp_weight.has_value()) {
-    mlp_w = mlp_weight->scalar_type() == hidden.scalar_type() ? mlp_weight->contiguous()
-                                                              : mlp_weight->to(at::kFloat).contiguous();
-  }
   StepRewardsParams p{};
+  at::Tensor head_w, head_b, mlp_w, mlp_b;  // prepared weights, alive until the launch is queued
+  if (mlp_weight.has_value()) {
+    // The hidden layer runs on tensor cores with the weight in the hidden dtype when it has that dtype.
+    const at::ScalarType mlp_dtype =
+        mlp_weight->scalar_type() == hidden.scalar_type() ? hidden.scalar_type() : at::kFloat;
+    mlp_w = !norm_weight.has_value() && mlp_weight->scalar_type() == mlp_dtype && mlp_weight->is_contiguous()
+                ? *mlp_weight
+                : prepared_weights().get(kMlpWeight, *mlp_weight, norm_weight, mlp_dtype, fold_norm);
+    p.mlp_weight = mlp_w.data_ptr();
+    p.mlp_weight_fp32 = mlp_dtype != hidden.scalar_type();
+    p.mlp_bias = mlp_bias.has_value() ? prepared_f32(kMlpBias, *mlp_bias, std::nullopt, mlp_b) : nullptr;
+    p.head_weight = prepared_f32(kHeadWeight, weight, std::nullopt, head_w);
+  } else {
+    p.head_weight = prepared_f32(kHeadWeight, weight, norm_weight, head_w);
+  }
+  p.bias = bias.has_value() ? prepared_f32(kBias, *bias, std::nullopt, head_b) : nullptr;
   p.hidden = hidden.data_ptr();
   p.hidden_stride_b = s.packed ? 0 : hidden.stride(0);
   p.hidden_stride_l = hidden.stride(s.packed ? 0 : 1);
   p.step_mask = mask.data_ptr<bool>();
   p.cu_seqlens = cu.defined() ? cu.data_ptr<int32_t>() : nullptr;
-  p.weight = w.data_ptr<float>();
-  p.bias = f32_or_null(b_head);
-  p.norm_weight = f32_or_null(nw);
-  p.mlp_weight = mlp_w.defined() ? mlp_w.data_ptr() : nullptr;
-  p.mlp_bias = f32_or_null(mlp_b);
-  p.mlp_weight_fp32 = mlp_w.defined() && mlp_w.scalar_type() != hidden.scalar_type();
+  p.has_norm = norm_weight.has_value();
   p.norm_eps = static_cast<float>(norm_eps);
   p.num_seqs = static_cast<int>(s.num_seqs);
   p.seq_len = static_cast<int>(s.seq_len);
@@ -163,19 +285,12 @@ void step_rewards_cuda(O1K_STEP_REWARDS_ARGS) {
   p.aggregate = static_cast<Aggregate>(s.aggregate);
   p.step_scores = step_scores.data_ptr<float>();
   p.chain_scores = chain_scores.data_ptr<float>();
-  check_launch(cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, hidden.get_device()),
-               "step_rewards (SM count query)");
-  const StepRewardsWorkspace ws = step_rewards_workspace_sizes(p);
-  const auto int_opts = hidden.options().dtype(at::kInt);
-  const auto float_opts = hidden.options().dtype(at::kFloat);
-  const at::Tensor seq_step_start = at::empty({ws.int32_elems_seq_start}, int_opts);
-  const at::Tensor step_token = at::empty({ws.int32_elems_step_token}, int_opts);
-  const at::Tensor row_scale = at::empty({ws.float_elems_row_scale}, float_opts);
-  const at::Tensor logits = at::empty({ws.float_elems_logits}, float_opts);
-  p.seq_step_start = seq_step_start.data_ptr<int32_t>();
-  p.step_token = step_token.data_ptr<int32_t>();
-  p.step_row_scale = row_scale.data_ptr<float>();
-  p.step_logits = logits.data_ptr<float>();
+  p.num_sms = multiprocessor_count(hidden.get_device());
+  // One workspace allocation (caching allocator; the graph's pool under capture).
+  const size_t ws_bytes = step_rewards_workspace_bytes(p);
+  const at::Tensor workspace =
+      ws_bytes > 0 ? at::empty({static_cast<int64_t>(ws_bytes)}, hidden.options().dtype(at::kByte)) : at::Tensor();
+  p.workspace = workspace.defined() ? workspace.data_ptr() : nullptr;
   check_launch(o1k::step_rewards(to_dtype(hidden.scalar_type()), p, c10::cuda::getCurrentCUDAStream()),
                "step_rewards");
 }

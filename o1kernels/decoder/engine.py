@@ -141,6 +141,11 @@ class SearchDecoder:
         self._note_kv()
         return self.model.logits(hidden)
 
+    def last_hidden(self, branch: int) -> torch.Tensor:
+        """Pre-norm hidden state [H] of the branch's last token (what its next logits and a step reward read)."""
+        self._check_branches([branch])
+        return self._last_hidden[branch]
+
     def _check_branches(self, branches) -> list[int]:
         if isinstance(branches, (str, bytes)) or not hasattr(branches, "__iter__"):
             raise TypeError(f"branches must be a list of branch ids, got {type(branches).__name__}")

@@ -52,13 +52,16 @@ class PagedKVPool:
         self.growable = num_pages is None
         size = initial_pages if num_pages is None else num_pages
         shape = (size, page_size, num_kv_heads, head_dim)
+        element = torch.empty((), dtype=dtype).element_size()
+        check_fits_memory("initial_pages" if self.growable else "num_pages",
+                          2 * num_layers * size * page_size * num_kv_heads * head_dim * element, torch.device(device),
+                          f"a KV pool of {size} pages of {page_size} tokens")
         # Zero-filled, not empty: slots past a segment's length are read (and given weight 0) by attention
         # backends, and uninitialised memory can hold NaN/inf bit patterns, which 0 * x does not remove.
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.refcount = np.zeros(size, dtype=np.int64)
         self._free = list(range(size - 1, -1, -1))  # pop() hands out low page ids first
-        element = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * element
         self.bytes_per_page = self.bytes_per_token * page_size
         self.peak_pages = 0

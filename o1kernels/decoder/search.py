@@ -30,6 +30,7 @@ from typing import Callable, Hashable
 import torch
 
 from .task import extract_answer
+from .tokenizers import as_search_tokenizer
 
 AGGREGATES = ("last", "min", "prod", "mean")
 STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts")
@@ -294,12 +295,15 @@ def check_strategy(strategy: str, config: SearchConfig, has_prm: bool) -> None:
 
 def search(decoder, tokenizer, prompts: list[list[int]], strategy: str, config: SearchConfig, *,
            has_prm: bool = True, answer_fn: Callable[[str], Hashable | None] = extract_answer,
-           progress=None) -> tuple[list[SearchResult], dict]:
+           progress=None, step_separator: int | str | None = None) -> tuple[list[SearchResult], dict]:
     """Run `strategy` on every prompt (token ids) in one batched decoder.
 
-    tokenizer: has step_id, eos_id and decode(ids). progress: a tqdm-like object updated once per step.
+    tokenizer: has step_id, eos_id and decode(ids) (CharTokenizer, tokenizers.HFTokenizer), or is a Hugging Face
+    tokenizer (transformers / tokenizers), used with step_separator: the token id or one-token string that ends a step.
+    progress: a tqdm-like object updated once per step.
     Returns one SearchResult per prompt and stats {tokens_generated, peak_kv_bytes, peak_kv_bytes_naive}.
     """
+    tokenizer = as_search_tokenizer(tokenizer, step_separator)
     check_strategy(strategy, config, has_prm)
     run = _Run(decoder, tokenizer, config, answer_fn, progress)
     chains = _SEARCHES[strategy](run, prompts)

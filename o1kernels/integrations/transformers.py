@@ -74,7 +74,8 @@ from o1kernels.step_rewards import step_rewards
 from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
 
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depends on the environment
-    raise ImportError(f"o1kernels.integrations.transformers needs transformers >= 5.0, found {transformers.__version__}")
+    raise ImportError("o1kernels.integrations.transformers needs transformers >= 5.0, found "
+                      f"{transformers.__version__}")
 
 ATTN_IMPLEMENTATION = "o1kernels"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -177,7 +178,8 @@ class TreeCache(Cache):
                  dtype: torch.dtype | None = None, device=None):
         config = getattr(model, "config", None)
         if config is None or not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a transformers model (an nn.Module with a config), got {type(model).__name__}")
+            raise TypeError("model must be a transformers model (an nn.Module with a config), got "
+                            f"{type(model).__name__}")
         check_model_config(config)
         if config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(f"model uses attn_implementation {config._attn_implementation!r}; TreeCache needs "
@@ -275,8 +277,8 @@ class TreeCache(Cache):
         for name, x in (("key_states", key_states), ("value_states", value_states)):
             check_tensor(name, x, ndim=4, dtypes=(self.pool.k[0].dtype,), device=self.pool.k[0].device)
             if tuple(x.shape) != (r, self.num_kv_heads, t, self.head_dim):
-                raise ValueError(f"{name} of layer {layer_idx} must have shape {[r, self.num_kv_heads, t, self.head_dim]} "
-                                 f"like layer 0's, got {list(x.shape)}")
+                raise ValueError(f"{name} of layer {layer_idx} must have shape "
+                                 f"{[r, self.num_kv_heads, t, self.head_dim]} like layer 0's, got {list(x.shape)}")
         flat = (r * t, self.num_kv_heads, self.head_dim)
         self.pool.write(layer_idx, fwd.slots, key_states.transpose(1, 2).reshape(flat),
                         value_states.transpose(1, 2).reshape(flat))
@@ -448,7 +450,8 @@ class TreeCache(Cache):
         if attention_mask is not None:
             check_tensor("attention_mask", attention_mask, ndim=2)
             if tuple(attention_mask.shape) != (b, length):
-                raise ValueError(f"attention_mask must have input_ids' shape {[b, length]}, got {list(attention_mask.shape)}")
+                raise ValueError(f"attention_mask must have input_ids' shape {[b, length]}, got "
+                                 f"{list(attention_mask.shape)}")
             mask = attention_mask.to("cpu", torch.bool)
             real = mask.sum(1)
             pads = (length - real).tolist()
@@ -496,7 +499,8 @@ def generate_branches(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     elif not isinstance(cache, TreeCache):
         raise TypeError(f"cache must be a TreeCache, got {type(cache).__name__}")
     if cache.tree.branches:
-        raise ValueError(f"cache must be empty (a new TreeCache, or reset()), it holds {len(cache.tree.branches)} branches")
+        raise ValueError(f"cache must be empty (a new TreeCache, or reset()), it holds {len(cache.tree.branches)} "
+                         "branches")
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
     config = generate_kwargs.get("generation_config") or model.generation_config
     expand = max(int(generate_kwargs.get("num_beams", config.num_beams) or 1),
@@ -526,8 +530,8 @@ def tree_cache_attention(module, query, key, value, attention_mask, scaling=None
                                                dropout=dropout, **kwargs)
     cache, layer_idx, key_new, value_new = state
     if getattr(module, "layer_idx", layer_idx) != layer_idx or key is not cache.pool.k[layer_idx]:
-        raise RuntimeError(f"the {ATTN_IMPLEMENTATION!r} attention of layer {getattr(module, 'layer_idx', '?')} does not "
-                           f"follow its TreeCache.update (which was for layer {layer_idx})")
+        raise RuntimeError(f"the {ATTN_IMPLEMENTATION!r} attention of layer {getattr(module, 'layer_idx', '?')} does "
+                           f"not follow its TreeCache.update (which was for layer {layer_idx})")
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError("TreeCache does not take a custom 4-D attention mask: which tokens a row sees is its branch")
     if dropout:
@@ -571,7 +575,8 @@ def _head_tensors(prm_model, head, positive_index: int) -> dict:
     if isinstance(head, TokenPairHead):
         lm_head = prm_model.get_output_embeddings() if hasattr(prm_model, "get_output_embeddings") else None
         if not isinstance(lm_head, nn.Linear):
-            raise ValueError(f"TokenPairHead needs a model with an LM head (a ...ForCausalLM), got {type(prm_model).__name__}")
+            raise ValueError("TokenPairHead needs a model with an LM head (a ...ForCausalLM), got "
+                             f"{type(prm_model).__name__}")
         ids = [head.positive_id, head.negative_id]
         vocab = lm_head.weight.shape[0]
         if not all(_is_int(i) and 0 <= i < vocab for i in ids):
@@ -584,7 +589,8 @@ def _head_tensors(prm_model, head, positive_index: int) -> dict:
         parts = list(head)
         if len(parts) != 3 or not (isinstance(parts[0], nn.Linear) and isinstance(parts[1], nn.ReLU)
                                    and isinstance(parts[2], nn.Linear)):
-            raise ValueError(f"a Sequential head must be (Linear, ReLU, Linear), got {[type(p).__name__ for p in parts]}")
+            raise ValueError("a Sequential head must be (Linear, ReLU, Linear), got "
+                             f"{[type(p).__name__ for p in parts]}")
         mlp, out = parts[0], parts[2]
     if not isinstance(out, nn.Linear):
         raise TypeError("head must be a TokenPairHead, an nn.Linear(H, C) or an nn.Sequential(Linear, ReLU, Linear), "
@@ -615,7 +621,8 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {list(input_ids.shape)}, got "
                              f"{list(attention_mask.shape)}")
-    step_ids = [step_token_id] if _is_int(step_token_id) else list(step_token_id) if isinstance(step_token_id, Sequence) else None
+    step_ids = ([step_token_id] if _is_int(step_token_id)
+                else list(step_token_id) if isinstance(step_token_id, Sequence) else None)
     vocab = base.get_input_embeddings().num_embeddings
     if not step_ids or not all(_is_int(i) and 0 <= i < vocab for i in step_ids):
         raise ValueError(f"step_token_id must be a token id (or ids) in [0, {vocab}), got {step_token_id!r}")

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace o1k {
@@ -97,7 +98,15 @@ cudaError_t merge_states(DType dtype, const MergeStatesParams& p, cudaStream_t s
 // (b + 1) * seq_len in the padded layout (cu_seqlens == nullptr), cu_seqlens[b] ..
 // cu_seqlens[b + 1] (clamped into [0, num_tokens]) in the packed one. Flat token i reads the
 // hidden row at (i / seq_len) * hidden_stride_b + (i % seq_len) * hidden_stride_l (packed:
-// seq_len = num_tokens, hidden_stride_b unused).
+// seq_len = num_tokens, hidden_stride_b = 0).
+//
+// The weights come prepared (the torch binding caches them per weight tensor): the RMSNorm weight
+// is folded into the first matrix, w'[n, d] = w[n, d] * norm_weight[d], because
+// rmsnorm(x) . w = rsqrt(mean(x^2) + eps) * (x . w'); has_norm says whether to apply that factor.
+//   no hidden layer: head_weight = weight [C, Hd] with the norm folded in, fp32;
+//   hidden layer:    mlp_weight = mlp_weight [Hm, Hd] with the norm folded in, in the hidden dtype
+//                    (tensor cores for fp16/bf16) or fp32 (mlp_weight_fp32); head_weight = weight
+//                    [C, Hm] fp32 as given.
 enum class Activation { kSoftmax = 0, kSigmoid = 1 };
 enum class Aggregate { kMin = 0, kProd = 1, kLast = 2, kMean = 3, kMax = 4 };
 constexpr int kMaxClasses = 64;
@@ -105,32 +114,28 @@ constexpr int kMaxClasses = 64;
 struct StepRewardsParams {
   const void* hidden;  // hidden dtype, Hd contiguous
   int64_t hidden_stride_b, hidden_stride_l;
-  const bool* step_mask;        // [num_tokens] contiguous
-  const int32_t* cu_seqlens;    // [num_seqs + 1] or nullptr (padded)
-  const float* weight;          // [C, K] fp32 contiguous, K = mlp_dim or hidden_dim
-  const float* bias;            // [C] fp32 or nullptr
-  const float* norm_weight;     // [Hd] fp32 or nullptr (no RMSNorm)
-  const void* mlp_weight;       // [Hm, Hd] contiguous, hidden dtype or fp32 (mlp_weight_fp32); nullptr: no hidden layer
-  const float* mlp_bias;        // [Hm] fp32 or nullptr
-  bool mlp_weight_fp32;
+  const bool* step_mask;      // [num_tokens] contiguous
+  const int32_t* cu_seqlens;  // [num_seqs + 1] or nullptr (padded)
+  const float* head_weight;   // [C, K] fp32 contiguous, K = mlp_dim or hidden_dim (see above)
+  const float* bias;          // [C] fp32 or nullptr
+  bool has_norm;              // scale each row by rsqrt(mean(x^2) + norm_eps) (RMSNorm weight folded in)
   float norm_eps;
+  const void* mlp_weight;     // [Hm, Hd] contiguous (see above); nullptr: no hidden layer
+  const float* mlp_bias;      // [Hm] fp32 or nullptr
+  bool mlp_weight_fp32;
   int num_seqs, seq_len, num_tokens, hidden_dim, mlp_dim, num_classes, positive_index;
   Activation activation;
   Aggregate aggregate;
   float* step_scores;   // [num_tokens]: reward at steps, NaN elsewhere
   float* chain_scores;  // [num_seqs]: aggregate, NaN without steps
-  // Workspace (only with a hidden layer; sizes from step_rewards_workspace_sizes).
-  int32_t* seq_step_start;  // [num_seqs + 1]
-  int32_t* step_token;      // [num_tokens]  flat token of the i-th step (position order)
-  float* step_row_scale;    // [num_tokens]  RMSNorm factor of the i-th step's row (1 without norm)
-  float* step_logits;       // [num_tokens, C] fp32 (zeroed, then accumulated over Hm tiles)
-  int num_sms;              // grid size hint of the persistent hidden-layer kernel
+  void* workspace;      // step_rewards_workspace_bytes(p) bytes, 16-byte aligned (hidden layer only)
+  int num_sms;          // grid size of the persistent hidden-layer kernel (a multiple of it)
 };
 
-struct StepRewardsWorkspace {
-  int64_t int32_elems_seq_start, int32_elems_step_token, float_elems_row_scale, float_elems_logits;
-};
-StepRewardsWorkspace step_rewards_workspace_sizes(const StepRewardsParams& p);
+// Bytes of workspace a call needs (0 without a hidden layer); depends on num_tokens, num_classes.
+size_t step_rewards_workspace_bytes(const StepRewardsParams& p);
+// Launches 2 kernels without a hidden layer, 4 with one; no host sync, capturable in a CUDA graph
+// (the hidden-layer path calls cudaFuncSetAttribute for its dynamic shared memory).
 cudaError_t step_rewards(DType hidden_dtype, const StepRewardsParams& p, cudaStream_t stream);
 
 }  // namespace o1k
