@@ -254,8 +254,8 @@ def main() -> None:
     bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
     modes = [True, False] if on_gpu and backend != "torch" else [False]
     rows = []
-    print(f"decode on {device_name(device)}" + (f", {torch.get_num_threads()} torch thread(s)" if not on_gpu else "")
-          + f"; measured copy {gbps:.0f} GB/s, matmul {tflops:.1f} TFLOP/s", flush=True)
+    print(f"decode on {device_name(device)}" + (f", {torch.get_num_threads()} torch thread(s)" if not on_gpu else ""))
+    print(f"floor ceilings measured now: copy {gbps:.0f} GB/s, matmul {tflops:.1f} TFLOP/s", flush=True)
     print(table_header(COLUMNS), flush=True)
     for p_len, n in pairs:
         prompt = torch.randint(0, cfg.vocab_size, (p_len,)).tolist()
