@@ -62,7 +62,7 @@ def test_graph_mode_control_flow_with_a_stand_in_graph(monkeypatch):
         assert_same_search(run_search(dec, prompt, temperature=temperature, top_p=top_p, steps=2),
                            run_search(naive, prompt, temperature=temperature, top_p=top_p, steps=2))
         plans.add(id(dec.runner._buckets[4].plan))
-    assert len(plans) == 1 and list(dec.runner._buckets) == [4]
+    assert len(plans) == 1 and list(dec.runner._buckets) == [4] and dec.stats["decode_plans"] == 1
     assert dec.stats["graph_captures"] == 2  # bucket 4: greedy and top_p, over 4 steps with different trees
     dec.pool.release(dec.pool.alloc(dec.pool.free_pages + 1))  # the pool grows: new K/V tensors
     assert_same_search(run_search(dec, prompt, temperature=0.9, top_p=0.8, steps=1),
@@ -137,7 +137,7 @@ def test_plan_updated_in_place_until_the_tree_outgrows_it(backend):
         plans.append(plan)
         buffers.append(plan.seg_lens.data_ptr())
     rebuilt = [i for i in range(1, len(plans)) if plans[i] is not plans[i - 1]]
-    assert dec.stats["plans_built"] == 1 + len(rebuilt) and len(rebuilt) == 1
+    assert dec.stats["decode_plans"] == 1 + len(rebuilt) and len(rebuilt) == 1
     assert all(buffers[i] == buffers[i - 1] for i in range(1, len(plans)) if i not in rebuilt)
     assert all(len(plans[i]._layouts) <= 1 for i in range(len(plans)))  # only the backend's own layout is built
 
@@ -164,12 +164,12 @@ def test_warm_up_leaves_nothing_behind_and_prepares_the_bucket():
     before = dict(dec.stats)
     seconds = dec.warm_up(prompt, [3], max_new_tokens=6, temperature=0.9, top_p=0.8)
     assert seconds > 0 and dec.kv_bytes() == 0 and not dec.tree.branches and not dec._last_hidden
-    assert {k: v for k, v in dec.stats.items() if k != "plans_built"} == {k: v for k, v in before.items()
-                                                                           if k != "plans_built"}
-    built = dec.stats["plans_built"]
+    plans = ("plans_built", "decode_plans")
+    assert {k: v for k, v in dec.stats.items() if k not in plans} == {k: v for k, v in before.items() if k not in plans}
+    assert dec.stats["decode_plans"] == 1
     kids = dec.fork(dec.add_prompt(prompt), 3)
     dec.generate_step(kids, max_new_tokens=6, stop_ids=STOP, temperature=0.9, top_p=0.8)
-    assert dec.stats["plans_built"] == built and dec.stats["steps"] == 1
+    assert dec.stats["decode_plans"] == 1 and dec.stats["steps"] == 1
 
 
 def test_pad_rows():
@@ -206,14 +206,14 @@ def test_cuda_graph_decoder_matches_eager_and_naive(temperature, top_p):
     (the tree changes every step: plan.update in place) and rebuilt only with a new plan."""
     model = _cuda_model()
     prompt = torch.randint(0, VOCAB, (11,)).tolist()
-    graph = TreeDecoder(model, backend="triton", page_size=4)
+    graph = TreeDecoder(model, backend="triton", page_size=4, num_pages=256)  # a fixed pool: no recapture on growth
     assert graph.runner.cuda_graphs
     eager = TreeDecoder(model, backend="triton", page_size=4, cuda_graphs=False)
     runs = [run_search(d, prompt, temperature=temperature, top_p=top_p, steps=4)
             for d in (graph, eager, NaiveDecoder(model))]
     assert_same_search(runs[0], runs[1])
     assert_same_search(runs[0], runs[2])
-    assert graph.stats["graph_captures"] == graph.stats["plans_built"]  # one mode, one bucket: a capture per plan
+    assert graph.stats["graph_captures"] == graph.stats["decode_plans"]  # one mode, one bucket: a capture per plan
     assert eager.stats["graph_captures"] == 0
 
 

@@ -89,7 +89,7 @@ class SearchDecoder:
         # tokens_per_check tokens + once per step in TreeDecoder's)
         self.stats = {"tokens_generated": 0, "decode_seconds": 0.0, "decode_iterations": 0, "steps": 0,
                       "prefill_tokens": 0, "prefill_seconds": 0.0, "plans_built": 0, "peak_kv_bytes": 0,
-                      "host_syncs": 0, "graph_captures": 0}
+                      "host_syncs": 0, "graph_captures": 0, "decode_plans": 0}
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -205,7 +205,7 @@ class SearchDecoder:
         reserved as a real step would, so the first timed step does neither. Everything is released afterwards and
         the decode statistics are left as they were. Returns the seconds it took."""
         t0 = time.perf_counter()
-        saved = {k: v for k, v in self.stats.items() if k not in ("plans_built", "graph_captures")}
+        saved = {k: v for k, v in self.stats.items() if k not in ("plans_built", "decode_plans", "graph_captures")}
         root = self.add_prompt(prompt_ids)
         every_token = range(self.model.config.vocab_size)
         for n in batch_sizes:

@@ -130,7 +130,8 @@ class DecodeRunner:
     cuda_graphs: capture one graph per (bucket, mode) and replay it (CUDA, a backend other than torch);
     buckets: batch sizes rows are padded to (None: no padding); tokens_per_check: tokens between host reads of the
     stop flag; scratch_slot: a pool slot padding rows write to (needed when buckets pad); stats: the decoder's
-    stats dict (host_syncs, graph_captures, plans_built, decode_iterations are counted into it);
+    stats dict (host_syncs, graph_captures, plans_built and decode_plans -- the bucket plans among them --,
+    decode_iterations are counted into it);
     on_capture(message): called before a graph is captured (progress for a first run).
     """
 
@@ -314,6 +315,7 @@ class DecodeRunner:
         cfg, dev = self.model.config, self.device
         plan = TreeAttentionPlan(segs, rows, self.pool.page_size, device=dev, capacity=self._capacity(rows, segs))
         self.stats["plans_built"] += 1
+        self.stats["decode_plans"] += 1
         long = dict(dtype=torch.long, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
         return Bucket(
