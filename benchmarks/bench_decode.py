@@ -6,6 +6,8 @@ random-weight model:
   graph  TreeDecoder (one paged KV pool shared by all branches, tree_attention), each decode iteration the replay
          of a CUDA graph (GPU only)
   eager  the same decoder and iteration, run op by op from Python
+  compiled  (--compile) graph replays with each layer's halves around attention and the logits compiled by
+         torch.compile (TreeDecoder(compile_layers=True): fused norms/RoPE/MLP, attention still our kernel)
   naive  NaiveDecoder: a dense KV copy per branch, per-branch SDPA, a host sync per token (skipped where its
          copies would not fit in 80% of the free memory)
   hf     Hugging Face transformers `generate` on the same weights (LlamaForCausalLM from the model's config,
@@ -16,7 +18,8 @@ step's pages reserved), naive and hf by a short run, so no provider compiles ins
 Floor of one decode iteration (N tokens): max(bytes / measured copy bandwidth, FLOPs / measured matmul rate), bytes
 = the weights read (all but the embedding table, whose N rows are gathered) + the unique KV read, averaged over
 the step ((P + N(S+1)/2) tokens); FLOPs = 2 x those weights x N + attention 4 x N x (P + (S+1)/2) x Hq x D per
-layer. floor tok/s = N / that time; efficiency = ours (graph, else eager) / floor.
+layer. floor tok/s = N / that time; efficiency = ours / floor, where ours is the fastest of graph and compiled
+(else eager); speedup and vs_hf use the same ours.
 Agreement with the naive decoder: the first position at which ours' greedy tokens differ from naive's (over all
 branches; "-": identical), how many branches differ, and the largest |logit difference| of the two decoders when
 naive's tokens of branch 0 are teacher-forced through both.
@@ -27,7 +30,7 @@ Hkv=8, D=128, intermediate 8192, vocab 32000) in bf16 (--dtype float32 to check 
 (P, N) in {(1K, 16), (1K, 256), (16K, 16)}, S = 64, naive only at N = 16, and the issue-11 acceptance lines.
 CPU (--device cpu): a small fp32 model, P in {1K, 4K}, N in {16, 64}, S = 32, one thread, peer naive.
 
-  python benchmarks/bench_decode.py [--device cpu|cuda] [--quick] [--dtype bfloat16|float32]
+  python benchmarks/bench_decode.py [--device cpu|cuda] [--quick] [--compile] [--dtype bfloat16|float32]
                                     [--backend auto|torch|triton|cpu|cuda] [--page-size 16] [--prompt-lens 1024,4096]
                                     [--branches 16,64] [--new-tokens S] [--peers naive,hf] [--reps N] [--threads N]
                                     [--out DIR_OR_PREFIX] [--update-shipped]
@@ -70,16 +73,17 @@ QUICK = {  # ((P, N) pairs, new tokens, largest N the naive decoder runs at)
 ACCEPTANCE = {(1024, 16): 13000, (1024, 256): 100000, (16384, 16): 10000}
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 PEERS = ("naive", "hf")
-COLUMNS = ["P", "N", "S", "graph_tok/s", "eager_tok/s", "naive_tok/s", "hf_tok/s", "floor_tok/s", "efficiency",
+COLUMNS = ["P", "N", "S", "graph_tok/s", "compiled_tok/s", "eager_tok/s", "naive_tok/s", "hf_tok/s", "floor_tok/s", "efficiency",
            "speedup", "vs_hf", "ours_kv_MB", "naive_kv_MB", "kv_ratio", "ideal_kv_ratio", "ours_mem_MB",
            "naive_mem_MB", "syncs/step", "first_divergence", "diverged", "max_logit_diff"]
 LEGEND = {
     "P, N, S": "prompt tokens, branches, new tokens per branch",
     "graph_tok/s, eager_tok/s": "decode tokens/s of TreeDecoder with CUDA-graph replays (GPU) and run eagerly",
+    "compiled_tok/s": "graph replays with torch.compile'd layers (--compile)",
     "naive_tok/s": "decode tokens/s of NaiveDecoder (dense KV copies, a host sync per token)",
     "hf_tok/s": "transformers generate, N*S / its time (prefill of the N expanded prompts included)",
     "floor_tok/s": "N / the floor of one decode iteration (weights + unique KV bytes vs FLOPs, measured ceilings)",
-    "efficiency": "ours (graph, else eager) / floor_tok/s",
+    "efficiency": "ours (the fastest of graph and compiled, else eager) / floor_tok/s",
     "speedup": "ours / naive_tok/s",
     "vs_hf": "ours / hf_tok/s",
     "ours_kv_MB, naive_kv_MB": "peak KV bytes held (ours: pages referenced; naive: dense copies)",
@@ -187,6 +191,8 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="a few sizes only (GPU: the issue-11 acceptance rows)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ours with torch.compile'd layers (compiles once, about a minute on a GPU)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--backend", default="auto", help="backend of tree_attention/merge_states/step_rewards")
@@ -241,10 +247,10 @@ def main() -> None:
     gbps = measured_copy_gbps(device, 1 << 30 if on_gpu else 1 << 26)
     tflops = measured_matmul_tflops(device, 8192 if on_gpu else 512, dtype if on_gpu else torch.float32)
 
-    def ours(prompt_len, n, s, graphs):
+    def ours(prompt_len, n, s, **options):
         # the warm-up's tree: prompt + n tails of s tokens, one of them a token longer; + the padding's scratch page
         pages = -(-prompt_len // ps) + n * -(-s // ps) + 3
-        return lambda: TreeDecoder(model, backend=backend, page_size=ps, num_pages=pages, cuda_graphs=graphs)
+        return lambda: TreeDecoder(model, backend=backend, page_size=ps, num_pages=pages, **options)
 
     # allocator and library warm-up on a small problem (ours compiles per row in its own warm_up)
     run_decoder(lambda: NaiveDecoder(model), model, list(range(64)), 2, 4, warm=False)
@@ -252,10 +258,15 @@ def main() -> None:
         run_hf(hf, list(range(64)), 2, 4)
 
     bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
-    modes = [True, False] if on_gpu and backend != "torch" else [False]
+    modes = {"eager": dict(cuda_graphs=False)}  # column prefix -> TreeDecoder options
+    if on_gpu and backend != "torch":
+        modes = {"graph": dict(cuda_graphs=True), **({"compiled": dict(cuda_graphs=True, compile_layers=True)}
+                                                     if args.compile else {}), **modes}
+    elif args.compile:
+        modes["compiled"] = dict(cuda_graphs=False, compile_layers=True)
     rows = []
     print(f"decode on {device_name(device)}" + (f", {torch.get_num_threads()} torch thread(s)" if not on_gpu else ""))
-    print(f"floor ceilings measured now: copy {gbps:.0f} GB/s, matmul {tflops:.1f} TFLOP/s", flush=True)
+    print(f"floor ceilings measured now: copy {gbps:.0f} GB/s, matmul {tflops:.3g} TFLOP/s", flush=True)
     print(table_header(COLUMNS), flush=True)
     for p_len, n in pairs:
         prompt = torch.randint(0, cfg.vocab_size, (p_len,)).tolist()
@@ -265,20 +276,22 @@ def main() -> None:
         naive_bytes = n * (p_len + new_tokens) * bytes_per_token
         run_naive = "naive" in peers and (naive_max_n is None or n <= naive_max_n)
         naive_fits = naive_bytes <= 0.8 * free_memory(device)
-        ours_runs = {graphs: [] for graphs in modes}
+        ours_runs = {mode: [] for mode in modes}
         naive_runs, hf_runs = [], []
         for _ in range(args.reps):  # interleaved, so load changes hit every provider alike
-            for graphs in modes:
-                ours_runs[graphs].append(run_decoder(ours(p_len, n, new_tokens, graphs), model, prompt, n, new_tokens,
-                                                     warm=True))
+            for mode, options in modes.items():
+                ours_runs[mode].append(run_decoder(ours(p_len, n, new_tokens, **options), model, prompt, n, new_tokens,
+                                                   warm=True))
             if run_naive and naive_fits:
                 naive_runs.append(run_decoder(lambda: NaiveDecoder(model), model, prompt, n, new_tokens, warm=False))
             hf_bytes = naive_bytes + n * p_len * 3 * cfg.intermediate_size * model.dtype.itemsize
             if hf is not None and hf_bytes <= 0.8 * free_memory(device):
                 hf_runs.append(run_hf(hf, prompt, n, new_tokens))
-        best = median_run(ours_runs[modes[0]])
-        for graphs, runs in ours_runs.items():
-            row["graph_tok/s" if graphs else "eager_tok/s"] = median_run(runs)["tok_s"]
+        medians = {mode: median_run(runs) for mode, runs in ours_runs.items()}
+        for mode, run in medians.items():
+            row[f"{mode}_tok/s"] = run["tok_s"]
+        fastest = [m for m in ("graph", "compiled") if m in medians] or list(medians)
+        best = max((medians[m] for m in fastest), key=lambda r: r["tok_s"])
         row.update({"ours_kv_MB": best["kv_MB"], "ours_mem_MB": best["mem_MB"], "syncs/step": best["syncs"],
                     "efficiency": best["tok_s"] / row["floor_tok/s"]})
         if hf_runs:
@@ -294,7 +307,7 @@ def main() -> None:
             slow = median_run(naive_runs)
             row.update({"naive_tok/s": slow["tok_s"], "naive_kv_MB": slow["kv_MB"], "naive_mem_MB": slow["mem_MB"],
                         "speedup": best["tok_s"] / slow["tok_s"], "kv_ratio": slow["kv_MB"] / best["kv_MB"]})
-            row.update(agreement(model, ours(p_len, 1, new_tokens + 1, False), prompt, best["tokens"],
+            row.update(agreement(model, ours(p_len, 1, new_tokens + 1, cuda_graphs=False), prompt, best["tokens"],
                                  slow["tokens"]))
         rows.append(row)
         print(table_row(COLUMNS, row), flush=True)
@@ -306,11 +319,12 @@ def main() -> None:
         f"{cfg.num_hidden_layers} layers, Hq={cfg.num_attention_heads}, Hkv={cfg.num_key_value_heads}, "
         f"D={cfg.head_dim}, vocab {cfg.vocab_size}, {str(model.dtype).replace('torch.', '')}, on {device_name(device)}",
         f"ours: TreeDecoder, tree_attention backend {backend!r}, page_size {ps}, warmed up on each row's tree; "
-        "graph: CUDA-graph replay per token, eager: the same iteration op by op",
+        "graph: CUDA-graph replay per token, compiled: the same with torch.compile'd layers, eager: the same "
+        "iteration op by op",
         "decode tok/s = N*S / decode seconds of one generate_step (greedy, no stop tokens; sampling and Python "
         "overhead included, prefill excluded); hf: N*S / generate's seconds (sampling, its prefill included)",
         f"floor: measured copy bandwidth {gbps:.0f} GB/s and {str(dtype if on_gpu else torch.float32)[6:]} matmul "
-        f"rate {tflops:.1f} TFLOP/s in this run; weights read = parameters but the embedding table",
+        f"rate {tflops:.3g} TFLOP/s in this run; weights read = parameters but the embedding table",
         f"median of {args.reps} interleaved run(s) per provider and size; ideal_kv_ratio = N(P+S)/(P+N*S)",
     ]
     if not on_gpu:
@@ -324,20 +338,22 @@ def main() -> None:
 
 
 def print_acceptance(rows: list[dict]) -> None:
-    """Issue 11's acceptance lines for the rows this run has."""
+    """Issue 11's acceptance lines for the rows this run has, per GPU provider of ours."""
     print("acceptance (issue 11):")
     for row in rows:
-        ours = row.get("graph_tok/s")
-        if not isinstance(ours, float):
-            continue
         target = ACCEPTANCE.get((row["P"], row["N"]))
         hf = row.get("hf_tok/s")
-        parts = [f"P={row['P']} N={row['N']}: graph {ours:,.0f} tok/s = {row['efficiency']:.0%} of the floor"]
-        if target:
-            parts.append(f">= {target:,}: {'yes' if ours >= target else 'NO'}")
-        if isinstance(hf, float):
-            parts.append(f"{ours / hf:.1f}x hf (>= 10x: {'yes' if ours >= 10 * hf else 'NO'})")
-        print("  " + "; ".join(parts))
+        for mode in ("graph", "compiled"):
+            ours = row.get(f"{mode}_tok/s")
+            if not isinstance(ours, float):
+                continue
+            parts = [f"P={row['P']} N={row['N']} {mode}: {ours:,.0f} tok/s = {ours / row['floor_tok/s']:.0%} of the "
+                     "floor"]
+            if target:
+                parts.append(f">= {target:,}: {'yes' if ours >= target else 'NO'}")
+            if isinstance(hf, float):
+                parts.append(f"{ours / hf:.1f}x hf (>= 10x: {'yes' if ours >= 10 * hf else 'NO'})")
+            print("  " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,22 @@ def test_warm_up_leaves_nothing_behind_and_prepares_the_bucket():
     assert dec.stats["decode_plans"] == 1 and dec.stats["steps"] == 1
 
 
+def test_compiled_layers_match_eager(monkeypatch):
+    """compile_layers=True (torch.compile of each layer's halves and the logits) traces each into one graph for
+    both layers and both batch sizes and gives the naive decoder's tokens. Traced with the "eager" backend here:
+    Inductor's kernels are the GPU run's to check (test_cuda_compiled_layers_match_eager)."""
+    monkeypatch.setattr(runner_module, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(runner_module, "compile_rows_dynamic", runner_module.compile_rows_dynamic.__wrapped__)
+    model = make_model(num_hidden_layers=2, num_attention_heads=8)  # 8 heads: no batch size equals a head count
+    prompt = torch.randint(0, VOCAB, (11,)).tolist()                  # (dynamic shapes' duck sizing would specialize)
+    torch._dynamo.reset()
+    compiled = TreeDecoder(model, backend="torch", page_size=4, compile_layers=True)
+    assert_same_search(run_search(compiled, prompt, temperature=0.9, top_p=0.8, steps=2),
+                       run_search(NaiveDecoder(model), prompt, temperature=0.9, top_p=0.8, steps=2))
+    compiled.generate_step(compiled.fork(compiled.add_prompt(prompt), 3), max_new_tokens=2)  # another batch size
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # layer_input, layer_output, logits
+
+
 def test_pad_rows():
     assert [pad_rows(n, DEFAULT_BUCKETS) for n in (1, 3, 17, 512, 513, 1100)] == [1, 4, 24, 512, 1024, 1536]
     assert pad_rows(7, None) == 7 and pad_rows(5, (2, 4)) == 8
@@ -186,6 +202,7 @@ def test_bad_runner_arguments():
         (dict(batch_buckets=(4, 2)), ValueError, "batch_buckets must be increasing positive integers"),
         (dict(batch_buckets=(0,)), ValueError, "batch_buckets must be increasing positive integers"),
         (dict(batch_buckets=4), TypeError, "batch_buckets must be a sequence"),
+        (dict(compile_layers=1), TypeError, "compile_layers must be a bool"),
     ]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -215,6 +232,16 @@ def test_cuda_graph_decoder_matches_eager_and_naive(temperature, top_p):
     assert_same_search(runs[0], runs[2])
     assert graph.stats["graph_captures"] == graph.stats["decode_plans"]  # one mode, one bucket: a capture per plan
     assert eager.stats["graph_captures"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_layers_match_eager():
+    """fp32 on the GPU: graph replays of Inductor-compiled layers give the naive decoder's tokens, close scores."""
+    model = _cuda_model()
+    prompt = torch.randint(0, VOCAB, (11,)).tolist()
+    compiled = TreeDecoder(model, backend="triton", page_size=4, num_pages=256, compile_layers=True)
+    assert_same_search(run_search(compiled, prompt, temperature=0.9, top_p=0.8, steps=3),
+                       run_search(NaiveDecoder(model), prompt, temperature=0.9, top_p=0.8, steps=3))
 
 
 @pytest.mark.cuda

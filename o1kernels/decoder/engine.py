@@ -237,11 +237,13 @@ class TreeDecoder(SearchDecoder):
     tokens_per_check: decode iterations between host reads of the stop flag (default 8 on a GPU, where a read is a
     device sync; 1 on the CPU, where it is a read of host memory and stops the step as soon as all rows are done).
     on_capture(message): called before each graph capture (the CLI prints it, so a first GPU run shows progress).
+    compile_layers: torch.compile each layer's halves around its attention and the logits (fuses the decode
+    iteration's many small kernels; compiled on the first decode step, once for all layers and batch sizes).
     """
 
     def __init__(self, model: Transformer, *, backend: str = "auto", page_size: int = 16,
                  num_pages: int | None = None, cuda_graphs: bool | None = None, batch_buckets=None,
-                 tokens_per_check: int | None = None, on_capture=None):
+                 tokens_per_check: int | None = None, on_capture=None, compile_layers: bool = False):
         super().__init__(model)
         cfg = model.config
         device = model.device
@@ -258,6 +260,8 @@ class TreeDecoder(SearchDecoder):
             batch_buckets = DEFAULT_BUCKETS if cuda_graphs else None
         else:
             batch_buckets = _check_buckets(batch_buckets)
+        if not isinstance(compile_layers, bool):
+            raise TypeError(f"compile_layers must be a bool, got {type(compile_layers).__name__}")
         if tokens_per_check is None:
             tokens_per_check = 8 if device.type == "cuda" else 1
         elif isinstance(tokens_per_check, bool) or not isinstance(tokens_per_check, int) or tokens_per_check < 1:
@@ -270,7 +274,7 @@ class TreeDecoder(SearchDecoder):
         self.runner = DecodeRunner(model, self.pool, attention, cuda_graphs=cuda_graphs, buckets=batch_buckets,
                                    tokens_per_check=tokens_per_check,
                                    scratch_slot=self._scratch_pages[0] * page_size if self._scratch_pages else None,
-                                   stats=self.stats, on_capture=on_capture)
+                                   stats=self.stats, on_capture=on_capture, compile_layers=compile_layers)
 
     def _branch(self, branch):
         return self.tree.get(branch)

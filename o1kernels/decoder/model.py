@@ -301,6 +301,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
 
+    def attention_input(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The layer up to its attention: x [N, H] -> q [N, Hq, D], k [N, Hkv, D] (normed, projected, rotated), v."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def attention_output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention: x + o_proj(o), then + mlp(norm(.)). x [N, H], o [N, Hq, D] -> [N, H]."""
+        x = x + self.self_attn.o_proj(o.reshape(o.shape[0], -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Backbone(nn.Module):
     """Holds the `model.*` parameters (HF naming)."""
@@ -367,18 +376,19 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """input_ids, positions [N] -> last layer's hidden states [N, H] BEFORE the final norm."""
+    def run_layers(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn, *,
+                   layer_input=DecoderLayer.attention_input, layer_output=DecoderLayer.attention_output) -> torch.Tensor:
+        """input_ids, positions [N] -> last layer's hidden states [N, H] BEFORE the final norm.
+
+        layer_input(layer, x, cos, sin), layer_output(layer, x, o): the two halves of a layer around its attention
+        (default: DecoderLayer's own; the decode runner can pass compiled ones)."""
         if positions.device not in self._inv_freq:
             self._inv_freq[positions.device] = self._inv_freq[torch.device("cpu")].to(positions.device)
         cos, sin = rope_cos_sin(self._inv_freq[positions.device], positions)
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
-            o = attend(i, q, k, v)
-            x = x + attn.o_proj(o.reshape(o.shape[0], -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            q, k, v = layer_input(layer, x, cos, sin)
+            x = layer_output(layer, x, attend(i, q, k, v))
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ overwrites before its attention reads them.
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,7 +31,7 @@ from o1kernels.tree_attention import RUNNERS
 from o1kernels.tree_attention import _validate as validate_tree_attention
 
 from .kv_cache import KVTree, PagedKVPool
-from .model import Transformer
+from .model import DecoderLayer, Transformer
 from .sampling import host_to_device, row_uniforms, sample_tokens
 
 # Batch buckets of captured graphs (vLLM-like: dense at small sizes, where decode is bound by reading the weights
@@ -38,6 +39,7 @@ from .sampling import host_to_device, row_uniforms, sample_tokens
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 EAGER_BUCKETS_KEPT = 8  # eager mode keeps the plans and buffers of this many recent batch sizes
 MODES = ("greedy", "sample", "top_p")
+COMPILE_BACKEND = "inductor"  # of compile_layers (the CPU test traces with "eager": Inductor's C++ build takes ~30 s)
 
 
 def pad_rows(n: int, buckets: tuple[int, ...] | None) -> int:
@@ -67,6 +69,23 @@ def plan_segments(tree: KVTree, branches: list[int], rows_per_branch: int = 1):
                 owners.append(seg)
             segs[s][2].extend(rows)
     return segs, owners
+
+
+@functools.lru_cache(maxsize=None)
+def compile_rows_dynamic(fn: Callable) -> Callable:
+    """torch.compile(fn) with only dim 0 (rows) of its tensor arguments dynamic: one compilation serves every batch
+    size >= 2 (and every layer: modules are inlined, their parameters become inputs). dynamic=True would also make
+    head counts and widths symbols, and duck sizing then specializes a batch size that equals one of them. Cached:
+    every decoder of the process shares the compiled code."""
+    compiled = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+    def call(*args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        return compiled(*args)
+
+    return call
 
 
 def capture_graph(fn: Callable[[], None], device: torch.device, pool) -> torch.cuda.CUDAGraph:
@@ -132,12 +151,14 @@ class DecodeRunner:
     stop flag; scratch_slot: a pool slot padding rows write to (needed when buckets pad); stats: the decoder's
     stats dict (host_syncs, graph_captures, plans_built and decode_plans -- the bucket plans among them --,
     decode_iterations are counted into it);
-    on_capture(message): called before a graph is captured (progress for a first run).
+    on_capture(message): called before a graph is captured (progress for a first run);
+    compile_layers: run each layer's halves around its attention (norms, projections, RoPE, MLP) and the logits
+    through torch.compile (one compilation serves every layer and batch size; attention stays our kernel).
     """
 
     def __init__(self, model: Transformer, pool: PagedKVPool, backend: str, *, cuda_graphs: bool,
                  buckets: tuple[int, ...] | None, tokens_per_check: int, scratch_slot: int | None, stats: dict,
-                 on_capture: Callable[[str], None] | None = None):
+                 on_capture: Callable[[str], None] | None = None, compile_layers: bool = False):
         self.model, self.pool, self.backend = model, pool, backend
         self.cuda_graphs, self.buckets, self.tokens_per_check = cuda_graphs, buckets, tokens_per_check
         self.scratch_slot = scratch_slot
@@ -147,6 +168,14 @@ class DecodeRunner:
         self.sm_scale = model.config.head_dim ** -0.5
         self._buckets: OrderedDict[int, Bucket] = OrderedDict()
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        # Eager: the model's own functions. Compiled: each layer issues a few fused kernels instead of ~45 small ones
+        # (a bf16 Llama layer at decode: norms, 3+1 projections, RoPE, MLP), the launch-bound part of a step.
+        self._logits = Transformer.logits
+        self._layer_fns = {}
+        if compile_layers:
+            self._logits = compile_rows_dynamic(Transformer.logits)
+            self._layer_fns = {"layer_input": compile_rows_dynamic(DecoderLayer.attention_input),
+                               "layer_output": compile_rows_dynamic(DecoderLayer.attention_output)}
 
     # ---- per step --------------------------------------------------------------------------------------------
     def step(self, tree: KVTree, branches: list[int], hidden: torch.Tensor, max_new_tokens: int, stop: set[int],
@@ -256,7 +285,7 @@ class DecodeRunner:
     def _iteration(self, b: Bucket, mode: str) -> None:
         """Sample each row's next token from its last hidden state, feed it through the model (K/V written at
         b.slots), and update the rows' state. Device ops only: no host sync, no host-dependent shapes."""
-        logits = self.model.logits(b.hidden)
+        logits = self._logits(self.model, b.hidden)
         if mode == "greedy":
             token = sample_tokens(logits)
         else:
@@ -266,7 +295,8 @@ class DecodeRunner:
         b.tokens.copy_(token)
         grown = torch.cat([b.count + active, b.no_growth])  # tail lengths include the new token
         b.plan.seg_lens.copy_(b.seg_base + grown[b.seg_row])
-        hidden = self.model.run_layers(b.tokens, b.positions, lambda layer, q, k, v: self._attend(b, layer, q, k, v))
+        hidden = self.model.run_layers(b.tokens, b.positions, lambda layer, q, k, v: self._attend(b, layer, q, k, v),
+                                       **self._layer_fns)
         b.hidden.copy_(torch.where(active[:, None], hidden, b.hidden))
         b.count += active
         b.done |= b.stop_mask[token] | (b.count >= b.max_new)
