@@ -38,7 +38,6 @@ from .sampling import host_to_device, row_uniforms, sample_tokens
 # and padding is nearly free). Beyond the largest, rows are padded to a multiple of it.
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 EAGER_BUCKETS_KEPT = 8  # eager mode keeps the plans and buffers of this many recent batch sizes
-MODES = ("greedy", "sample", "top_p")
 COMPILE_BACKEND = "inductor"  # of compile_layers (the CPU test traces with "eager": Inductor's C++ build takes ~30 s)
 
 
@@ -108,7 +107,6 @@ class StepResult:
     tokens: list[list[int]]  # per branch, the step's tokens
     hidden: torch.Tensor  # [n, H] pre-norm hidden state of each branch's last token (a copy)
     scores: list[float] | None  # per branch, score(hidden), when a score function was given
-    iterations: int  # decode iterations run (>= the longest branch's token count)
 
 
 @dataclass(eq=False)
@@ -117,8 +115,9 @@ class Bucket:
 
     tokens, positions, count [B] int64; done [B] bool; hidden [B, H] (model dtype); slots [B] int64 (this token's
     K/V slots); seg_base, seg_row [capacity.segments] int64 (segment s has length seg_base[s] + the growth of row
-    seg_row[s]; row B = no growth); stop_mask [V] bool; max_new [1] int64; seed [1] int64; temperature, top_p [1]
-    float32; q_probe [B, Hq, D]: an input signature to validate the plan against once per plan change."""
+    seg_row[s]; row B = no_growth [1], a zero); stop_mask [V] bool; max_new [1] int64; seed [1] int64;
+    temperature, top_p [1] float32; row_ids [B] = arange(B) (sampling's row index); q_probe [B, Hq, D]: an input
+    signature to validate the plan against once per plan change."""
 
     rows: int
     plan: TreeAttentionPlan
@@ -211,7 +210,7 @@ class DecodeRunner:
         counts, tokens, scores = self._read(bucket.count[:n], out[:iterations, :n].t(), scores)
         counts = [int(c) for c in counts]
         tokens = [[int(t) for t in tokens[i * iterations:i * iterations + c]] for i, c in enumerate(counts)]
-        return StepResult(tokens, end_hidden, scores, iterations)
+        return StepResult(tokens, end_hidden, scores)
 
     def _read(self, *tensors):
         """The values of the tensors (None: skipped) on the host, each as a flat list of floats: one float64 tensor
@@ -238,9 +237,8 @@ class DecodeRunner:
         n, rows, ps = len(branches), bucket.rows, self.pool.page_size
         tails = [tree.get(b).tail for b in branches]
         base = torch.tensor([t.length for t in tails], dtype=torch.long)
-        pages = torch.zeros(n, max(len(t.pages) for t in tails), dtype=torch.long)
-        for i, t in enumerate(tails):
-            pages[i, :len(t.pages)] = torch.tensor(t.pages)
+        width = max(len(t.pages) for t in tails)
+        pages = torch.tensor([t.pages + [0] * (width - len(t.pages)) for t in tails], dtype=torch.long)
         pos = base[:, None] + torch.arange(max_new_tokens)  # within the reservation made for this step
         table = torch.full((max_new_tokens, rows), -1 if self.scratch_slot is None else self.scratch_slot,
                            dtype=torch.long)
