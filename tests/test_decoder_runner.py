@@ -181,11 +181,12 @@ def test_compiled_layers_match_eager(monkeypatch):
     model = make_model(num_hidden_layers=2, num_attention_heads=8)  # 8 heads: no batch size equals a head count
     prompt = torch.randint(0, VOCAB, (11,)).tolist()                  # (dynamic shapes' duck sizing would specialize)
     torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # other tests' compilations counted before
     compiled = TreeDecoder(model, backend="torch", page_size=4, compile_layers=True)
     assert_same_search(run_search(compiled, prompt, temperature=0.9, top_p=0.8, steps=2),
                        run_search(NaiveDecoder(model), prompt, temperature=0.9, top_p=0.8, steps=2))
     compiled.generate_step(compiled.fork(compiled.add_prompt(prompt), 3), max_new_tokens=2)  # another batch size
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # layer_input, layer_output, logits
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3  # layer_input, layer_output, logits
 
 
 def test_pad_rows():
