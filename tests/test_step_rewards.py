@@ -4,11 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ import torch
 from o1kernels import step_rewards
 from o1kernels._backend import backend_unavailable_reason
 from step_rewards_reference import reference_step_rewards
+from offline_compile import run_compile_script
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AGGREGATES = ("min", "prod", "last", "mean", "max")
@@ -587,12 +584,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout + run.stderr[-3000:]
+    run_compile_script(SM90_COMPILE_SCRIPT, tmp_path, timeout=300)
 
 
 GPU_CASES = ACT_AGG_CASES[::2] + HEAD_CASES + SHAPE_CASES + [

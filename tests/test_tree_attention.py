@@ -1,10 +1,6 @@
 """TreeAttentionPlan + tree_attention against float64 attention over each query's explicit key list."""
-import os
 import random
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +9,7 @@ from o1kernels import TreeAttentionPlan, tree_attention
 from o1kernels.plan import PlanCapacity
 from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
                                  tree_attention_f64, tree_segments)
+from offline_compile import run_compile_script
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = backends_on("cpu")
@@ -215,27 +212,32 @@ def _random_forest(seed, num_pages_total=100, page_size=4):
     return [([perm[p] for p in pages], length, queries) for pages, length, queries in segments], len(leaves)
 
 
+def _capacity_trees(num_queries: int, count: int = 4):
+    """`count` random trees over one 100-page pool, their query rows cut to [0, num_queries)."""
+    trees = []
+    for seed in range(count):
+        segments, _ = _random_forest(seed)
+        trees.append([(pages, length, [q for q in queries if q < num_queries]) for pages, length, queries in segments])
+    return trees
+
+
 @pytest.mark.parametrize("backend,path", BACKEND_PATHS)
 def test_capacity_plan_update_in_place(backend, path):
     """update() swaps the tree (as forks and releases do) without new tensors: every layout's index tensors
     keep their storage, and results match float64 for each tree; lengths grow with set_lengths in between."""
     num_queries = 8
-    k, v = _pool(100, 4, 2, 32, torch.float32, "cpu")
-    trees = []
-    for seed in range(4):
-        segments, leaves = _random_forest(seed)
-        trees.append([(pages, length, [q for q in queries if q < num_queries]) for pages, length, queries in segments])
+    k, v = _pool(100, 4, 2, 16, torch.float32, "cpu")
+    trees = _capacity_trees(num_queries, count=3)
     plan = TreeAttentionPlan(trees[0], num_queries, 4, path=path, capacity=CAPACITY, kv_chunk_size=8)
-    q = torch.randn(num_queries, 4, 32)
+    q = torch.randn(num_queries, 4, 16)
     _check(q, k, v, trees[0], plan, backend)
     split = plan.layout("split")
     storage = {id(lay): lay.buffer.data_ptr() for lay in plan._layouts.values()}
     for segments in trees[1:]:
         plan.update(segments)
-        q = torch.randn(num_queries, 4, 32)
-        _check(q, k, v, segments, plan, backend)
         grown = [min(length + 1, len(pages) * 4) for pages, length, _ in segments]
         plan.set_lengths(grown)
+        q = torch.randn(num_queries, 4, 16)
         _check(q, k, v, segments, plan, backend, lengths=grown)
         assert {id(lay): lay.buffer.data_ptr() for lay in plan._layouts.values() if id(lay) in storage} == storage
         check_layout_covers(split, [len(p) * 4 for p, _, _ in segments], [qs for _, _, qs in segments], num_queries)
@@ -405,12 +407,7 @@ SM90_COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout + run.stderr[-3000:]
+    run_compile_script(SM90_COMPILE_SCRIPT, tmp_path, timeout=600)
 
 
 
@@ -452,10 +449,7 @@ def test_capacity_plan_cuda_graph_replays_updated_trees():
     with set_lengths between replays: the same graph computes each tree."""
     num_queries = 8
     k, v = _pool(100, 4, 2, 64, torch.bfloat16, "cuda")
-    trees = []
-    for seed in range(4):
-        segments, _ = _random_forest(seed)
-        trees.append([(pages, length, [q for q in queries if q < num_queries]) for pages, length, queries in segments])
+    trees = _capacity_trees(num_queries)
     for backend in backends_on("cuda"):
         plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
         q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)

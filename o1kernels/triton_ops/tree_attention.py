@@ -71,6 +71,21 @@ def _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr):
 
 
 @triton.jit
+def _attend_direct(q, m_i, l_i, acc, query, indptr_ptr, segs_ptr, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr,
+                   page_table_ptr, page_size, k_ptr, v_ptr, kv_head, stride_kp, stride_ks, stride_kh,
+                   stride_vp, stride_vs, stride_vh, sm_scale_log2, dims, dim_ok,
+                   BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of one query's rows over all tokens of its direct segments of one KV source (CSR)."""
+    for i in range(tl.load(indptr_ptr + query), tl.load(indptr_ptr + query + 1)):
+        seg = tl.load(segs_ptr + i)
+        length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
+        m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table_ptr, page_size, k_ptr, v_ptr,
+                                       kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                       sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr,
     page_table_ptr, seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr, seg_queries_ptr,
@@ -150,21 +165,15 @@ def _decode_merge_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
         if DIRECT0:
-            for i in range(tl.load(direct0_indptr_ptr + query), tl.load(direct0_indptr_ptr + query + 1)):
-                seg = tl.load(direct0_segs_ptr + i)
-                length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
-                m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table0_ptr, page_size0,
-                                               k0_ptr, v0_ptr, kv_head, stride_k0p, stride_k0s, stride_k0h,
-                                               stride_v0p, stride_v0s, stride_v0h, sm_scale_log2, dims,
-                                               dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, direct0_indptr_ptr, direct0_segs_ptr, seg_lens_ptr,
+                                           seg_capacity_ptr, seg_page_start_ptr, page_table0_ptr, page_size0, k0_ptr,
+                                           v0_ptr, kv_head, stride_k0p, stride_k0s, stride_k0h, stride_v0p, stride_v0s,
+                                           stride_v0h, sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
         if DIRECT1:
-            for i in range(tl.load(direct1_indptr_ptr + query), tl.load(direct1_indptr_ptr + query + 1)):
-                seg = tl.load(direct1_segs_ptr + i)
-                length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
-                m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table1_ptr, page_size1,
-                                               k1_ptr, v1_ptr, kv_head, stride_k1p, stride_k1s, stride_k1h,
-                                               stride_v1p, stride_v1s, stride_v1h, sm_scale_log2, dims,
-                                               dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, direct1_indptr_ptr, direct1_segs_ptr, seg_lens_ptr,
+                                           seg_capacity_ptr, seg_page_start_ptr, page_table1_ptr, page_size1, k1_ptr,
+                                           v1_ptr, kv_head, stride_k1p, stride_k1s, stride_k1h, stride_v1p, stride_v1s,
+                                           stride_v1h, sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
     # The direct state in natural-log units is a merge state (m, s = l_i, acc) of lse_merge_step.
     m = m_i * LN2
     if PARTIALS:
