@@ -88,8 +88,10 @@ def validate_heads(q_name: str, q, kv_name: str, kv) -> None:
                          f"{q_name} {list(q.shape)}, {kv_name} {list(kv.shape)}")
 
 
-def _validate(q, k_cache, v_cache, plan):
-    """Full checks, once per (plan, input signature): a decode loop pays a tuple comparison per call."""
+def check_inputs(q, k_cache, v_cache, plan):
+    """tree_attention's argument checks (TypeError/ValueError naming the argument). The full checks run once per
+    (plan, input signature); later calls with the same shapes, dtypes and devices pay a tuple comparison. A
+    decoder that calls the plan's run function directly (plan.runner) calls this once per plan change."""
     if not isinstance(plan, TreeAttentionPlan):
         raise TypeError(f"plan must be a TreeAttentionPlan, got {type(plan).__name__}")
     if isinstance(q, torch.Tensor) and isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor):
@@ -132,7 +134,7 @@ def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=Non
     No host-device sync: a call can be captured in a CUDA graph and replayed after plan.set_lengths
     (run the plan once before capturing: its layout and workspace are built on the first run).
     """
-    _validate(q, k_cache, v_cache, plan)
+    check_inputs(q, k_cache, v_cache, plan)
     scale = default_sm_scale(sm_scale, q.shape[-1])
     _, run = plan.runner(backend, RUNNERS)
     o, lse = run(plan, q, ((k_cache, v_cache),), scale)

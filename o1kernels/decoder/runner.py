@@ -28,7 +28,7 @@ import torch
 
 from o1kernels.plan import PlanCapacity, TreeAttentionPlan
 from o1kernels.tree_attention import RUNNERS
-from o1kernels.tree_attention import _validate as validate_tree_attention
+from o1kernels.tree_attention import check_inputs as validate_tree_attention
 
 from .kv_cache import KVTree, PagedKVPool
 from .model import DecoderLayer, Transformer
