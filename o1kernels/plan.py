@@ -71,7 +71,6 @@ class DeviceProfile:
     num_sms: int  # programs that run at once (CUDA SMs; CPU: cores)
     l2_bytes: int  # last-level cache that absorbs re-reads of a small segment
     gbps: float  # sustained memory bandwidth
-    launch_us: float  # cost of one more kernel launch inside a CUDA graph
 
 
 # Copy bandwidths measured on our H200 (4.3 TB/s) and H100 (3.0 TB/s) (shared/docs/FIELD.md); others: datasheet-ish.
@@ -83,8 +82,8 @@ def device_profile(device: torch.device) -> DeviceProfile:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gbps = next((g for name, g in _KNOWN_GBPS if name in props.name), 2000.0)
-        return DeviceProfile(props.multi_processor_count, int(getattr(props, "L2_cache_size", 40 << 20)), gbps, 3.0)
-    return DeviceProfile(os.cpu_count() or 1, 32 << 20, 20.0, 0.0)
+        return DeviceProfile(props.multi_processor_count, int(getattr(props, "L2_cache_size", 40 << 20)), gbps)
+    return DeviceProfile(os.cpu_count() or 1, 32 << 20, 20.0)
 
 
 # The thresholds below are starting points from the byte counts, not yet calibrated on a GPU (the
@@ -97,8 +96,8 @@ def device_profile(device: torch.device) -> DeviceProfile:
 L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US, SPLIT_FACTOR, MIN_SPLIT_TOKENS = 0.25, 3.0, 4.0, 4, 2048
 
 
-def choose_direct(caps: Sequence[int], counts: Sequence[int], num_queries: int, kv_heads: int, group: int,
-                  head_dim: int, elem_bytes: int, profile: DeviceProfile) -> list[bool]:
+def choose_direct(caps: Sequence[int], counts: Sequence[int], num_queries: int, kv_heads: int, head_dim: int,
+                  elem_bytes: int, profile: DeviceProfile) -> list[bool]:
     """Per segment (capacity in tokens, number of queries reading it): True = direct path."""
     token_bytes = 2 * kv_heads * head_dim * elem_bytes
     direct_tokens = sum(c for c, n in zip(caps, counts) if n == 1) or 1
@@ -669,7 +668,7 @@ class TreeAttentionPlan(AttentionPlan):
         elif path == "cascade":
             direct = [n == 1 and cap <= MIN_SPLIT_TOKENS for cap, n in zip(caps, counts)]
         else:
-            direct = choose_direct(caps, counts, self.num_queries, kv_heads, group, head_dim, elem_bytes, profile)
+            direct = choose_direct(caps, counts, self.num_queries, kv_heads, head_dim, elem_bytes, profile)
         tile = self._tile(group)
         if self.kv_chunk_size is not None:
             chunks = [self.kv_chunk_size] * self.num_segments
@@ -811,7 +810,7 @@ class SharedPrefixPlan(AttentionPlan):
         per_prompt = max(1, -(-b // g))
         if self.path == "cascade":
             return per_prompt == 1 and p <= MIN_SPLIT_TOKENS, s <= MIN_SPLIT_TOKENS
-        prefix_direct, suffix_direct = choose_direct([p, s], [per_prompt, 1], b, kv_heads, group, head_dim, elem_bytes,
+        prefix_direct, suffix_direct = choose_direct([p, s], [per_prompt, 1], b, kv_heads, head_dim, elem_bytes,
                                                      device_profile(self.device))
         return prefix_direct, suffix_direct
 
