@@ -48,18 +48,31 @@ def segment_tokens(cache, pages, page_size, lo, hi):
     return torch.stack(rows) if rows else cache.new_zeros((0,) + tuple(cache.shape[2:]))
 
 
+# The CPU kernel runs a work item of <= 64 kv tokens read by <= 16 query heads per kv head as loops, a larger one
+# as batched matrix products (csrc/cpu/tree_attention.cpp): "loops" has small items only, "mixed" (a 200-token root
+# read in 128-token chunks) large ones too.
+SMALL_ITEM_TOKENS, SMALL_ITEM_ROWS = 64, 16
+ITEM_SIZES = {"loops": (8, 2), "mixed": (128, 16)}  # (kv_chunk_size, queries_per_tile)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 64), (6, 6, 24)])
-def test_each_partial_matches_float64(dtype, hq, hkv, d):
+@pytest.mark.parametrize("items", ITEM_SIZES)
+def test_each_partial_matches_float64(dtype, hq, hkv, d, items):
     """Every work item's partial (one kv chunk of one segment), checked before any merging."""
     rng = random.Random(f"{dtype}{hq}{hkv}{d}")
     nodes, leaves = random_tree(6, 3, 30, rng)
+    nodes[0] = (200, -1)
     segments, num_pages = tree_segments(nodes, leaves, 4, 2, rng)
-    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=8, queries_per_tile=2)
+    kv_chunk, q_tile = ITEM_SIZES[items]
+    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=kv_chunk, queries_per_tile=q_tile)
     q = (torch.randn(len(leaves), hq, d) * 2).to(dtype)
     k = torch.randn(num_pages, 4, hkv, d).to(dtype)
     v = random_values((num_pages, 4, hkv, d), dtype)
     layout, source = split_layout(plan)
+    small = [min(hi, segments[seg][1]) - lo <= SMALL_ITEM_TOKENS and (q1 - q0) * (hq // hkv) <= SMALL_ITEM_ROWS
+             for seg, lo, hi, q0, q1, _ in zip(*(w.tolist() for w in source.work))]
+    assert all(small) if items == "loops" else not all(small)  # the path(s) this case tests
     part_o = torch.full((layout.num_partials, hq, d), math.nan)
     part_lse = torch.full((layout.num_partials, hq), math.nan)
     ops.tree_attention_partial(q, k, v, *plan_fields(plan), source.max_work_queries, d ** -0.5, part_o, part_lse)

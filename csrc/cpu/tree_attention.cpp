@@ -53,10 +53,73 @@ void check_plan_values(const TreeAttentionSizes& s, const PlanView& v, int64_t n
   }
 }
 
-// One work item = one kv chunk of one segment and the queries reading it. Its K/V rows are
-// gathered once (through the page table) into fp32 [Hkv, n, D] buffers and its queries into
-// [Hkv, queries x GQA group, D] (pre-scaled by sm_scale), so every kv head is two batched
-// fp32 matrix products (scores, then P.V) and an exp over the scores, not scalar dot loops.
+// A work item at most this many kv tokens long, read by at most kSmallRows query heads per kv
+// head, runs as plain loops (small_item); larger ones as batched matrix products. The ~10 ATen
+// calls of the batched path cost ~10 us per item, more than a small item's arithmetic: decoding,
+// most items are a branch's own few-token tail read by one query.
+constexpr int64_t kSmallTokens = 64;
+constexpr int64_t kSmallRows = 16;
+
+// q . k over D elements in fp32, with independent partial sums so the compiler can vectorise it.
+template <typename scalar_t>
+inline float dot(const float* q, const scalar_t* k, int64_t D) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int i = 0; i < 8; ++i) acc[i] += q[d + i] * static_cast<float>(k[d + i]);
+  }
+  float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; d < D; ++d) total += q[d] * static_cast<float>(k[d]);
+  return total;
+}
+
+// One small work item (see kSmallTokens): each query head's scores over the chunk's n tokens (read in
+// place through the page table), then its softmax-weighted sum of V rows, in fp32.
+template <typename scalar_t>
+void small_item(const TreeAttentionSizes& s, const int32_t* pages, int64_t lo, int64_t n, const int32_t* queries,
+                int64_t num_q, int64_t out_slot, const scalar_t* q_ptr, int64_t q_stride_n, int64_t q_stride_h,
+                const scalar_t* k_ptr, const int64_t k_strides[3], const scalar_t* v_ptr, const int64_t v_strides[3],
+                float sm_scale, float* part_o, float* part_lse) {
+  const int64_t D = s.head_dim, hq = s.num_q_heads, group = hq / s.num_kv_heads;
+  const scalar_t* k_rows[kSmallTokens];
+  const scalar_t* v_rows[kSmallTokens];
+  float q_row[kMaxHeadDim], scores[kSmallTokens];  // D <= kMaxHeadDim: check_tree_attention_partial
+  for (int64_t head = 0; head < hq; ++head) {
+    const int64_t kv_head = head / group;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t tok = lo + t, page = pages[tok / s.page_size], slot = tok % s.page_size;
+      k_rows[t] = k_ptr + page * k_strides[0] + slot * k_strides[1] + kv_head * k_strides[2];
+      v_rows[t] = v_ptr + page * v_strides[0] + slot * v_strides[1] + kv_head * v_strides[2];
+    }
+    for (int64_t j = 0; j < num_q; ++j) {
+      const scalar_t* src = q_ptr + queries[j] * q_stride_n + head * q_stride_h;
+      for (int64_t d = 0; d < D; ++d) q_row[d] = static_cast<float>(src[d]) * sm_scale;
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; ++t) {
+        scores[t] = dot(q_row, k_rows[t], D);
+        max_score = std::max(max_score, scores[t]);
+      }
+      const int64_t idx = (out_slot + j) * hq + head;
+      float* out = part_o + idx * D;
+      std::fill(out, out + D, 0.f);
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float p = std::exp(scores[t] - max_score);
+        sum += p;
+        const scalar_t* v_row = v_rows[t];
+        for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(v_row[d]);
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+      part_lse[idx] = max_score + std::log(sum);
+    }
+  }
+}
+
+// One work item = one kv chunk of one segment and the queries reading it. A small one runs as loops
+// (small_item); a larger one has its K/V rows gathered once (through the page table) into fp32
+// [Hkv, n, D] buffers and its queries into [Hkv, queries x GQA group, D] (pre-scaled by sm_scale),
+// so every kv head is two batched fp32 matrix products (scores, then P.V) and an exp over the scores.
 template <typename scalar_t>
 void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tensor& q, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, float sm_scale, float* part_o, float* part_lse) {
@@ -67,6 +130,8 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
   const int64_t q_stride_n = q.stride(0), q_stride_h = q.stride(1);
   const int64_t k_stride_page = k_cache.stride(0), k_stride_slot = k_cache.stride(1), k_stride_h = k_cache.stride(2);
   const int64_t v_stride_page = v_cache.stride(0), v_stride_slot = v_cache.stride(1), v_stride_h = v_cache.stride(2);
+  const int64_t k_strides[3] = {k_stride_page, k_stride_slot, k_stride_h};
+  const int64_t v_strides[3] = {v_stride_page, v_stride_slot, v_stride_h};
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
   at::parallel_for(0, s.num_work, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
@@ -82,12 +147,17 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
         std::fill(part_lse + first, part_lse + first + count, -std::numeric_limits<float>::infinity());
         continue;
       }
+      const int32_t* pages = v.page_table + v.seg_page_start[seg];
+      if (n <= kSmallTokens && num_q * group <= kSmallRows) {
+        small_item<scalar_t>(s, pages, lo, n, queries, num_q, v.work_out[w], q_ptr, q_stride_n, q_stride_h, k_ptr,
+                             k_strides, v_ptr, v_strides, sm_scale, part_o, part_lse);
+        continue;
+      }
       const int64_t rows = num_q * group;  // row j * group + g of kv head h is query j, head h * group + g
       at::Tensor keys = at::empty({hkv, n, D}, fp32), values = at::empty({hkv, n, D}, fp32);
       at::Tensor scaled_q = at::empty({hkv, rows, D}, fp32);
       float *keys_ptr = keys.data_ptr<float>(), *values_ptr = values.data_ptr<float>();
       float* scaled_q_ptr = scaled_q.data_ptr<float>();
-      const int32_t* pages = v.page_table + v.seg_page_start[seg];
       for (int64_t t = 0; t < n; ++t) {
         const int64_t tok = lo + t, page = pages[tok / s.page_size], slot = tok % s.page_size;
         for (int64_t h = 0; h < hkv; ++h) {

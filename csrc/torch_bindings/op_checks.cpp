@@ -12,7 +12,6 @@ namespace o1k {
 namespace bindings {
 namespace {
 
-constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMaxClasses = 64;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 

@@ -13,6 +13,10 @@
 namespace o1k {
 namespace bindings {
 
+// Largest head_dim the checks accept (the CPU kernels size stack buffers by it); the value of o1k::kMaxHeadDim in
+// include/o1kernels/api.h, which CPU-only builds cannot include.
+constexpr int64_t kMaxHeadDim = 256;
+
 // ---- sizes the checks return ----
 struct TreeAttentionSizes {
   int64_t num_queries, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, num_work, num_partials,
