@@ -2,8 +2,8 @@
 import pytest
 
 from o1kernels.decoder.task import (
-    CharTokenizer, Problem, TaskConfig, check_steps, extract_answer, generate_problems, is_correct,
-    parse_problem, split_steps,
+    ERROR_KINDS, CharTokenizer, Problem, TaskConfig, check_steps, extract_answer, generate_problems, is_correct,
+    parse_problem, split_steps, step_error_kinds,
 )
 
 
@@ -49,6 +49,43 @@ def test_solution_format_and_checker():
     assert check_steps(p, steps + ["A:71"]) == [True] * 4 + [False]
     assert check_steps(p, [steps[0], "A:42"]) == [True, False]
     assert not is_correct(p, "17+25=42\n") and extract_answer("17+25=42\n") is None
+
+
+@pytest.mark.parametrize("steps,kinds", [
+    (["17+25=42\n", "42-9=33\n", "33+38=71\n", "A:71"], [None] * 4),
+    (["17+25=43\n", "43-9=34\n", "34+38=72\n", "A:72"], ["result"] + ["after_error"] * 3),
+    (["17+25=42\n", "41-9=32\n"], [None, "copy"]),
+    (["17+25=42\n", "17-9=8\n"], [None, "copy"]),  # started from the previous step's operand
+    (["17+25=42\n", "42+38=80\n", "A:80"], [None, "skip", "after_error"]),
+    (["17+25=42\n", "42-8=34\n"], [None, "operand"]),
+    (["17+25=42\n", "42+9=51\n"], [None, "operand"]),  # sign flipped
+    (["17+25=42\n", "A:42"], [None, "early_answer"]),
+    (["17+25=42\n", "42-9=33\n", "33+38=71\n", "A:70"], [None] * 3 + ["answer"]),
+    (["17+25=42\n", "42-9=33\n", "33+38=71\n", "71+38=109\n", "A:109"], [None] * 3 + ["extra_step", "after_error"]),
+    (["17+25=42\n", "42-9=:3\n"], [None, "format"]),
+    (["17+25=42\n", "42-9=3"], [None, "format"]),  # truncated: no separator
+    (["17+25=042\n"], ["format"]),
+])
+def test_step_error_kinds(steps, kinds):
+    p = Problem((17, 25, 9, 38), ("+", "-", "+"))
+    assert step_error_kinds(p, steps) == kinds
+    assert [k is None for k in kinds] == check_steps(p, steps)
+    assert all(k in (None, "after_error", *ERROR_KINDS) for k in kinds)
+
+
+def test_step_error_kinds_agree_with_the_checker_on_random_chains():
+    rng = __import__("random").Random(0)
+    for p in generate_problems(200, 11):
+        steps = p.solution_steps()
+        # Perturb one random character of one random step (digits, ops, separators) and maybe truncate.
+        i = rng.randrange(len(steps))
+        j = rng.randrange(len(steps[i]))
+        steps[i] = steps[i][:j] + rng.choice("0123456789+-=\n") + steps[i][j + 1:]
+        steps = steps[:rng.randint(1, len(steps))]
+        kinds = step_error_kinds(p, steps)
+        assert [k is None for k in kinds] == check_steps(p, steps)
+        first = next((k for k in kinds if k is not None), None)
+        assert all(k == "after_error" for k in kinds[kinds.index(first) + 1:]) if first else True
 
 
 def test_split_steps_keeps_separators():

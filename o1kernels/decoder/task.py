@@ -27,6 +27,10 @@ CHARS = "0123456789+-=\nQA:"
 
 _PROMPT_RE = re.compile(r"^Q:(\d+(?:[+-]\d+)+)\n?$")
 _ANSWER_RE = re.compile(r"A:(-?\d+)")
+_STEP_RE = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)\n$")
+_ANSWER_STEP_RE = re.compile(r"^A:(-?\d+)$")
+# What went wrong at a chain's first wrong step (see step_error_kinds).
+ERROR_KINDS = ("result", "copy", "operand", "skip", "early_answer", "answer", "extra_step", "format")
 
 
 class CharTokenizer:
@@ -170,6 +174,47 @@ def check_steps(problem: Problem, steps: list[str]) -> list[bool]:
         ok = ok and i < len(expected) and step == expected[i]
         labels.append(ok)
     return labels
+
+
+def step_error_kinds(problem: Problem, steps: list[str]) -> list[str | None]:
+    """Per step: None while the chain is correct, then what its first wrong step did, then "after_error" for
+    every later step. With v the true running value before the step, the expected step "v op x=w":
+      "copy"          the step starts from a value other than v (op and operand right),
+      "skip"          its operation is a later one of the problem's (its op and operand come later),
+      "operand"       its op or operand is otherwise not the expected one,
+      "result"        "v op x=c" with c != w,
+      "early_answer"  an answer line where an operation is still due,
+      "answer"        the answer line with a value other than the answer,
+      "extra_step"    an operation line after the last operation,
+      "format"        anything else (unparseable text, a truncated line).
+    The labels of check_steps are exactly the steps with kind None."""
+    expected = problem.solution_steps()
+    values = [problem.operands[0], *problem.running_values()]
+    operations = list(zip(problem.ops, problem.operands[1:]))
+    kinds: list[str | None] = []
+    for i, step in enumerate(steps):
+        if kinds and kinds[-1] is not None:
+            kinds.append("after_error")
+            continue
+        if i < len(expected) and step == expected[i]:
+            kinds.append(None)
+            continue
+        line, answer = _STEP_RE.match(step), _ANSWER_STEP_RE.match(step)
+        if answer is not None:
+            kinds.append("early_answer" if i < len(operations) else "answer")
+        elif line is None:
+            kinds.append("format")
+        elif i >= len(operations):
+            kinds.append("extra_step")
+        else:
+            a, op, x, c = int(line.group(1)), line.group(2), int(line.group(3)), int(line.group(4))
+            if (op, x) == operations[i]:
+                kinds.append("copy" if a != values[i] else "result" if c != values[i + 1] else "format")
+            elif (op, x) in operations[i + 1:]:
+                kinds.append("skip")
+            else:
+                kinds.append("operand")
+    return kinds
 
 
 def is_correct(problem: Problem, text: str) -> bool:
