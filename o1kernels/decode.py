@@ -55,7 +55,7 @@ DEFAULT_STEP_SEPARATOR = "\\n\\n"  # search-and-learn's step delimiter, as typed
 def build_parser() -> argparse.ArgumentParser:
     from ._backend import BACKENDS
     from ._cli import float_in, int_in, physical_cores_available, positive_int
-    from .decoder.search import AGGREGATES, STRATEGIES
+    from .decoder.search import AGGREGATES, STRATEGIES, TREE_SELECTIONS
 
     p = _Parser(prog="python -m o1kernels.decode",
                 description="PRM-guided test-time search with the o1kernels reference decoder.")
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=AGGREGATES, default="prod",
                    help="step-score aggregation into a chain's score (default prod: best for the shipped PRM on "
                         "held-out problems; search-and-learn's default is last)")
+    p.add_argument("--select", choices=TREE_SELECTIONS, default="argmax",
+                   help="beam_search/dvts: final answer among the finished chains: argmax (the best-scored chain, "
+                        "default) or weighted (the answer with the largest sum of chain scores)")
     p.add_argument("--keep-duplicate-beams", action="store_true",
                    help="beam_search: keep beams whose text repeats a better one (default: filter them)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0,
@@ -207,7 +210,7 @@ def _check_args(args) -> None:
         args.config = SearchConfig(n=args.n, beam_width=width, max_steps=args.max_steps,
                                    max_step_tokens=args.max_step_tokens, temperature=args.temperature,
                                    top_p=args.top_p, aggregate=args.aggregate, seed=args.seed,
-                                   filter_duplicates=not args.keep_duplicate_beams)
+                                   filter_duplicates=not args.keep_duplicate_beams, select=args.select)
     except ValueError as exc:  # every field was checked above; this would be a bug
         raise UsageError(str(exc)) from None
     args.num_problems = problems
@@ -443,7 +446,7 @@ def run(args) -> dict:
         **{k: per_problem[0][k] for k in ("prompt", "answer", "correct", "candidates")},
         "strategy": args.strategy, "n": args.config.n, "beam_width": args.config.beam_width,
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
-        "filter_duplicates": args.config.filter_duplicates, "decoder": args.decoder, "model": str(args.model),
+        "filter_duplicates": args.config.filter_duplicates, "select": args.config.select, "decoder": args.decoder, "model": str(args.model),
         "prm": None if args.prm is None else str(args.prm),
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -470,6 +473,10 @@ def _print_legend(report: dict, out) -> None:
               f"fewer than n={n} candidates (--keep-duplicate-beams keeps them)", file=out)
     elif strategy == "dvts":
         print(f"dvts: one candidate per subtree, n / beam width = {n // width}", file=out)
+    if tree:
+        print("the answer: " + ("the best-scored chain's" if report["select"] == "argmax" else
+                                "the one with the largest sum of chain scores") + f" (--select {report['select']})",
+              file=out)
 
 
 def _print_report(report: dict, out) -> None:

@@ -1,5 +1,6 @@
 """Search strategies: aggregation and selection rules, beam/DVTS bookkeeping on a scripted decoder, and every
 strategy end to end on the shipped tiny model with both decoders (tree and naive)."""
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def test_choose_rules():
 
 @pytest.mark.parametrize("kwargs", [dict(n=0), dict(beam_width=0), dict(max_steps=0), dict(temperature=-1.0),
                                     dict(top_p=0.0), dict(aggregate="median"), dict(n=2.5),
-                                    dict(filter_duplicates=1)])
+                                    dict(filter_duplicates=1), dict(select="majority")])
 def test_bad_search_config(kwargs):
     with pytest.raises(ValueError):
         SearchConfig(**kwargs)
@@ -71,26 +72,31 @@ class _Out:
 
 
 class ScriptedDecoder:
-    """Decoder interface without a model: each step is one random digit + "\\n" (the last step: digit + <eos>);
-    its score is a fixed function of the branch's history. Records each call's histories before and after."""
+    """Decoder interface without a model: each step is one digit + "\\n" (the last step: digit + <eos>); the digit is
+    random, or digit(history) when given; the score is score(history, lineage), by default a fixed function of the
+    history. lineage: the index of the branch's ancestor among the first children forked from its prompt (a DVTS
+    subtree, a first beam). Records each call's histories before and after."""
 
-    def __init__(self, depth=3):
-        self.depth, self.hist, self.next_id = depth, {}, 0
+    def __init__(self, depth=3, digit=None, score=None):
+        self.depth, self.hist, self.lineage, self.next_id = depth, {}, {}, 0
+        self.digit = digit
+        self.score = score or (lambda h, lineage: self.default_score(h))
         self.before, self.after = [], []  # per generate_step call: [history], [(history, score)]
+        self.lineages = []  # per generate_step call: [lineage]
 
-    def _new(self, h):
-        self.hist[self.next_id] = tuple(h)
+    def _new(self, h, lineage):
+        self.hist[self.next_id], self.lineage[self.next_id] = tuple(h), lineage
         self.next_id += 1
         return self.next_id - 1
 
     def add_prompt(self, ids):
-        return self._new([-1 - i for i in ids])  # prompt ids as negatives, so histories of prompts differ
+        return self._new([-1 - i for i in ids], None)  # prompt ids as negatives, so histories of prompts differ
 
     def fork(self, b, n):
-        return [self._new(self.hist[b]) for _ in range(n)]
+        return [self._new(self.hist[b], i if self.lineage[b] is None else self.lineage[b]) for i in range(n)]
 
     def release(self, b):
-        del self.hist[b]
+        del self.hist[b], self.lineage[b]
 
     def kv_bytes(self):
         return len(self.hist)
@@ -98,18 +104,20 @@ class ScriptedDecoder:
     kv_bytes_naive = kv_bytes
 
     @staticmethod
-    def score(h):
+    def default_score(h):
         return (sum((i + 1) * v for i, v in enumerate(h)) * 37 % 101) / 101
 
     def generate_step(self, branches, *, max_new_tokens, stop_ids, eos_id, temperature, top_p, generator):
         self.before.append([self.hist[b] for b in branches])
+        self.lineages.append([self.lineage[b] for b in branches])
         out = _Out([], [], [])
         for b in branches:
-            digit = 3 + int(torch.randint(10, (1,), generator=generator))
+            random_digit = 3 + int(torch.randint(10, (1,), generator=generator))
+            digit = random_digit if self.digit is None else self.digit(self.hist[b])
             last = sum(v >= 0 for v in self.hist[b]) == self.depth
             self.hist[b] += (digit,)
             out.new_tokens.append([digit, eos_id if last else TOK.step_id])
-            out.step_scores.append(self.score(self.hist[b]))
+            out.step_scores.append(self.score(self.hist[b], self.lineage[b]))
             out.finished.append(last)
         self.after.append([(self.hist[b], s) for b, s in zip(branches, out.step_scores)])
         return out
@@ -163,6 +171,41 @@ def test_dvts_keeps_best_child_per_subtree(n, width):
         best = [max(g, key=lambda x: x[1])[0] for g in groups]
         assert sorted(nxt) == sorted(h for h in best for _ in range(width))
     assert len(results[0].candidates) == n // width
+
+
+def _texts(results):
+    return [[c.text for c in r.candidates] for r in results]
+
+
+@pytest.mark.parametrize("n,width", [(8, 2), (16, 4)])
+def test_dvts_subtrees_are_independent_and_compete_only_at_the_end(n, width):
+    """search-and-learn's DVTS: n / width subtrees, each greedy on its own children's scores. Making one subtree's
+    scores tiny changes no chain (no subtree is pruned by another's scores, unlike beam search) and only the final
+    choice across subtrees, which then avoids it."""
+    cfg = SearchConfig(n=n, beam_width=width, seed=5, aggregate="prod")
+    normal, _ = search(ScriptedDecoder(), TOK, [[1, 2]], "dvts", cfg)
+    dec = ScriptedDecoder(score=lambda h, lineage: ScriptedDecoder.default_score(h) * (1e-3 if lineage == 0 else 1))
+    damped, _ = search(dec, TOK, [[1, 2]], "dvts", cfg)
+    assert not dec.hist and all(call.count(0) == width for call in dec.lineages)  # subtree 0 expanded to the end
+    assert _texts(damped) == _texts(normal) and len(damped[0].candidates) == n // width
+    scores = [c.score for c in damped[0].candidates]
+    assert damped[0].chosen == max(range(len(scores)), key=scores.__getitem__) != 0  # subtree 0 finishes first
+    assert all(c.finished for c in damped[0].candidates)
+    # Beam search ranks all beams together: the first beam's descendants are pruned at the first selection.
+    dec = ScriptedDecoder(score=lambda h, lineage: ScriptedDecoder.default_score(h) * (1e-3 if lineage == 0 else 1))
+    search(dec, TOK, [[1, 2]], "beam_search", dataclasses.replace(cfg, filter_duplicates=False))
+    assert 0 in dec.lineages[0] and all(0 not in call for call in dec.lineages[1:])
+
+
+def test_dvts_keeps_converging_subtrees_as_votes_and_beam_search_filters_them():
+    """Subtrees that reach the same chain each return it (each is a vote for weighted selection); beam search with
+    filter_duplicates lists the chain once."""
+    dec = ScriptedDecoder(digit=lambda h: 3 + len(h) % 5)  # every child of a node writes the same step
+    cfg = SearchConfig(n=8, beam_width=2, seed=0)
+    dvts, _ = search(dec, TOK, [[1]], "dvts", cfg)
+    assert len(dvts[0].candidates) == 4 and len(set(_texts(dvts)[0])) == 1
+    beams, _ = search(ScriptedDecoder(digit=lambda h: 3 + len(h) % 5), TOK, [[1]], "beam_search", cfg)
+    assert _texts(beams) == [[_texts(dvts)[0][0]]]
 
 
 def test_sampling_strategies_on_scripted_decoder():
@@ -245,3 +288,18 @@ def test_greedy_is_the_same_on_both_decoders(tiny):
     texts = [[r.candidates[0].text for r in search(_decoder(kind, tiny), TOK, prompts, "majority", cfg)[0]]
              for kind in ("tree", "naive")]
     assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("strategy", ["beam_search", "dvts"])
+def test_tree_strategies_final_choice_follows_select(strategy):
+    """The same run (same chains), final answer by the best chain (argmax) or by the largest score sum (weighted)."""
+    cfg = SearchConfig(n=16, beam_width=4, seed=3, aggregate="prod", filter_duplicates=False)
+    prompts = [[1, 2], [3], [4, 5], [6]]
+    runs = {select: search(ScriptedDecoder(), TOK, prompts, strategy, dataclasses.replace(cfg, select=select),
+                           answer_fn=lambda text: text.strip()[-1:] or None)[0]
+            for select in ("argmax", "weighted")}
+    for argmax, weighted in zip(runs["argmax"], runs["weighted"]):
+        assert _texts([argmax]) == _texts([weighted])
+        assert argmax.chosen == choose(argmax.candidates, "argmax")
+        assert weighted.chosen == choose(weighted.candidates, "weighted")
+    assert [r.answer for r in runs["argmax"]] != [r.answer for r in runs["weighted"]]  # the choice matters here

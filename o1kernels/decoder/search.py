@@ -14,6 +14,11 @@ all live branches of all prompts by one step):
                       result lists each distinct finished chain once.
   dvts                diverse verifier tree search: N/M independent subtrees; each iteration a subtree's
                       node is forked into M children, each writes one step and the best-scored one is kept.
+                      Subtrees compete only at the end; each returns its chain (equal chains of different
+                      subtrees are kept: each is a vote for "weighted").
+beam_search and dvts pick their final answer among the finished chains by SearchConfig.select: "argmax" (the
+best-scored chain, search-and-learn's `pred`/naive) or "weighted" (the answer with the largest sum of chain
+scores, its `weighted@n`).
 
 The decoder is any object with the decoder interface of o1kernels.decoder (TreeDecoder, NaiveDecoder):
 add_prompt, fork, release, generate_step, kv_bytes, kv_bytes_naive. A step ends at a step-separator
@@ -34,11 +39,12 @@ from .tokenizers import as_search_tokenizer
 
 AGGREGATES = ("last", "min", "prod", "mean")
 STRATEGIES = ("majority", "best_of_n", "weighted_best_of_n", "beam_search", "dvts")
-# How each strategy picks its answer among its candidates (see `choose`).
-SELECTION = {"majority": "majority", "best_of_n": "argmax", "weighted_best_of_n": "weighted",
-             "beam_search": "argmax", "dvts": "argmax"}
+# How each sampling strategy picks its answer among its candidates (see `choose`); the tree strategies use
+# SearchConfig.select, one of TREE_SELECTIONS.
+SELECTION = {"majority": "majority", "best_of_n": "argmax", "weighted_best_of_n": "weighted"}
 PRM_STRATEGIES = ("best_of_n", "weighted_best_of_n", "beam_search", "dvts")
 TREE_STRATEGIES = ("beam_search", "dvts")
+TREE_SELECTIONS = ("argmax", "weighted")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class SearchConfig:
     aggregate: str = "last"
     seed: int = 0
     filter_duplicates: bool = True  # beam_search: prune beams whose text repeats a kept beam's
+    select: str = "argmax"  # beam_search/dvts: final choice among the finished chains, "argmax" or "weighted"
 
     def __post_init__(self):
         for name in ("n", "beam_width", "max_steps", "max_step_tokens"):
@@ -68,6 +75,8 @@ class SearchConfig:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         if not isinstance(self.filter_duplicates, bool):
             raise ValueError(f"filter_duplicates must be a bool, got {self.filter_duplicates!r}")
+        if self.select not in TREE_SELECTIONS:
+            raise ValueError(f"select must be one of {TREE_SELECTIONS}, got {self.select!r}")
 
 
 def aggregate_scores(scores: list[float | None], how: str) -> float | None:
@@ -307,7 +316,8 @@ def search(decoder, tokenizer, prompts: list[list[int]], strategy: str, config: 
     check_strategy(strategy, config, has_prm)
     run = _Run(decoder, tokenizer, config, answer_fn, progress)
     chains = _SEARCHES[strategy](run, prompts)
-    results = [SearchResult(strategy, c, choose(c, SELECTION[strategy]), run.tokens[r])
+    method = config.select if strategy in TREE_STRATEGIES else SELECTION[strategy]
+    results = [SearchResult(strategy, c, choose(c, method), run.tokens[r])
                for r, c in enumerate(chains)]
     stats = {"tokens_generated": sum(run.tokens.values()), "peak_kv_bytes": run.peak_kv_bytes,
              "peak_kv_bytes_naive": run.peak_kv_bytes_naive}
