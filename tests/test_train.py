@@ -1,16 +1,20 @@
-"""The training script on a few-update configuration: it runs both phases end to end, writes a checkpoint that the
-decoder loads, and is deterministic (two runs give bit-identical weights; a different seed does not)."""
+"""The training script on a few-update configuration: it runs every phase end to end, writes a checkpoint that the
+decoder loads, and is deterministic (two runs give bit-identical weights; a different seed does not); phase 3 changes
+the reward head alone; the rank-based AUC equals the pairwise definition."""
 import dataclasses
+import math
 
+import pytest
 import torch
 
 from o1kernels.decoder import load_checkpoint
-from o1kernels.decoder.train import TrainConfig, train
+from o1kernels.decoder.train import TrainConfig, auc, train
 
 TINY = TrainConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, reward_hidden=8,
                    batch_size=8, lm_steps=3, prm_rounds=1, rollout_problems=2, rollouts_per_problem=2,
                    prm_steps_per_round=2, rollouts_per_batch=2, correct_per_batch=2, slipped_per_batch=2,
-                   eval_problems=2)
+                   head_rollout_problems=2, head_steps=3, head_batch=8,
+                   eval_problems=2, heldout_problems=2, select_n=2)
 
 
 def _run(cfg, out):
@@ -30,8 +34,70 @@ def test_train_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path):
     assert first.keys() == second.keys() and any(k.startswith("reward_head.") for k in first)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
-    assert any("prm round 0" in line for line in logs) and any("wrote" in line for line in logs)
+    for expected in ("prm round 0", "head step", "phase 3", "held-out rollouts", "chosen aggregate", "wrote"):
+        assert any(expected in line for line in logs), expected
     loaded = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.float32)
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, first[name]), name
     assert loaded.reward_head is not None
+
+
+def _pairwise_auc(scores, labels):
+    pos, neg = scores[labels > 0.5], scores[labels < 0.5]
+    return ((pos[:, None] > neg[None, :]).double().mean() + 0.5 * (pos[:, None] == neg[None, :]).double().mean()).item()
+
+
+@pytest.mark.parametrize("levels", [None, 5])  # continuous scores, and heavily tied ones
+def test_auc_equals_the_pairwise_definition(levels):
+    gen = torch.Generator().manual_seed(0)
+    for size in (2, 17, 400):
+        labels = torch.randint(2, (size,), generator=gen).float()
+        labels[0], labels[1] = 0.0, 1.0
+        scores = torch.randn(size, generator=gen) + labels * 0.7
+        if levels:
+            scores = torch.round(scores * levels / 4)
+        assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
+    assert auc(torch.tensor([0.1, 0.9]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auc(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])) == 0.5
+    assert math.isnan(auc(torch.tensor([0.5, 0.7]), torch.tensor([1.0, 1.0])))  # no negatives
+
+
+def test_phase_3_trains_the_reward_head_alone():
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.task import CharTokenizer
+    from o1kernels.decoder.train import model_config, train_head
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = Transformer(model_config(TINY, tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs = []
+    train_head(model, TINY, tok, logs.append)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("reward_head.") for k in changed), changed
+    assert any("head step" in line for line in logs)
+
+
+def test_head_only_run_keeps_the_policy_and_is_idempotent(tmp_path):
+    """`train --policy DIR`: phase 3 alone, its head re-initialised from the seed (never read), so it reproduces a full
+    run from that run's own output, and again from its own output: how the shipped checkpoint is made."""
+    _run(TINY, tmp_path / "full")
+    logs = []
+    train(TINY, tmp_path / "head", log=logs.append, policy=tmp_path / "full")
+    assert not any("phase 1" in line or "phase 2" in line for line in logs)
+    assert any("phase 3" in line for line in logs) and any("chosen aggregate" in line for line in logs)
+    train(TINY, tmp_path / "again", log=lambda _: None, policy=tmp_path / "head")
+    full, head, again = (load_checkpoint(tmp_path / d, device="cpu", dtype=torch.float32).state_dict()
+                         for d in ("full", "head", "again"))
+    assert full.keys() == head.keys() == again.keys()
+    for name in full:
+        assert torch.equal(full[name], head[name]) and torch.equal(head[name], again[name]), name
+
+
+def test_head_only_run_needs_a_checkpoint(tmp_path, capsys):
+    from o1kernels.decoder.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--policy", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "--policy" in capsys.readouterr().err

@@ -1,6 +1,12 @@
 """Deterministic training of the shipped tiny policy + PRM on the arithmetic task (2-core CPU, minutes).
 
-    python -m o1kernels.decoder.train [--out o1kernels/decoder/weights/tiny-arith]
+    python -m o1kernels.decoder.train [--out DIR]                  all three phases, from scratch
+    python -m o1kernels.decoder.train --policy DIR [--out DIR]     phase 3 alone, on DIR's policy
+
+The shipped o1kernels/decoder/weights/tiny-arith is `--policy o1kernels/decoder/weights/tiny-arith`'s output:
+its policy is phase 2's of an earlier run of this script (see below), its reward head phase 3's. Phase 3
+re-initialises the head from the seed and never reads the old one, so the command is idempotent: run on its
+own output it writes the same bytes.
 
 The PRM is a reward head on the policy's own hidden states: final norm -> Linear -> ReLU -> Linear ->
 sigmoid at each step's last token (what o1kernels.step_rewards computes at decode time), trained with
@@ -23,12 +29,35 @@ compute what checking a step needs where the reward head reads: without it the r
 chance on slipped results (step AUC ~0.7) and best-of-N got worse as N grew; with it the head's AUC on
 fresh rollouts, before it trains on them, is 0.81 after round 0 and 0.91 after round 1. The auxiliary head
 is not saved.
-The head scores steps well locally but often rates a step that continues correctly from an earlier wrong
-value highly, so a chain's score should aggregate all its steps (prod or min), not take the last one.
+Phase 3 (reward head): a fresh reward head (initialised from the seed) on the frozen trunk, so the policy is
+exactly phase 2's. It sees the features (final-normed hidden states at step ends, computed once) of 32K fresh
+on-policy rollouts, which hold enough of the policy's rare errors (copies of a wrong value such as "8+1=9"
+then "8+38=46", misread operands, wrong answers after correct steps, extra steps) to learn from, and it learns
+each step's correctness given a correct prefix: every step up to a chain's first wrong one, labelled 1 for a
+correct step and 0 for the first wrong one; later steps are not trained on. A chain's product of these step
+scores is then the head's probability that the whole chain is correct. Phase 2's labels (1 iff the step and
+all earlier ones are correct) make the head rate correct late steps low for the errors that might precede
+them, which the product counts again at every step. What the exploration runs for this recipe measured (on
+the shipped policy, the sampler before decoder/sampling.py, 200 eval problems x 256 samples): best-of-N with
+the phase-2 head fell from 0.80 at N=64 to 0.62 at N=256; a head trained on more rollouts with phase 2's
+labels reached 0.68, with these labels 0.64 (prod) / 0.75 (min), while weighted best-of-N rose to 0.93-0.97.
+Synthetic errors of the missed kinds mixed in did not raise the held-out AUCs (copy 0.86 with a fifth of them,
+0.88 without), nor did a 4x wider head (hidden 256) or more updates, so phase 3 trains on rollouts alone.
+Training the trunk too (phase 2's loop run again) moved the policy: after 100 more updates its rollouts had
+4x the copy errors.
+After training, the script logs the head's step-level AUC per error kind (task.step_error_kinds) on rollouts of
+fresh held-out problems, and picks the chain-score aggregate on its eval problems (disjoint from the scaling
+benchmark's): the one with the best mean accuracy of best-of-N and DVTS, each with both final choices, at N=64.
+The head scores steps locally and rates a step that continues correctly from an earlier wrong value highly,
+so a chain's score must aggregate all its steps (prod or min), not take the last one.
 
 Determinism: fixed seeds, a fixed data order (problems drawn from seeded generators), the sampling
 generator seeded per round, torch.set_num_threads(2). The rollouts go through TreeDecoder(backend="auto"),
-so bit-identical weights also need the same kernel backend (compiled CPU extension built or not).
+so bit-identical weights also need the same kernel backend (compiled CPU extension built or not), and the
+same torch build and CPU kind (float results of the trunk's training differ across them): on a later 2-core
+machine with torch 2.13.0+cpu, phase 1 ended at greedy 0.48 / one sample 0.24 instead of the shipped run's
+0.56 / 0.40, so a from-scratch run there gives another policy. That is why the shipped reward head is
+retrained on the shipped policy (--policy), which reproduces bit for bit where the rollouts do.
 """
 from __future__ import annotations
 
@@ -44,15 +73,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import TreeDecoder
-from .model import ModelConfig, Transformer
-from .search import SearchConfig, search
-from .task import STEP_SEPARATOR, CharTokenizer, Problem, check_steps, generate_problems, is_correct
+from .model import REWARD_HEAD_KEY, ModelConfig, Transformer
+from .search import AGGREGATES, SearchConfig, aggregate_scores, choose, search
+from .task import STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct, step_error_kinds
 
 DEFAULT_OUT = Path(__file__).parent / "weights" / "tiny-arith"
 # Seeds of the disjoint problem streams.
-SEED_LM, SEED_ROLLOUT, SEED_EVAL, SEED_SYNTHETIC = 1, 2, 3, 4
+SEED_LM, SEED_ROLLOUT, SEED_EVAL, SEED_SYNTHETIC, SEED_HELDOUT = 1, 2, 3, 4, 5
 # Result slips of the synthetic negatives, drawn uniformly (+-1 listed twice: the policy's most common error).
 SLIPS = (-1, 1, -1, 1, -2, 2, -10, 10)
 SLIP_PROB = 0.35  # per step of a slipped synthetic solution
@@ -83,7 +112,13 @@ class TrainConfig:
     aux_weight: float = 2.0
     kl_weight: float = 1.0  # phase 2: KL(phase-1 policy || policy) at solution tokens
     temperature: float = 1.0  # of the rollouts (the search's sampling temperature)
+    head_rollout_problems: int = 4096  # phase 3: x rollouts_per_problem on-policy rollouts
+    head_steps: int = 3000
+    head_batch: int = 4096  # steps per phase-3 update
+    head_lr: float = 1e-3
     eval_problems: int = 200
+    heldout_problems: int = 512  # fresh problems whose rollouts give the final per-kind AUCs
+    select_n: int = 64  # samples per eval problem when the chain-score aggregate is chosen
     seed: int = 0
 
 
@@ -99,12 +134,14 @@ def model_config(cfg: TrainConfig, tok: CharTokenizer) -> ModelConfig:
 
 @dataclasses.dataclass
 class Row:
-    """One training sequence: prompt ids, its steps' token ids, per-step PRM labels (None: no PRM loss) and
-    auxiliary targets (see aux_targets), and whether its steps are a correct solution to learn (next-token loss)."""
+    """One training sequence: prompt ids, its steps' token ids, per-step PRM labels (None: no PRM loss), error kinds
+    (task.step_error_kinds; None for a correct step) and auxiliary targets (see aux_targets), and whether its steps
+    are a correct solution to learn (next-token loss)."""
 
     prompt: list[int]
     steps: list[list[int]]
     labels: list[bool] | None
+    kinds: list[str | None]
     aux: list[list[int]]
     lm: bool
 
@@ -112,7 +149,8 @@ class Row:
 def labelled_row(problem: Problem, tok: CharTokenizer, step_ids: list[list[int]], steps: list[str], *,
                  lm: bool) -> Row:
     """A Row for `problem` whose steps have these token ids and texts, labelled by the task's checker."""
-    return Row(tok.encode(problem.prompt, bos=True), step_ids, check_steps(problem, steps),
+    kinds = step_error_kinds(problem, steps)
+    return Row(tok.encode(problem.prompt, bos=True), step_ids, [k is None for k in kinds], kinds,
                [aux_targets(s, k, problem) for k, s in enumerate(steps)], lm)
 
 
@@ -194,7 +232,12 @@ def pack(rows: list[Row], tok: CharTokenizer):
 def reward_logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
     """Differentiable reward head on pre-norm step rows [S, H] -> logits [S] (sigmoid gives the reward); the same
     computation as o1kernels.step_rewards(..., norm_weight=model.model.norm.weight, activation="sigmoid")."""
-    x = model.model.norm(hidden)
+    return head_logits(model, model.model.norm(hidden))
+
+
+def head_logits(model: Transformer, normed: torch.Tensor) -> torch.Tensor:
+    """The reward head alone on final-normed step rows [S, H] -> logits [S]."""
+    x = normed
     if model.reward_head.mlp is not None:
         x = torch.relu(model.reward_head.mlp(x))
     return model.reward_head.out(x)[:, 0]
@@ -283,22 +326,54 @@ def rollouts(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, problems,
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Probability that a random positive step outscores a random negative one (ties count half)."""
-    pos, neg = scores[labels > 0.5], scores[labels < 0.5]
-    if not len(pos) or not len(neg):
+    """Probability that a random positive step outscores a random negative one (ties count half): the Mann-Whitney
+    statistic from average ranks, O(S log S)."""
+    pos = labels > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).float().mean()
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return (greater + 0.5 * ties).item()
+    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # rank of the last of each group of equal scores (ranks start at 1)
+    ranks = (last - (counts.double() - 1) / 2)[inverse]
+    return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
 @torch.no_grad()
-def prm_auc(model: Transformer, rows: list[Row], tok: CharTokenizer) -> float:
+def step_features(model: Transformer, rows: list[Row], tok: CharTokenizer, chunk: int = 1024) -> torch.Tensor:
+    """What the reward head reads at every step of `rows`: final-normed hidden states [S, H] in pack's order."""
     model.eval()
-    ids, _, _, step_mask, labels, _ = pack(rows, tok)
-    _, hidden = model(ids, return_hidden=True)
+    features = []
+    for start in range(0, len(rows), chunk):
+        ids, _, _, step_mask, _, _ = pack(rows[start:start + chunk], tok)
+        _, hidden = model(ids, return_hidden=True)
+        features.append(model.model.norm(hidden[step_mask]))
     model.train()
-    return auc(reward_logits(model, hidden[step_mask]), labels)
+    return torch.cat(features)
+
+
+def aucs_by_kind(scores: torch.Tensor, kinds: list[str | None]) -> dict[str, float]:
+    """Step-level AUCs of `scores` [S] for steps of these error kinds (None: correct): "first_error" (correct steps vs
+    every chain's first wrong step), then per error kind (correct steps vs the first wrong steps of that kind, and
+    "after_error": the steps after them), for the kinds present. Also "n_<kind>": how many such steps there are."""
+    correct = torch.tensor([k is None for k in kinds])
+    first = torch.tensor([k != "after_error" for k in kinds])
+    out = {"first_error": auc(scores[first], correct[first].float())}
+    for kind in dict.fromkeys(k for k in kinds if k is not None):
+        mask = correct | torch.tensor([k == kind for k in kinds])
+        out[kind] = auc(scores[mask], correct[mask].float())
+        out[f"n_{kind}"] = int((~correct & mask).sum())
+    return out
+
+
+@torch.no_grad()
+def prm_aucs(model: Transformer, rows: list[Row], tok: CharTokenizer) -> dict[str, float]:
+    """aucs_by_kind of the reward head on the steps of `rows`."""
+    return aucs_by_kind(head_logits(model, step_features(model, rows, tok)), [k for r in rows for k in r.kinds])
+
+
+def format_aucs(aucs: dict[str, float]) -> str:
+    kinds = sorted((k for k in aucs if not k.startswith("n_") and k != "first_error"), key=lambda k: -aucs[f"n_{k}"])
+    return f"first_error {aucs['first_error']:.3f}; " + ", ".join(f"{k} {aucs[k]:.3f} (n={aucs[f'n_{k}']})" for k in kinds)
 
 
 def train_prm(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) -> None:
@@ -317,9 +392,9 @@ def train_prm(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) -> 
         rows = rollouts(model, cfg, tok, generate_problems(cfg.rollout_problems, SEED_ROLLOUT * 1000 + rnd),
                         seed=cfg.seed + rnd)
         labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
-        # The fresh rollouts are held out from everything trained so far: the head's AUC on them is honest.
-        log(f"prm round {rnd}: {len(rows)} rollouts, {len(labels)} steps, {labels.mean().item():.3f} correct, "
-            f"reward head AUC on them before training {prm_auc(model, rows, tok):.3f}")
+        # The fresh rollouts are held out from everything trained so far: the head's AUCs on them are honest.
+        log(f"prm round {rnd}: {len(rows)} rollouts, {len(labels)} steps, {labels.mean().item():.3f} correct; "
+            f"reward head AUC on them before training: {format_aucs(prm_aucs(model, rows, tok))}")
         for _ in range(cfg.prm_steps_per_round):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.prm_lr)
@@ -337,38 +412,118 @@ def train_prm(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) -> 
             step += 1
 
 
-def train(cfg: TrainConfig, out: Path, log=print) -> Transformer:
-    """Both phases; writes the checkpoint to `out` and logs times and accuracies."""
+def train_head(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) -> None:
+    """Phase 3 (see the module docstring): the reward head alone, under the frozen trunk, on the features of every
+    step of fresh rollouts up to its chain's first wrong one, labelled 1 for a correct step, 0 for the first wrong one."""
+    problems = generate_problems(cfg.head_rollout_problems, SEED_ROLLOUT * 1000 + 100)
+    rows = rollouts(model, cfg, tok, problems, seed=cfg.seed + 100)
+    kinds = [k for r in rows for k in r.kinds]
+    features = step_features(model, rows, tok)
+    with torch.no_grad():
+        log(f"head: {len(rows)} rollouts; the replaced reward head's AUC on them: "
+            f"{format_aucs(aucs_by_kind(head_logits(model, features), kinds))}")
+    with torch.random.fork_rng(devices=[]):  # a fresh head: the result depends on the policy alone
+        torch.manual_seed(cfg.seed + 100)
+        for layer in (model.reward_head.mlp, model.reward_head.out):
+            if layer is not None:
+                layer.reset_parameters()
+    up_to_first_error = torch.tensor([k != "after_error" for k in kinds])
+    features = features[up_to_first_error]
+    labels = torch.tensor([k is None for k in kinds], dtype=torch.float32)[up_to_first_error]
+    opt = torch.optim.AdamW(model.reward_head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed + 100)
+    for step in range(cfg.head_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.head_steps, cfg.head_lr)
+        batch = torch.randint(len(labels), (cfg.head_batch,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(head_logits(model, features[batch]), labels[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 1000 == 0 or step == cfg.head_steps - 1:
+            log(f"head step {step:5d}  loss {loss.item():.4f} ({len(labels)} steps)")
+
+
+@torch.no_grad()
+def select_aggregate(model: Transformer, tok: CharTokenizer, problems, n: int, temperature: float, seed: int,
+                     log) -> str:
+    """The chain-score aggregate whose mean accuracy over best-of-N, weighted best-of-N and DVTS (beam width 4) with
+    either final choice (SearchConfig.select), n candidates per problem, is the highest on `problems` (ties: the
+    earlier in AGGREGATES); logs all of them."""
+    model.eval()
+    prompts = [tok.encode(p.prompt, bos=True) for p in problems]
+    cfg = SearchConfig(n=n, beam_width=math.gcd(n, 4), max_steps=8, max_step_tokens=12, temperature=temperature,
+                       seed=seed)
+    samples, _ = search(make_decoder(model), tok, prompts, "best_of_n", cfg)
+    accuracy = {}
+    for how in AGGREGATES:
+        dvts, _ = search(make_decoder(model), tok, prompts, "dvts", dataclasses.replace(cfg, aggregate=how))
+        for name, results, method in (("best-of-N", samples, "argmax"), ("weighted best-of-N", samples, "weighted"),
+                                      ("DVTS", dvts, "argmax"), ("weighted DVTS", dvts, "weighted")):
+            right = 0
+            for p, r in zip(problems, results):
+                cands = [dataclasses.replace(c, score=aggregate_scores(c.step_scores, how)) for c in r.candidates]
+                i = choose(cands, method)
+                right += i is not None and cands[i].answer == p.answer
+            accuracy[how, name] = right / len(problems)
+    model.train()
+    names = ("best-of-N", "weighted best-of-N", "DVTS", "weighted DVTS")
+    mean = {how: sum(accuracy[how, name] for name in names) / len(names) for how in AGGREGATES}
+    log(f"N={n} on {len(problems)} eval problems, {' / '.join(names)} by aggregate: "
+        + ", ".join(f"{how} " + " / ".join(f"{accuracy[how, name]:.3f}" for name in names) for how in AGGREGATES))
+    return max(AGGREGATES, key=mean.get)
+
+
+def train(cfg: TrainConfig, out: Path, log=print, policy: Path | None = None) -> Transformer:
+    """All phases, or phase 3 alone on the policy of the checkpoint `policy` (its config's reward head spec is kept;
+    cfg's model sizes are then unused); writes the checkpoint to `out` and logs times, accuracies, held-out AUCs
+    per error kind and the chosen chain-score aggregate."""
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)
     tok = CharTokenizer()
-    model = Transformer(model_config(cfg, tok))
-    log(f"policy + reward head: {sum(p.numel() for p in model.parameters()):,} parameters")
-    wall, cpu = time.perf_counter(), time.process_time()
-    train_policy(model, cfg, tok, log)
-    phase1 = (time.perf_counter() - wall, time.process_time() - cpu)
+    if policy is None:
+        model = Transformer(model_config(cfg, tok))
+    else:
+        model = load_checkpoint(policy, device="cpu", dtype=torch.float32)
+        if model.reward_head is None:
+            raise ValueError(f"policy: {policy} has no reward head to train (no {REWARD_HEAD_KEY!r} in its config)")
+    log(f"policy + reward head: {sum(p.numel() for p in model.parameters()):,} parameters"
+        + ("" if policy is None else f", policy from {policy}"))
     eval_set = generate_problems(cfg.eval_problems, SEED_EVAL)
-    log(f"phase 1: {phase1[0]:.0f} s wall, {phase1[1]:.0f} s CPU; accuracy greedy "
-        f"{evaluate(model, tok, eval_set, 0.0, 0):.3f}, sampled (T={cfg.temperature}) "
-        f"{evaluate(model, tok, eval_set, cfg.temperature, 0):.3f}")
-    wall, cpu = time.perf_counter(), time.process_time()
-    train_prm(model, cfg, tok, log)
-    phase2 = (time.perf_counter() - wall, time.process_time() - cpu)
-    log(f"phase 2: {phase2[0]:.0f} s wall, {phase2[1]:.0f} s CPU; accuracy greedy "
-        f"{evaluate(model, tok, eval_set, 0.0, 0):.3f}, sampled (T={cfg.temperature}) "
-        f"{evaluate(model, tok, eval_set, cfg.temperature, 0):.3f}")
+    # (name, run, whether it changes the policy: phase 3 trains the reward head alone)
+    phases = [("phase 1", lambda: train_policy(model, cfg, tok, log), True),
+              ("phase 2", lambda: train_prm(model, cfg, tok, log), True),
+              ("phase 3", lambda: train_head(model, cfg, tok, log), False)]
+    if policy is not None:
+        phases = phases[2:]
+    wall_total = cpu_total = 0.0
+    for name, run, changes_policy in phases:
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall_total, cpu_total = wall_total + wall, cpu_total + cpu
+        accuracy = (f"; accuracy greedy {evaluate(model, tok, eval_set, 0.0, 0):.3f}, sampled (T={cfg.temperature}) "
+                    f"{evaluate(model, tok, eval_set, cfg.temperature, 0):.3f}") if changes_policy else ""
+        log(f"{name}: {wall:.0f} s wall, {cpu:.0f} s CPU{accuracy}")
     model.eval()
     save_checkpoint(model, out)
-    log(f"wrote {out}; training took {phase1[0] + phase2[0]:.0f} s wall, {phase1[1] + phase2[1]:.0f} s CPU "
-        "(evaluations excluded)")
+    log(f"wrote {out}; training took {wall_total:.0f} s wall, {cpu_total:.0f} s CPU (evaluations excluded)")
+    heldout = rollouts(model, cfg, tok, generate_problems(cfg.heldout_problems, SEED_HELDOUT), seed=cfg.seed)
+    log(f"held-out rollouts ({len(heldout)} on {cfg.heldout_problems} fresh problems), step-level AUC by error kind: "
+        f"{format_aucs(prm_aucs(model, heldout, tok))}")
+    log(f"chosen aggregate: {select_aggregate(model, tok, eval_set, cfg.select_n, cfg.temperature, cfg.seed, log)}")
     return model
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory to write")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="checkpoint directory whose policy to keep: run phase 3 (the reward head) alone on it")
     args = parser.parse_args(argv)
-    train(TrainConfig(), args.out)
+    if args.policy is not None and not (args.policy / "config.json").is_file():
+        parser.error(f"--policy: {args.policy} is not a checkpoint directory (no config.json)")
+    train(TrainConfig(), args.out, policy=args.policy)
 
 
 if __name__ == "__main__":
