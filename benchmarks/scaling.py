@@ -1,6 +1,7 @@
-"""Inference scaling on the tiny arithmetic task: accuracy vs number of candidates N.
+"""Inference scaling on the tiny arithmetic task: accuracy vs test-time compute, and the compute-optimal frontier.
 
-    python benchmarks/scaling.py [--problems 200] [--ns 1,4,16,64] [--temperature 1.0] [--device cpu]
+    python benchmarks/scaling.py [--ns 1,4,16,64,256] [--problems 200] [--quick] [--device cpu]
+    python -m o1kernels.decode --scaling ...          (the same, from the package's CLI)
 
 For each of `--problems` held-out task problems (a seeded stream disjoint from the training data):
 - Sampling strategies: the largest N independent samples are drawn once per problem. For N' < N, the
@@ -9,19 +10,34 @@ For each of `--problems` held-out task problems (a seeded stream disjoint from t
   majority (most frequent answer, no PRM), best-of-N (highest PRM score) and weighted best-of-N
   (largest sum of PRM scores per answer).
 - beam_search and dvts are run separately for every N (beam width 4; N=1 uses width 1, which is plain
-  sampling with one beam); beam search filters duplicate beams (SearchConfig.filter_duplicates).
-PRM selection (best-of-N, beam search, DVTS) takes the best-scored candidate among those that reached an
-answer.
-Greedy decoding (temperature 0, one sample) is reported as a reference row.
-Writes a new benchmarks/results/scaling_<cpu|gpu>_<timestamp>.json/.md and, when matplotlib is importable, .png
-(--out DIR_OR_PREFIX elsewhere; --update-shipped overwrites the shipped scaling_<tag>.* the README shows).
-A progress bar on stderr counts problems solved over all runs (--no-progress hides it).
+  sampling with one beam); beam search filters duplicate beams (SearchConfig.filter_duplicates). Their
+  final answer is chosen among the finished chains (DVTS: one per subtree) in both of search-and-learn's
+  ways: the best-scored chain (rows beam_search, dvts: its `pred`) and the answer with the largest sum of
+  scores (rows beam_search_weighted, dvts_weighted: its `weighted@n`), from the same run.
+PRM selection takes the best-scored candidate among those that reached an answer.
+Greedy decoding (temperature 0, one sample) is a reference row.
+
+Every row has a 95% bootstrap interval over problems (percentiles of 2000 resamples, fixed seed) and the
+fate of the problems it got wrong:
+  chose_wrong     a correct chain was among the candidates, the selection took a wrong one (PRM error);
+  pruned_correct  (beam_search, dvts) no correct candidate, but the search had generated a correct
+                  partial or finished chain and dropped it in favour of better-scored ones (PRM error);
+  no_correct      the policy never produced a correct chain within the search (policy limit).
+A strategy's accuracy "drops" from N to the next N when the paired bootstrap interval of the difference
+(same resampled problems) lies below zero; the script lists every such drop.
+
+Writes a new benchmarks/results/scaling_<cpu|gpu>_<timestamp>.json/.md and, when matplotlib is importable, two
+plots next to it: accuracy vs N (.png) and accuracy vs generated tokens per problem with the best strategy per
+budget marked (_frontier.png). --out DIR_OR_PREFIX writes elsewhere; --update-shipped overwrites the shipped
+scaling_<tag>.* the README shows. A progress bar on stderr counts problems over all runs (--no-progress hides
+it). --quick: 100 problems, N up to 64 (about 2 minutes on 2 CPU threads).
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 if __name__ == "__main__":  # before torch loads OpenMP (see o1kernels/decode.py); not when imported
@@ -35,54 +51,151 @@ from benchmarks.common import (ArgumentParser, add_output_args, output_prefix, p
                                positive_ints, print_legend, table_header, table_row, write_results)
 from o1kernels._cli import physical_cores_available  # noqa: E402
 from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint  # noqa: E402
-from o1kernels.decoder.search import SearchConfig, choose, search  # noqa: E402
-from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E402
+from o1kernels.decode import DEFAULT_AGGREGATE  # noqa: E402
+from o1kernels.decoder.search import AGGREGATES, SearchConfig, choose, search  # noqa: E402
+from o1kernels.decoder.task import CharTokenizer, check_steps, generate_problems  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "o1kernels" / "decoder" / "weights" / "tiny-arith"
-PROBLEM_SEED = 777  # disjoint from the training streams (seeds 1-3) and the CLI's problems
+PROBLEM_SEED = 777  # disjoint from the training streams (seeds 1-5, 104, 2000-2103) and the CLI's problems
 SAMPLE_METHODS = {"majority": "majority", "best_of_n": "argmax", "weighted_best_of_n": "weighted"}
-COLUMNS = ["strategy", "n", "accuracy", "tokens_per_problem", "seconds"]
-LEGEND = {"strategy": "search strategy (greedy: temperature 0, one sample)",
+TREE_METHODS = {"": "argmax", "_weighted": "weighted"}  # row-name suffix -> selection among the finished chains
+FATES = ("chose_wrong", "pruned_correct", "no_correct")
+BOOTSTRAP = 2000
+COLUMNS = ["strategy", "n", "accuracy", "ci_low", "ci_high", "tokens_per_problem", "seconds", *FATES]
+LEGEND = {"strategy": "search strategy (greedy: temperature 0, one sample; _weighted: the same run, final answer by "
+                      "the largest sum of chain scores)",
           "n": "candidates / beams per problem",
           "accuracy": "fraction of problems whose chosen answer is right",
+          "ci_low": "95% bootstrap interval of accuracy over problems, low end",
+          "ci_high": "95% bootstrap interval, high end",
           "tokens_per_problem": "tokens generated per problem",
-          "seconds": "wall time for all problems"}
+          "seconds": "wall time for all problems",
+          "chose_wrong": "fraction of problems: a correct chain was among the candidates, a wrong one was chosen",
+          "pruned_correct": "fraction: the search generated a correct chain and dropped it (beam_search, dvts)",
+          "no_correct": "fraction: the policy produced no correct chain within the search"}
+
+
+class TracingDecoder:
+    """A decoder (TreeDecoder/NaiveDecoder interface) that records every step its branches generate: per prompt
+    (in add_prompt order), the set of chains explored, as tuples of step texts, and which of them had finished."""
+
+    def __init__(self, decoder, tokenizer):
+        self.decoder, self.tokenizer = decoder, tokenizer
+        self.chain: dict[int, tuple[str, ...]] = {}
+        self.prompt_of: dict[int, int] = {}
+        self.explored: list[dict[tuple[str, ...], bool]] = []
+
+    def add_prompt(self, ids):
+        b = self.decoder.add_prompt(ids)
+        self.chain[b], self.prompt_of[b] = (), len(self.explored)
+        self.explored.append({})
+        return b
+
+    def fork(self, branch, n):
+        kids = self.decoder.fork(branch, n)
+        for k in kids:
+            self.chain[k], self.prompt_of[k] = self.chain[branch], self.prompt_of[branch]
+        return kids
+
+    def release(self, branch):
+        self.decoder.release(branch)
+        del self.chain[branch], self.prompt_of[branch]
+
+    def generate_step(self, branches, **kwargs):
+        out = self.decoder.generate_step(branches, **kwargs)
+        for b, toks, finished in zip(branches, out.new_tokens, out.finished):
+            self.chain[b] += (self.tokenizer.decode(toks),)
+            self.explored[self.prompt_of[b]][self.chain[b]] = bool(finished)
+        return out
+
+    def kv_bytes(self):
+        return self.decoder.kv_bytes()
+
+    def kv_bytes_naive(self):
+        return self.decoder.kv_bytes_naive()
+
+
+def dropped_correct(problem, explored: dict[tuple[str, ...], bool], candidates) -> bool:
+    """True iff the search generated a correct chain (finished or not) that it neither expanded nor returned."""
+    expanded = {chain[:-1] for chain in explored}
+    returned = {tuple(c.steps) for c in candidates}
+    return any(all(check_steps(problem, list(chain))) and chain not in returned and (finished or chain not in expanded)
+               for chain, finished in explored.items())
+
+
+def fate(problem, candidates, chosen: int | None, explored=None) -> str:
+    """"correct" or one of FATES (see the module docstring) for one problem's search outcome."""
+    if chosen is not None and candidates[chosen].answer == problem.answer:
+        return "correct"
+    if any(c.answer == problem.answer for c in candidates):
+        return "chose_wrong"
+    if explored is not None and dropped_correct(problem, explored, candidates):
+        return "pruned_correct"
+    return "no_correct"
 
 
 def make_decoder(model, kind: str, backend: str):
     return TreeDecoder(model, backend=backend) if kind == "tree" else NaiveDecoder(model)
 
 
-def run_batched(model, tok, problems, strategy, config, args, bar):
-    """search() over problems in chunks of at most args.max_branches live branches -> (results, tokens, seconds)."""
+def run_batched(model, tok, problems, strategy, config, args, bar, trace: bool = False):
+    """search() over problems in chunks of at most args.max_branches live branches -> (results, explored chains per
+    problem or None, tokens, seconds)."""
     per_chunk = max(1, args.max_branches // config.n)
-    results, tokens, t0 = [], 0, time.perf_counter()
+    results, explored, tokens, t0 = [], [], 0, time.perf_counter()
     bar.set_description(f"{strategy} N={config.n}")
     for start in range(0, len(problems), per_chunk):
         chunk = problems[start:start + per_chunk]
-        res, stats = search(make_decoder(model, args.decoder, args.backend), tok,
-                            [tok.encode(p.prompt, bos=True) for p in chunk], strategy, config,
+        decoder = make_decoder(model, args.decoder, args.backend)
+        if trace:
+            decoder = TracingDecoder(decoder, tok)
+        res, stats = search(decoder, tok, [tok.encode(p.prompt, bos=True) for p in chunk], strategy, config,
                             has_prm=model.reward_head is not None)
         results += res
+        explored += decoder.explored if trace else []
         tokens += stats["tokens_generated"]
         bar.update(len(chunk))
-    return results, tokens, time.perf_counter() - t0
+    return results, explored if trace else None, tokens, time.perf_counter() - t0
 
 
-def accuracy(problems, answers) -> float:
-    return sum(a == p.answer for p, a in zip(problems, answers)) / len(problems)
+def bootstrap_indices(problems: int, seed: int = 0) -> torch.Tensor:
+    """[BOOTSTRAP, problems] resampled problem indices (the same for every row, so differences are paired)."""
+    return torch.randint(problems, (BOOTSTRAP, problems), generator=torch.Generator().manual_seed(seed))
+
+
+def interval(values: torch.Tensor) -> tuple[float, float]:
+    """Central 95% interval of bootstrap statistics [BOOTSTRAP]."""
+    lo, hi = torch.quantile(values.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return lo.item(), hi.item()
+
+
+def drops(rows, scores: dict, resample: torch.Tensor) -> list[str]:
+    """'strategy N -> N2: ...' for every strategy whose accuracy falls from one N to the next beyond the paired
+    bootstrap 95% interval of the difference."""
+    out = []
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        ns = sorted(r["n"] for r in rows if r["strategy"] == strategy)
+        for a, b in zip(ns, ns[1:]):
+            diff = scores[strategy, b][resample].mean(1) - scores[strategy, a][resample].mean(1)
+            lo, hi = interval(diff)
+            if hi < 0:
+                out.append(f"{strategy} N={a} -> {b}: {diff.mean():+.3f} (95% interval [{lo:+.3f}, {hi:+.3f}])")
+    return out
 
 
 def main(argv=None, prog=None) -> None:
     parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--problems", type=positive_int, default=200)
-    parser.add_argument("--ns", type=positive_ints, default="1,4,16,64", help="comma-separated N values")
+    parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems (default 200)")
+    parser.add_argument("--ns", type=positive_ints, default=None, help="comma-separated N values (default 1,4,16,64,256)")
+    parser.add_argument("--quick", action="store_true", help="100 problems, N 1,4,16,64 unless given (~2 min on CPU)")
     parser.add_argument("--beam-width", type=positive_int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--aggregate", default="prod", help="step-score aggregation (see o1kernels.decode)")
+    parser.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
+                        help=f"step-score aggregation (default {DEFAULT_AGGREGATE}; see o1kernels.decode)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-branches", type=positive_int, default=512, help="live branches per decoder (batching)")
+    parser.add_argument("--max-branches", type=positive_int, default=512,
+                        help="live branches per decoder (batching)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto", help="kernel backend of the tree decoder")
     parser.add_argument("--decoder", choices=("tree", "naive"), default="tree",
@@ -93,89 +206,148 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    wall, cpu = time.perf_counter(), time.process_time()
+    n_problems = args.problems or (100 if args.quick else 200)
+    ns = sorted(args.ns or ((1, 4, 16, 64) if args.quick else (1, 4, 16, 64, 256)))
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or physical_cores_available())
     prefix = output_prefix(parser, args, "scaling", device)
-    ns = sorted(args.ns)
     model = load_checkpoint(args.model, device=device, dtype=torch.float32)
     tok = CharTokenizer()
-    problems = generate_problems(args.problems, PROBLEM_SEED)
+    problems = generate_problems(n_problems, PROBLEM_SEED)
     base = dict(max_steps=8, max_step_tokens=12, temperature=args.temperature, aggregate=args.aggregate,
                 seed=args.seed)
-    rows = []
+    resample = bootstrap_indices(len(problems))
+    rows, scores = [], {}  # scores[strategy, n]: per-problem accuracy [problems] float64
     strategies = [s for s in args.strategies.split(",") if s]
     bar = tqdm(total=len(problems) * (2 + len(strategies) * len(ns)), unit="problem", file=sys.stderr,
                disable=args.no_progress, dynamic_ncols=True)
     print(table_header(COLUMNS), flush=True)
 
-    def add(strategy, n, acc, tokens, seconds):
-        rows.append({"strategy": strategy, "n": n, "accuracy": acc, "tokens_per_problem": tokens / len(problems),
-                     "seconds": seconds})
+    def add(strategy, n, per_problem: torch.Tensor, fates: Counter, tokens, seconds):
+        lo, hi = interval(per_problem[resample].mean(1))
+        total = sum(fates.values())
+        rows.append({"strategy": strategy, "n": n, "accuracy": per_problem.mean().item(), "ci_low": lo, "ci_high": hi,
+                     "tokens_per_problem": tokens / len(problems), "seconds": seconds,
+                     **{f: fates[f] / total for f in FATES}})
+        scores[strategy, n] = per_problem
         bar.write(table_row(COLUMNS, rows[-1]), file=sys.stdout)
 
-    res, tokens, sec = run_batched(model, tok, problems, "majority", SearchConfig(n=1, **{**base, "temperature": 0.0}),
-                                   args, bar)
-    add("greedy", 1, accuracy(problems, [r.answer for r in res]), tokens, sec)
+    def graded(groups) -> tuple[torch.Tensor, Counter]:
+        """groups: per group, per problem (candidates, chosen[, explored]) -> (accuracy per problem, fates)."""
+        fates = [[fate(p, *outcome) for p, outcome in zip(problems, group)] for group in groups]
+        right = torch.tensor([[f == "correct" for f in group] for group in fates], dtype=torch.float64)
+        return right.mean(0), Counter(f for group in fates for f in group)
+
+    res, _, tokens, sec = run_batched(model, tok, problems, "majority",
+                                      SearchConfig(n=1, **{**base, "temperature": 0.0}), args, bar)
+    add("greedy", 1, *graded([[(r.candidates, r.chosen) for r in res]]), tokens, sec)
 
     n_max = ns[-1]
-    res, tokens, sec = run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **base),
-                                   args, bar)
+    res, _, tokens, sec = run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **base), args, bar)
     for n in ns:
         for strategy, method in SAMPLE_METHODS.items():
-            groups = [[r.candidates[g * n:(g + 1) * n] for r in res] for g in range(n_max // n)]
-            accs = [accuracy(problems, [None if (i := choose(c, method)) is None else c[i].answer for c in group])
-                    for group in groups]
-            add(strategy, n, sum(accs) / len(accs), tokens * n / n_max, sec * n / n_max)
+            groups = []
+            for g in range(n_max // n):
+                cands = [r.candidates[g * n:(g + 1) * n] for r in res]
+                groups.append([(c, choose(c, method)) for c in cands])
+            add(strategy, n, *graded(groups), tokens * n / n_max, sec * n / n_max)
 
     for strategy in strategies:
         for n in ns:
             width = min(args.beam_width, n)
-            res, tokens, sec = run_batched(model, tok, problems, strategy,
-                                           SearchConfig(n=n, beam_width=width, **base), args, bar)
-            add(strategy, n, accuracy(problems, [r.answer for r in res]), tokens, sec)
-    bar.close()
+            res, explored, tokens, sec = run_batched(model, tok, problems, strategy,
+                                                     SearchConfig(n=n, beam_width=width, **base), args, bar,
+                                                     trace=True)
+            for suffix, method in TREE_METHODS.items():
+                outcomes = [(r.candidates, choose(r.candidates, method), e) for r, e in zip(res, explored)]
+                add(strategy + suffix, n, *graded([outcomes]), tokens, sec)
 
+    dropped = drops(rows, scores, resample)
     notes = [f"model {args.model.name}, {len(problems)} problems (seed {PROBLEM_SEED}), temperature "
              f"{args.temperature}, aggregate {args.aggregate}, beam width {args.beam_width}, sampling seed {args.seed}, "
              f"{args.decoder} decoder, beam search filters duplicate beams",
              "sampling strategies: N' < N scored on the N/N' disjoint groups of the N samples and averaged; "
-             "tokens_per_problem/seconds of those rows are the N-sample run's, scaled by N'/N"]
+             "tokens_per_problem/seconds of those rows are the N-sample run's, scaled by N'/N",
+             f"ci_low/ci_high: 95% bootstrap interval over problems ({BOOTSTRAP} resamples); chose_wrong/pruned_correct/"
+             "no_correct: fractions of the problems (see benchmarks/scaling.py)",
+             "drops beyond the paired 95% interval: " + ("; ".join(dropped) if dropped else "none")]
+    took = f"took {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU"
     if device.type == "cpu":
-        notes.append(f"torch CPU threads: {torch.get_num_threads()}")
+        took += f", {torch.get_num_threads()} torch CPU threads"
+    notes.append(took)
+    bar.close()
     json_path, md_path = write_results("scaling", device, COLUMNS, rows, notes, prefix=prefix, legend=LEGEND)
     print_legend(LEGEND)
+    print(notes[-2])
+    print(took)
     print(f"wrote {json_path} and {md_path}")
-    plot(rows, ns, Path(f"{prefix}.png"))
+    plot(rows, ns, Path(f"{prefix}.png"), Path(f"{prefix}_frontier.png"))
 
 
-def plot(rows, ns, path: Path) -> None:
+def frontier(rows) -> list[dict]:
+    """The compute-optimal frontier: the rows no other row beats on both budget and accuracy, i.e. the most accurate
+    strategy at each budget of generated tokens per problem (rows sorted by tokens, each more accurate than every
+    cheaper one; equal budgets: the more accurate)."""
+    out = []
+    for r in sorted(rows, key=lambda r: (r["tokens_per_problem"], -r["accuracy"])):
+        if not out or r["accuracy"] > out[-1]["accuracy"]:
+            out.append(r)
+    return out
+
+
+def plot(rows, ns, path: Path, frontier_path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy in dict.fromkeys(r["strategy"] for r in rows if r["strategy"] != "greedy"):
-        pts = [(r["n"], r["accuracy"]) for r in rows if r["strategy"] == strategy]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
-    greedy = [r["accuracy"] for r in rows if r["strategy"] == "greedy"]
-    if greedy:
-        ax.axhline(greedy[0], color="gray", linestyle="--", label="greedy (1 sample)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns)
-    ax.set_xticklabels([str(n) for n in ns])
-    ax.set_xlabel("N (candidates / beams per problem)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Tiny arithmetic task: accuracy vs test-time compute")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in rows) if s != "greedy"]
+    colors = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(strategies)}
+    greedy = [r for r in rows if r["strategy"] == "greedy"]
+    for x_key, out in (("n", path), ("tokens_per_problem", frontier_path)):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for s in strategies:
+            pts = sorted((r[x_key], r["accuracy"], r["ci_low"], r["ci_high"]) for r in rows if r["strategy"] == s)
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            style = dict(linestyle="--", linewidth=2) if s == "majority" else {}
+            label = "majority (no PRM)" if s == "majority" else s
+            ax.plot(x, y, marker="o", markersize=4, color=colors[s], label=label, **style)
+            ax.fill_between(x, [p[2] for p in pts], [p[3] for p in pts], color=colors[s], alpha=0.08)
+        if x_key == "n":
+            if greedy:
+                ax.axhline(greedy[0]["accuracy"], color="gray", linestyle=":", label="greedy (1 sample)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ns)
+            ax.set_xticklabels([str(n) for n in ns])
+            ax.set_xlabel("N (candidates / beams per problem)")
+            ax.set_title("Tiny arithmetic task: accuracy vs N (shaded: 95% bootstrap intervals)")
+        else:
+            best = frontier(rows)
+            ax.plot([r[x_key] for r in best], [r["accuracy"] for r in best], color="black", linewidth=1, zorder=3,
+                    alpha=0.6, label="compute-optimal frontier")
+            ax.scatter([r[x_key] for r in best], [r["accuracy"] for r in best], marker="*", s=220, color="gold",
+                       edgecolor="black", zorder=4)
+            for r in best:
+                ax.annotate(r["strategy"], (r[x_key], r["accuracy"]), textcoords="offset points", xytext=(6, -12),
+                            fontsize=7)
+            if greedy:
+                ax.scatter([greedy[0][x_key]], [greedy[0]["accuracy"]], marker="s", color="gray", label="greedy",
+                           zorder=3)
+            ax.set_xscale("log")
+            ax.set_xlabel("generated tokens per problem (log scale)")
+            ax.set_title("Accuracy vs generated tokens; stars: best strategy per budget")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

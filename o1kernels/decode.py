@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "decoder" / "weights" / "tiny-arith"
+# The chain-score aggregate `python -m o1kernels.decoder.train` chose for the shipped reward head on its eval problems
+# (the training log's "chosen aggregate").
+DEFAULT_AGGREGATE = "min"
 DTYPES = ("float32", "float16", "bfloat16")
 PROBLEM_SEED = 1234  # the CLI's problems: disjoint from the training streams of decoder/train.py
 
@@ -72,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature, 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default="prod",
-                   help="step-score aggregation into a chain's score (default prod: best for the shipped PRM on "
-                        "held-out problems; search-and-learn's default is last)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
+                   help=f"step-score aggregation into a chain's score (default {DEFAULT_AGGREGATE}: chosen for the "
+                        "shipped PRM by its training script on problems of its own; search-and-learn's default is "
+                        "last)")
     p.add_argument("--select", choices=TREE_SELECTIONS, default="argmax",
                    help="beam_search/dvts: final answer among the finished chains: argmax (the best-scored chain, "
                         "default) or weighted (the answer with the largest sum of chain scores)")

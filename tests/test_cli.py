@@ -1,6 +1,6 @@
 """CLI `python -m o1kernels.decode`: --json fields, text report, and one-line errors for bad arguments."""
+import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -32,7 +32,7 @@ def test_json_fields(capsys):
     for c in report["candidates"]:
         assert set(c) >= {"text", "step_scores", "score"}
         assert len(c["step_scores"]) == len(c["steps"])
-        assert c["score"] == pytest.approx(math.prod(c["step_scores"]), rel=1e-12)  # default --aggregate prod
+        assert c["score"] == min(c["step_scores"])  # default --aggregate min
         assert c["answer"] == extract_answer(c["text"])
     assert report["tokens_generated"] == sum(len(s) for c in report["candidates"] for s in c["steps"]) + sum(
         c["finished"] for c in report["candidates"])  # <eos> tokens do not show in the text
@@ -184,10 +184,13 @@ def test_beam_search_with_one_candidate(capsys):
 def test_text_report_explains_scores_and_merged_duplicates(capsys):
     code, out, err = _run(capsys, ["--n", "8", "--threads", "1", *FAST])
     assert code == 0, err
-    assert "score = the product of its step scores (--aggregate prod)" in out
+    assert "score = the minimum of its step scores (--aggregate min)" in out
     assert "each distinct finished chain is listed once" in out and "on cpu, 1 CPU thread\n" in out
-    code, out, err = _run(capsys, ["--n", "8", "--keep-duplicate-beams", "--aggregate", "min", *FAST])
-    assert "score = the minimum of its step scores" in out and "listed once" not in out
+    assert "the answer: the best-scored chain's (--select argmax)" in out
+    code, out, err = _run(capsys, ["--n", "8", "--keep-duplicate-beams", "--aggregate", "prod", "--select", "weighted",
+                                   *FAST])
+    assert "score = the product of its step scores" in out and "listed once" not in out
+    assert "the answer: the one with the largest sum of chain scores (--select weighted)" in out
 
 
 def test_threads_option_sets_torch_threads_for_the_run_only(capsys):
@@ -208,8 +211,14 @@ def test_scaling_forwards_its_own_options(capsys, tmp_path):
     assert "beam_search N=1" in err and "problem/s" in err  # the progress bar on stderr
     rows = json.loads((tmp_path / "run.json").read_text())["rows"]
     assert [(r["strategy"], r["n"]) for r in rows] == [("greedy", 1), ("majority", 1), ("best_of_n", 1),
-                                                        ("weighted_best_of_n", 1), ("beam_search", 1)]
+                                                        ("weighted_best_of_n", 1), ("beam_search", 1),
+                                                        ("beam_search_weighted", 1)]
+    for r in rows:  # every problem is right or has one fate; the interval holds the accuracy
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+        assert r["accuracy"] + r["chose_wrong"] + r["pruned_correct"] + r["no_correct"] == pytest.approx(1)
     assert out.startswith("| strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:  # optional (the "plot" extra)
+        assert (tmp_path / "run.png").is_file() and (tmp_path / "run_frontier.png").is_file()
 
 
 @pytest.mark.parametrize("fixture", ["malformed_model", "wrong_field_model"])
