@@ -12,8 +12,8 @@ For each of `--problems` held-out task problems (a seeded stream disjoint from t
 - beam_search and dvts are run separately for every N (beam width 4; N=1 uses width 1, which is plain
   sampling with one beam); beam search filters duplicate beams (SearchConfig.filter_duplicates). Their
   final answer is chosen among the finished chains (DVTS: one per subtree) in both of search-and-learn's
-  ways: the best-scored chain (rows beam_search, dvts: its `pred`) and the answer with the largest sum of
-  scores (rows beam_search_weighted, dvts_weighted: its `weighted@n`), from the same run.
+  ways: the best-scored chain (rows beam_search, dvts: its `pred_naive`) and the answer with the largest sum of
+  scores (rows beam_search_weighted, dvts_weighted: its `pred_weighted`), from the same run.
 PRM selection takes the best-scored candidate among those that reached an answer.
 Greedy decoding (temperature 0, one sample) is a reference row.
 
@@ -30,7 +30,7 @@ Writes a new benchmarks/results/scaling_<cpu|gpu>_<timestamp>.json/.md and, when
 plots next to it: accuracy vs N (.png) and accuracy vs generated tokens per problem with the best strategy per
 budget marked (_frontier.png). --out DIR_OR_PREFIX writes elsewhere; --update-shipped overwrites the shipped
 scaling_<tag>.* the README shows. A progress bar on stderr counts problems over all runs (--no-progress hides
-it). --quick: 100 problems, N up to 64 (about 2 minutes on 2 CPU threads).
+it). Full run: about 12 minutes on 2 CPU threads; --quick: 100 problems, N up to 64, about 90 seconds.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems (default 200)")
     parser.add_argument("--ns", type=positive_ints, default=None, help="comma-separated N values (default 1,4,16,64,256)")
-    parser.add_argument("--quick", action="store_true", help="100 problems, N 1,4,16,64 unless given (~2 min on CPU)")
+    parser.add_argument("--quick", action="store_true", help="100 problems, N 1,4,16,64 unless given (~90 s on 2 CPU threads)")
     parser.add_argument("--beam-width", type=positive_int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
