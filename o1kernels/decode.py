@@ -552,12 +552,17 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        report.pop("_problems")
-        report.pop("_results")
-        print(json.dumps(report))
-    else:
-        _print_report(report, sys.stdout)
+    try:
+        if args.json:
+            report.pop("_problems")
+            report.pop("_results")
+            print(json.dumps(report))
+        else:
+            _print_report(report, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and keep the exit-time flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

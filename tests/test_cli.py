@@ -238,6 +238,15 @@ def test_bad_argument_in_a_subprocess_has_no_traceback(argv):
     assert proc.stderr.strip().count("\n") == 0 and "error: " in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_reader_leaving_early_is_no_error():
+    """`python -m o1kernels.decode | head`: the report's writes hit a closed pipe; the CLI stops without a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "o1kernels.decode", "--problems", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the search ends, so the first write of the report fails with EPIPE
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == ""
+
+
 @pytest.mark.cuda
 def test_cuda_run_warms_up_and_says_so(capsys):
     """On a GPU the CLI compiles and captures before the timed search and says so on stderr."""
