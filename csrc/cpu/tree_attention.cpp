@@ -86,7 +86,7 @@ void small_item(const TreeAttentionSizes& s, const int32_t* pages, int64_t lo, i
   float q_row[kMaxHeadDim], scores[kSmallTokens];  // D <= kMaxHeadDim: check_tree_attention_partial
   for (int64_t head = 0; head < hq; ++head) {
     const int64_t kv_head = head / group;
-    for (int64_t t = 0; t < n; ++t) {
+    for (int64_t t = 0; head % group == 0 && t < n; ++t) {  // K/V rows once per kv head, shared by its group
       const int64_t tok = lo + t, page = pages[tok / s.page_size], slot = tok % s.page_size;
       k_rows[t] = k_ptr + page * k_strides[0] + slot * k_strides[1] + kv_head * k_strides[2];
       v_rows[t] = v_ptr + page * v_strides[0] + slot * v_strides[1] + kv_head * v_strides[2];
