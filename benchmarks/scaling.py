@@ -188,7 +188,8 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems (default 200)")
     parser.add_argument("--ns", type=positive_ints, default=None, help="comma-separated N values (default 1,4,16,64,256)")
-    parser.add_argument("--quick", action="store_true", help="100 problems, N 1,4,16,64 unless given (~90 s on 2 CPU threads)")
+    parser.add_argument("--quick", action="store_true",
+                        help="100 problems, N 1,4,16,64 unless given (~90 s on 2 CPU threads)")
     parser.add_argument("--beam-width", type=positive_int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,

@@ -36,6 +36,7 @@ def test_positive_int_types():
     ("scaling.py", ["--problems", "0"], "--problems"),
     ("scaling.py", ["--beam-width", "0"], "--beam-width"),
     ("scaling.py", ["--max-branches", "-1"], "--max-branches"),
+    ("scaling.py", ["--aggregate", "sum"], "--aggregate"),
 ])
 def test_bad_size_arguments_exit_2_naming_the_argument(script, args, name):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", *args],

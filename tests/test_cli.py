@@ -113,6 +113,7 @@ BAD_ARGUMENTS = [
     (["--n", "6", "--beam-width", "4"], "--n 6 must be divisible by --beam-width 4 for beam_search"),
     (["--strategy", "mcts"], "argument --strategy: invalid choice: 'mcts'"),
     (["--aggregate", "sum"], "argument --aggregate: invalid choice: 'sum'"),
+    (["--select", "majority"], "argument --select: invalid choice: 'majority'"),
     (["--n", "four"], "argument --n: expected an integer >= 1, got 'four'"),
     (["--temperature", "-1"], "argument --temperature: expected a number in [0, 1e+06], got '-1'"),
     (["--temperature", "nan"], "argument --temperature"),

@@ -101,3 +101,15 @@ def test_head_only_run_needs_a_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--policy", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "--policy" in capsys.readouterr().err
+
+
+def test_head_only_run_needs_a_reward_head(tmp_path):
+    from o1kernels.decoder import save_checkpoint
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.task import CharTokenizer
+    from o1kernels.decoder.train import model_config
+
+    save_checkpoint(Transformer(dataclasses.replace(model_config(TINY, CharTokenizer()), reward_head=None)), tmp_path / "lm")
+    with pytest.raises(ValueError, match="policy: .*lm has no reward head to train"):
+        train(TINY, tmp_path / "out", log=lambda _: None, policy=tmp_path / "lm")
+    assert not (tmp_path / "out").exists()

@@ -332,7 +332,7 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if not n_pos or not n_neg:
         return float("nan")
-    values, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
     last = counts.cumsum(0).double()  # rank of the last of each group of equal scores (ranks start at 1)
     ranks = (last - (counts.double() - 1) / 2)[inverse]
     return ((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
