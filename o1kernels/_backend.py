@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .capabilities import backend_unsupported_reason
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 
 
@@ -71,16 +73,19 @@ _AUTO_ORDER = {
 }
 
 
-def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...]) -> str:
+def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...], spec=None) -> str:
     """Return the concrete backend to run, or raise ValueError/RuntimeError saying why not.
 
-    `supported` lists the backends the calling op implements.
+    `supported` lists the backends the calling op implements; `spec` (an o1kernels.capabilities.AttentionSpec, for
+    attention ops) what the call needs: "auto" skips the backends that do not implement it (falling back to the
+    torch reference), an explicit backend that does not raises ValueError saying why.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            if cand in supported and backend_unavailable_reason(cand, device) is None:
+            if (cand in supported and backend_unavailable_reason(cand, device) is None
+                    and (spec is None or backend_unsupported_reason(cand, spec) is None)):
                 return cand
         return "torch"
     if backend not in supported:
@@ -88,4 +93,7 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
     reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+    reason = None if spec is None else backend_unsupported_reason(backend, spec)
+    if reason is not None:
+        raise ValueError(reason)
     return backend

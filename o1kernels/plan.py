@@ -36,6 +36,7 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import check_shape, check_tensor
+from .capabilities import spec_of
 
 INT32_MAX = 2**31 - 1
 # Work items a plan may hold: far above any real tree (a 32K prompt in 256-token chunks read by
@@ -452,15 +453,16 @@ class AttentionPlan:
             self._workspaces[key] = ws
         return ws
 
-    def runner(self, backend: str, supported: dict):
-        """(backend name, run function) for `backend` on this plan's device, resolved once per plan.
+    def runner(self, backend: str, supported: dict, spec=None):
+        """(backend name, run function) for `backend` on this plan's device, resolved once per plan and `spec`.
 
-        supported: backend name -> zero-argument loader returning the op's run function for it."""
-        hit = self._runners.get(backend)
+        supported: backend name -> zero-argument loader returning the op's run function for it; spec: the
+        AttentionSpec of the call (auto skips backends that do not implement it, see _backend.resolve_backend)."""
+        hit = self._runners.get((backend, spec))
         if hit is None:
-            name = resolve_backend(backend, self.device, tuple(supported))
+            name = resolve_backend(backend, self.device, tuple(supported), spec)
             hit = (name, supported[name]())
-            self._runners[backend] = hit
+            self._runners[(backend, spec)] = hit
             self._supported = supported
         return hit
 
@@ -480,7 +482,8 @@ class AttentionPlan:
             raise RuntimeError("plan.tune() times kernels: call it before capturing a CUDA graph")
         if not hasattr(self, "_supported"):
             raise RuntimeError("run the plan once with its op before tune() (that run also compiles the kernels)")
-        names = [self.runner(backend, self._supported)[0]]
+        spec = spec_of(q, pools[0][0])
+        names = [self.runner(backend, self._supported, spec)[0]]
         if backend == "auto" and "cuda" not in names and resolve_available(self, "cuda"):
             names.append("cuda")
         scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
@@ -505,7 +508,7 @@ class AttentionPlan:
                     candidates.append((ms, name, path, config))
         ms, name, self.path, config = min(candidates, key=lambda c: c[0])
         self.tuned = {"config": config, "ms": ms}
-        self._runners[backend] = (name, self._supported[name]())
+        self._runners[(backend, spec)] = (name, self._supported[name]())
         return {"backend": name, "path": self.path, "config": config, "ms": ms, "candidates": candidates}
 
 

@@ -25,6 +25,7 @@ from collections import OrderedDict
 import torch
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, default_sm_scale
+from .capabilities import spec_of
 from .merge_states import merge_states_torch
 from .plan import SharedPrefixPlan
 from .tree_attention import RUNNERS as TREE_RUNNERS
@@ -162,7 +163,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, *, prefix
             plan.seg_lens[:g].copy_(prefix_lens)
         if suffix_lens is not None:
             plan.seg_lens[g:].copy_(suffix_lens)
-    _, run = plan.runner(backend, RUNNERS)
+    _, run = plan.runner(backend, RUNNERS, spec_of(q, prefix_k))
     if branch_group is not None:
         plan.branch_group.copy_(branch_group)
         plan.refill_groups()

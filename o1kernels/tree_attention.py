@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import FLOAT_DTYPES, check_shape, check_tensor, default_sm_scale
+from .capabilities import spec_of
 from .merge_states import merge_states_torch
 from .plan import TreeAttentionPlan, default_kv_chunk  # noqa: F401  (re-exported: the plan is part of this op's API)
 
@@ -136,6 +137,6 @@ def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=Non
     """
     check_inputs(q, k_cache, v_cache, plan)
     scale = default_sm_scale(sm_scale, q.shape[-1])
-    _, run = plan.runner(backend, RUNNERS)
+    _, run = plan.runner(backend, RUNNERS, spec_of(q, k_cache))
     o, lse = run(plan, q, ((k_cache, v_cache),), scale)
     return (o, lse) if return_lse else o
