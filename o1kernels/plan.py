@@ -182,6 +182,14 @@ class PlanLayout:
     num_slots: int  # partial slots in use (slots[:num_slots]; the rest is a capacity's padding)
     launches: dict = field(default_factory=dict)  # backend launch specs built on first use (see triton_ops)
     buffer: torch.Tensor | None = None  # the flat int32 tensor the index views live in (host-built layouts)
+    # Masking by position (plans built with positions; see TreeAttentionPlan): seg_start [num_segments] is the
+    # position of each segment's first token, q_pos [num_queries] the plan's query positions (plan.q_pos, shared).
+    # Key t of segment s is visible to query i iff seg_start[s] + t <= q_pos[i] and, with window W,
+    # q_pos[i] - (seg_start[s] + t) < W. causal False: no masking (seg_start / q_pos unused, may be None).
+    seg_start: torch.Tensor | None = None
+    q_pos: torch.Tensor | None = None
+    causal: bool = False
+    window: int | None = None
 
     @property
     def num_work(self) -> int:
@@ -236,11 +244,12 @@ _WORK_KEYS = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
 
 def layout_arrays(pages: Sequence[list[int]], caps: Sequence[int], queries: Sequence[list[int]], direct: Sequence[bool],
                   chunks: Sequence[int], queries_per_tile: int, num_queries: int,
-                  capacity: PlanCapacity | None = None) -> tuple[dict, dict]:
+                  capacity: PlanCapacity | None = None, starts: Sequence[int] | None = None) -> tuple[dict, dict]:
     """Host arrays of the layout of segments with known queries over one KV source (TreeAttentionPlan; see
-    PlanLayout) and their counts. With `capacity` every array is padded to its capacity (padding work items
-    are empty); ValueError when the layout does not fit."""
+    PlanLayout) and their counts; `starts`: each segment's first position (default 0). With `capacity` every array
+    is padded to its capacity (padding work items are empty); ValueError when the layout does not fit."""
     arrays = {"page_table": [p for pg in pages for p in pg], "seg_page_start": [], "seg_capacity": list(caps),
+              "seg_start": list(starts) if starts is not None else [0] * len(caps),
               "seg_queries": [qi for qs in queries for qi in qs]}
     query_start, n_pages, n_q = [], 0, 0
     for pg, qs in zip(pages, queries):
@@ -288,7 +297,7 @@ def layout_arrays(pages: Sequence[list[int]], caps: Sequence[int], queries: Sequ
     num_work = len(work["seg"])
     if capacity is not None:
         sizes = {"page_table": capacity.pages, "seg_page_start": capacity.segments, "seg_capacity": capacity.segments,
-                 "seg_queries": capacity.query_refs, "slots": capacity.partials, "direct_segs": capacity.direct,
+                 "seg_start": capacity.segments, "seg_queries": capacity.query_refs, "slots": capacity.partials, "direct_segs": capacity.direct,
                  **{f"work_{k}": capacity.work for k in _WORK_KEYS}}
         needs = {"segments": len(caps), "pages": n_pages, "query_refs": n_q, "work": num_work, "partials": num_partials,
                  "direct": num_direct}
@@ -303,9 +312,11 @@ def layout_arrays(pages: Sequence[list[int]], caps: Sequence[int], queries: Sequ
                         has_direct=has_direct, num_slots=arrays["slot_indptr"][-1])
 
 
-def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayout | None = None) -> PlanLayout:
+def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayout | None = None, *,
+                q_pos: torch.Tensor | None = None, window: int | None = None) -> PlanLayout:
     """The PlanLayout of layout_arrays' output on seg_lens' device (one host-to-device copy); or `into`, a layout
-    of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay)."""
+    of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay).
+    q_pos: the plan's query positions (a plan with positions: the layout masks by position), window: its window."""
     if into is not None:
         into.buffer.copy_(int32_on(into.buffer.device, [v for values in arrays.values() for v in values]))
         into.num_direct, into.num_slots = meta["num_direct"], meta["num_slots"]
@@ -317,7 +328,8 @@ def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayo
                     len(t["seg_capacity"]), 0, len(t["page_table"]))],
         meta["num_partials"], t["slot_indptr"], t["slots"],
         [(t["direct_indptr"], t["direct_segs"]) if meta["has_direct"] else None], meta["num_direct"],
-        meta["num_slots"], buffer=t["buffer"])
+        meta["num_slots"], buffer=t["buffer"], seg_start=t["seg_start"], q_pos=q_pos, causal=q_pos is not None,
+        window=window)
 
 
 # ---- argument helpers --------------------------------------------------------------------------------------------
@@ -410,33 +422,39 @@ class AttentionPlan:
         self._layouts: dict = {}
         self._workspaces: dict = {}
         self._runners: dict = {}
+        self.causal = False  # masks keys by query position (TreeAttentionPlan with positions)
         self.tuned: dict = {}  # what tune() chose: {"config": partial-kernel tile or None, "ms": ...}
         self.checked_signature = None  # input shapes/dtypes/devices the op last validated against this plan
 
     # -- set by subclasses
-    def _build(self, kind: str, group: int, kv_heads: int, head_dim: int, elem_bytes: int) -> PlanLayout:
+    def _build(self, key: tuple) -> PlanLayout:
         raise NotImplementedError
 
     def layout(self, kind: str, num_q_heads: int | None = None, num_kv_heads: int | None = None,
-               head_dim: int | None = None, elem_bytes: int = 2) -> PlanLayout:
+               head_dim: int | None = None, elem_bytes: int = 2, window: int | None = None) -> PlanLayout:
         """The plan's layout of `kind` ("split": every segment shared; "fused": per-segment paths by
-        self.path) for these head counts (default: the plan's num_heads/head_dim, else a typical GQA shape)."""
+        self.path) for these head counts (default: the plan's num_heads/head_dim, else a typical GQA shape) and
+        sliding window (None: full attention; a plan with positions leaves out the (segment, query) pairs that
+        lie wholly before the query's window)."""
         if num_q_heads is None:
             num_q_heads, num_kv_heads = self.num_heads or (DEFAULT_GQA_GROUP * DEFAULT_KV_HEADS, DEFAULT_KV_HEADS)
         head_dim = head_dim or self.head_dim or 128
-        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes, window)
         lay = self._layouts.get(key)
         if lay is None:
             if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("this plan has not run with these head counts yet, and laying it out now would copy "
                                    "to the GPU inside a CUDA-graph capture: run it once before capturing (or pass "
                                    "num_heads/head_dim when building the plan)")
-            lay = self._build(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+            lay = self._build(key)
             self._layouts[key] = lay
         return lay
 
-    def _layout_key(self, kind, group, kv_heads, head_dim, elem_bytes) -> tuple:
-        return (kind,) if kind == "split" else (kind, self.path, group, kv_heads, head_dim, elem_bytes)
+    def _layout_key(self, kind, group, kv_heads, head_dim, elem_bytes, window=None) -> tuple:
+        """(kind, path, group, kv_heads, head_dim, elem_bytes, window); the split layout depends on the window alone."""
+        if kind == "split":
+            return ("split", None, DEFAULT_GQA_GROUP, DEFAULT_KV_HEADS, 128, 2, window)
+        return (kind, self.path, group, kv_heads, head_dim, elem_bytes, window)
 
     def workspace(self, kind: str, num_partials: int, num_q_heads: int, width: int):
         """Plan-owned fp32 partial buffers (o [num_partials, Hq, width], lse [num_partials, Hq]), reused by
@@ -538,10 +556,16 @@ def _median_ms(fn, reps: int) -> float:
 class TreeAttentionPlan(AttentionPlan):
     """Validated description of which query rows attend to which paged KV segments (any tree).
 
-    segments: sequence of (pages, length, queries). The segment's tokens live in order in `pages`
-      (token t at page pages[t // page_size], slot t % page_size); `length` is its initial length
-      (0 <= length <= len(pages) * page_size = its capacity); `queries` are distinct query rows in
-      [0, num_queries) that attend to the whole segment.
+    segments: sequence of (pages, length, queries) or (pages, length, queries, start). The segment's tokens
+      live in order in `pages` (token t at page pages[t // page_size], slot t % page_size); `length` is its
+      initial length (0 <= length <= len(pages) * page_size = its capacity); `queries` are distinct query rows
+      in [0, num_queries) that attend to it; `start` (plans with positions) the position of its first token.
+    positions: None (every listed query attends to every token of its segments), or the position of each query
+      row [num_queries] (ints or a CPU integer tensor): the plan masks by position (causal): key t of segment s is
+      visible to query i iff start_s + t <= positions[i] (and, run with a sliding window W, positions[i] -
+      (start_s + t) < W). Every segment must then give its start. set_positions() moves the positions on (no
+      re-plan, no sync); they must not go below the positions the plan was built or updated with, which windowed
+      layouts use to leave out segments wholly before a query's window.
     kv_chunk_size: tokens per shared work item (default per segment clamp(next_pow2(32 * its query count),
       256, 8192), halved while the grid would not fill the device); queries_per_tile: queries per work
       item (default: 128 rows on a GPU / 64 on a CPU, divided by the GQA group).
@@ -549,15 +573,16 @@ class TreeAttentionPlan(AttentionPlan):
       the first run); path: "auto" | "cascade" | "decode" (see AttentionPlan).
     capacity: a PlanCapacity makes the plan capture-stable: update(segments) re-lays it out in place.
 
-    Host ints: num_queries, page_size, num_segments, max_page (-1 without pages).
-    Device int32: seg_lens [num_segments] (current lengths; see set_lengths). The work lists are in
+    Host ints: num_queries, page_size, num_segments, max_page (-1 without pages); causal: built with positions.
+    Device int32: seg_lens [num_segments] (current lengths; see set_lengths), q_pos [num_queries] (positions; see
+    set_positions; all INT32_MAX without positions). The work lists are in
     plan.layout("split") / plan.layout("fused", ...) (PlanLayout).
     Host copies for the torch reference: seg_pages_host, seg_queries_host, seg_capacity_host.
     """
 
     def __init__(self, segments, num_queries: int, page_size: int, *, device=None, kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, num_heads=None, head_dim: int | None = None, path: str = "auto",
-                 capacity: PlanCapacity | None = None):
+                 capacity: PlanCapacity | None = None, positions=None):
         _check_count("num_queries", num_queries)
         _check_count("page_size", page_size, minimum=1)
         if kv_chunk_size is not None:
@@ -574,11 +599,14 @@ class TreeAttentionPlan(AttentionPlan):
         self.kv_chunk_size = kv_chunk_size
         self.queries_per_tile = queries_per_tile
         self.capacity = capacity
+        self.causal = positions is not None
         lengths = self._parse(segments)
         if capacity is not None and self.num_segments > capacity.segments:
             raise ValueError(f"the plan has {self.num_segments} segments, more than capacity.segments = "
                              f"{capacity.segments}")
+        self.positions_host = self._parse_positions(positions)
         self.seg_lens = int32_on(self.device, self._padded(lengths))
+        self.q_pos = int32_on(self.device, self.positions_host)
         if self.num_heads is not None:
             self.layout("fused", *self.num_heads, head_dim or 128)
 
@@ -587,11 +615,19 @@ class TreeAttentionPlan(AttentionPlan):
         if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
             raise TypeError(f"segments must be a sequence of (pages, length, queries), got {type(segments).__name__}")
         page_size, num_queries = self.page_size, self.num_queries
-        seg_pages, seg_lens, seg_queries = [], [], []
+        seg_pages, seg_lens, seg_queries, seg_starts = [], [], [], []
         num_items = 0
         for s, seg in enumerate(segments):
-            if not isinstance(seg, (tuple, list)) or len(seg) != 3:
-                raise TypeError(f"segments[{s}] must be a (pages, length, queries) tuple, got {seg!r:.80}")
+            if not isinstance(seg, (tuple, list)) or len(seg) not in (3, 4):
+                raise TypeError(f"segments[{s}] must be a (pages, length, queries) or (pages, length, queries, start) "
+                                f"tuple, got {seg!r:.80}")
+            if self.causal != (len(seg) == 4):
+                raise ValueError(f"segments[{s}]: a plan {'with' if self.causal else 'without'} positions takes "
+                                 f"{'(pages, length, queries, start)' if self.causal else '(pages, length, queries)'} "
+                                 f"segments, got {len(seg)} fields")
+            start = seg[3] if len(seg) == 4 else 0
+            if not _is_int(start) or not 0 <= start <= INT32_MAX:
+                raise ValueError(f"segments[{s}].start must be an int in [0, 2**31 - 1], got {start!r}")
             pages = _int_list(f"segments[{s}].pages", seg[0])
             length = seg[1]
             queries = _int_list(f"segments[{s}].queries", seg[2])
@@ -616,10 +652,14 @@ class TreeAttentionPlan(AttentionPlan):
                 if num_items > MAX_WORK_ITEMS:
                     raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items (at segments[{s}]): "
                                      "use a larger kv_chunk_size / queries_per_tile or fewer, shorter segments")
+            if start + capacity > INT32_MAX + 1:
+                raise ValueError(f"segments[{s}]: start {start} + capacity {capacity} passes position 2**31 - 1")
             seg_pages.append(pages)
             seg_lens.append(length)
             seg_queries.append(queries)
+            seg_starts.append(start)
         self.num_segments = len(seg_pages)
+        self.seg_start_host = seg_starts
         self.seg_pages_host = seg_pages
         self.seg_queries_host = seg_queries
         self.seg_capacity_host = [len(p) * page_size for p in seg_pages]
@@ -630,27 +670,68 @@ class TreeAttentionPlan(AttentionPlan):
     def _padded(self, lengths: list[int]) -> list[int]:
         return lengths + [0] * (self.capacity.segments - len(lengths)) if self.capacity is not None else lengths
 
-    def update(self, segments) -> None:
-        """Replace the tree (same num_queries and page_size) and re-lay every layout built so far out in place:
-        its device tensors, grids and workspace stay, so a captured CUDA graph replays the new tree. Needs a
-        plan built with a PlanCapacity; ValueError when the new tree does not fit it (then nothing changed)."""
+    def update(self, segments, positions=None) -> None:
+        """Replace the tree (same num_queries and page_size; positions: as in the constructor, required for a plan
+        with positions) and re-lay every layout built so far out in place: its device tensors, grids and workspace
+        stay, so a captured CUDA graph replays the new tree. Needs a plan built with a PlanCapacity; ValueError
+        when the new tree does not fit it (then nothing changed)."""
         if self.capacity is None:
             raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
-        old = (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page)
-        lengths = self._parse(segments)
+        if (positions is not None) != self.causal:
+            raise ValueError(f"positions must be {'given' if self.causal else 'None'} for a plan "
+                             f"{'with' if self.causal else 'without'} positions")
+        old = (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page,
+               self.seg_start_host, self.positions_host)
         try:
+            lengths = self._parse(segments)
+            self.positions_host = self._parse_positions(positions)
             if self.num_segments > self.capacity.segments:
                 raise ValueError(f"the plan does not fit its capacity (segments {self.num_segments} > "
                                  f"{self.capacity.segments}): build a new plan with a larger PlanCapacity")
             layouts = [(key, self._arrays(*key)) for key in self._layouts]
-        except ValueError:
-            (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host,
-             self.max_page) = old
+        except (ValueError, TypeError):
+            (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page,
+             self.seg_start_host, self.positions_host) = old
             raise
         for key, (arrays, meta) in layouts:
             materialize(arrays, meta, self.seg_lens, into=self._layouts[key])
         self.seg_lens.copy_(int32_on(self.device, self._padded(lengths)))
+        self.q_pos.copy_(int32_on(self.device, self.positions_host))
         self.checked_signature = None
+
+    def _parse_positions(self, positions) -> list[int]:
+        """Host list of the query positions (INT32_MAX for every query without positions)."""
+        if positions is None:
+            return [INT32_MAX] * self.num_queries
+        values = _int_list("positions", positions)
+        if len(values) != self.num_queries:
+            raise ValueError(f"positions must have num_queries={self.num_queries} entries, got {len(values)}")
+        if values and not 0 <= min(values) <= max(values) <= INT32_MAX:
+            raise ValueError(f"positions must be in [0, 2**31 - 1], got values in [{min(values)}, {max(values)}]")
+        return values
+
+    def set_positions(self, positions) -> None:
+        """Move the query positions on in place (a plan with positions; no re-plan). positions: num_queries ints
+        (checked: not below the positions the plan was built/updated with) or an integer tensor [num_queries] on the
+        plan's device (copied without a host sync; CPU values checked, device values trusted)."""
+        if not self.causal:
+            raise ValueError("set_positions() needs a plan built with positions=")
+        if isinstance(positions, torch.Tensor):
+            check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+            check_shape("positions", positions, (self.num_queries,))
+            if positions.device.type == "cpu":
+                self._check_positions(positions.tolist())
+            self.q_pos.copy_(positions)
+            return
+        values = self._parse_positions(positions)
+        self._check_positions(values)
+        self.q_pos.copy_(int32_on(self.device, values))
+
+    def _check_positions(self, values: list[int]) -> None:
+        for i, (p, lo) in enumerate(zip(values, self.positions_host)):
+            if not lo <= p <= INT32_MAX:
+                raise ValueError(f"positions[{i}] must be in [{lo}, 2**31 - 1] (not below the position the plan was "
+                                 f"laid out with), got {p}")
 
     def _tile(self, group: int) -> int:
         if self.queries_per_tile is not None:
@@ -658,11 +739,21 @@ class TreeAttentionPlan(AttentionPlan):
         rows = GPU_TILE_ROWS if self.device.type == "cuda" else CPU_TILE_ROWS
         return max(1, rows // group)
 
-    def _arrays(self, kind, path=None, group=DEFAULT_GQA_GROUP, kv_heads=DEFAULT_KV_HEADS, head_dim=128, elem_bytes=2):
+    def _windowed_queries(self, window: int | None) -> list[list[int]]:
+        """Each segment's queries, without those whose window (at the plan's positions, which only grow) lies wholly
+        after the segment's last possible token."""
+        if window is None or not self.causal:
+            return self.seg_queries_host
+        pos = self.positions_host
+        return [[qi for qi in qs if start + cap > pos[qi] - window + 1] if cap else qs
+                for qs, start, cap in zip(self.seg_queries_host, self.seg_start_host, self.seg_capacity_host)]
+
+    def _arrays(self, kind, path, group, kv_heads, head_dim, elem_bytes, window):
         """layout_arrays of the layout with this key (see _layout_key) for the current tree (ValueError when it
         does not fit the capacity)."""
         caps = self.seg_capacity_host
-        counts = [len(q) for q in self.seg_queries_host]
+        queries = self._windowed_queries(window)
+        counts = [len(q) for q in queries]
         profile = device_profile(self.device)
         if kind == "split":
             direct = [False] * self.num_segments
@@ -680,11 +771,15 @@ class TreeAttentionPlan(AttentionPlan):
             if kind == "fused":
                 tiles = [0 if d or n == 0 else -(-n // tile) for d, n in zip(direct, counts)]
                 chunks = fill_grid_chunks(chunks, caps, tiles, kv_heads, profile)
-        return layout_arrays(self.seg_pages_host, caps, self.seg_queries_host, direct, chunks, tile, self.num_queries,
-                             self.capacity)
+        return layout_arrays(self.seg_pages_host, caps, queries, direct, chunks, tile, self.num_queries,
+                             self.capacity, self.seg_start_host)
 
-    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
-        return materialize(*self._arrays(*self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)), self.seg_lens)
+    def _build(self, key: tuple) -> PlanLayout:
+        window = key[-1]
+        if window is not None and not self.causal:
+            raise ValueError("a sliding window needs a plan built with positions= (TreeAttentionPlan(..., positions=))")
+        return materialize(*self._arrays(*key), self.seg_lens, q_pos=self.q_pos if self.causal else None,
+                           window=window)
 
     def set_lengths(self, lengths) -> None:
         """Set the current segment lengths in place (the plan's structure is unchanged).
@@ -817,10 +912,13 @@ class SharedPrefixPlan(AttentionPlan):
                                                      device_profile(self.device))
         return prefix_direct, suffix_direct
 
-    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+    def _build(self, key: tuple) -> PlanLayout:
         """Regular structure on the device: page_table = [0..G) ++ [0..B) (prompt g is page g of source 0,
         suffix b page b of source 1; each source counts its own page-table entries and segments); prefix
         tiles over branches sorted by prompt; suffix items per branch."""
+        kind, _, group, kv_heads, head_dim, elem_bytes, window = key
+        if window is not None:
+            raise ValueError("shared_prefix_attention has no positions: it does not take a sliding window")
         dev = self.device
         b, g, p, s = self.num_branches, self.num_prefixes, self.prefix_capacity, self.suffix_capacity
         prefix_direct, suffix_direct = self._paths(kind, group, kv_heads, head_dim, elem_bytes)
@@ -882,7 +980,7 @@ class SharedPrefixPlan(AttentionPlan):
             slot_indptr=slot_indptr, slots=slots.view(-1), direct=direct,
             num_direct=b * (int(direct[0] is not None) + int(direct[1] is not None)), num_slots=b * slots_per_branch)
         meta = (tile, num_tiles, ncp, slots_per_branch)
-        self._layout_meta[self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)] = meta
+        self._layout_meta[key] = meta
         self._fill_groups(lay, *meta)
         return lay
 
