@@ -629,7 +629,9 @@ class TreeAttentionPlan(AttentionPlan):
       the first run); path: "auto" | "cascade" | "decode" (see AttentionPlan).
     capacity: a PlanCapacity makes the plan capture-stable: update(segments) re-lays it out in place.
 
-    Host: num_queries, page_size, num_segments, max_page (-1 without pages), causal (built with positions), segs
+    Host: num_queries, page_size, num_segments, max_page (-1 without pages), causal (built with positions), masks
+    (the position masks change what some query sees: False when every query sits at or after the last token of each
+    of its segments, as decode rows over whole segments do, so backends without position masks can run it), segs
     (SegmentArrays; seg_pages_host, seg_queries_host, seg_capacity_host, seg_start_host list them).
     Device int32: seg_lens [num_segments] (current lengths; see set_lengths), q_pos [num_queries] (positions; see
     set_positions; all INT32_MAX without positions). The work lists are in plan.layout("split") /
@@ -653,17 +655,19 @@ class TreeAttentionPlan(AttentionPlan):
     @classmethod
     def from_arrays(cls, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray | None, num_queries: int,
                     page_size: int, page_table: torch.Tensor, *, max_page: int, capacity: PlanCapacity | None = None,
-                    **options) -> "TreeAttentionPlan":
+                    masks: bool = True, **options) -> "TreeAttentionPlan":
         """A plan over segments already laid out and checked by its caller (o1kernels.paged: block tables), whose
         pages are read from `page_table` (int32 device tensor that `segs.page_start` index into, kept by the
-        caller: a structural change re-plans with update_arrays). options: device, kv_chunk_size, queries_per_tile,
-        num_heads, head_dim, path (as in the constructor)."""
+        caller: a structural change re-plans with update_arrays). masks: see the class docstring (the caller knows
+        whether its positions mask anything). options: device, kv_chunk_size, queries_per_tile, num_heads, head_dim,
+        path (as in the constructor)."""
         plan = cls.__new__(cls)
         plan._setup(num_queries, page_size, options.get("device"), options.get("kv_chunk_size"),
                     options.get("queries_per_tile"), options.get("num_heads"), options.get("head_dim"),
                     options.get("path", "auto"), capacity, positions is not None)
         plan.page_table = page_table
         plan.max_page = max_page
+        plan.masks = masks and positions is not None
         pos = np.full(num_queries, INT32_MAX, dtype=np.int64) if positions is None else positions
         plan._set_tree(segs, lengths, pos)
         plan.seg_lens = int32_on(plan.device, plan._padded(lengths))
@@ -691,6 +695,7 @@ class TreeAttentionPlan(AttentionPlan):
         self.queries_per_tile = queries_per_tile
         self.capacity = capacity
         self.causal = causal
+        self.masks = causal
         self.page_table = None  # device page table kept by the caller (block-table plans); None: in the layouts
 
     def _set_tree(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray) -> None:
@@ -812,7 +817,8 @@ class TreeAttentionPlan(AttentionPlan):
         segs, lengths, max_page = self._parse(segments)
         self.update_arrays(segs, lengths, self._parse_positions(positions), max_page=max_page)
 
-    def update_arrays(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray, *, max_page: int) -> None:
+    def update_arrays(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray, *, max_page: int,
+                      masks: bool = True) -> None:
         """update() with segments already laid out and checked (from_arrays' form); a plan with a PlanCapacity."""
         if self.capacity is None:
             raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
@@ -824,6 +830,8 @@ class TreeAttentionPlan(AttentionPlan):
             self.segs, self.num_segments, self.positions_host = old
             raise
         self.max_page = max_page
+        self.masks = masks and self.causal
+        self._runners.clear()  # resolved per call signature, which includes whether masks are needed
         for key, (arrays, meta) in layouts:
             materialize(arrays, meta, self.seg_lens, into=self._layouts[key])
         self.seg_lens.copy_(int32_on(self.device, self._padded(lengths)))

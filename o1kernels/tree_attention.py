@@ -174,10 +174,11 @@ def check_variant(window, softcap, sinks, q: torch.Tensor, causal: bool) -> dict
     return variant
 
 
-def variant_spec(q, k_cache, causal: bool, variant: dict):
-    """The AttentionSpec of a call (what the backend must implement)."""
-    return spec_of(q, k_cache, positions=causal, sliding_window=variant.get("window"), softcap=variant.get("softcap"),
-                   sinks="sinks" in variant)
+def variant_spec(q, k_cache, masks: bool, variant: dict):
+    """The AttentionSpec of a call (what the backend must implement); masks: the plan's position masks change what
+    some query sees (a window always does)."""
+    return spec_of(q, k_cache, positions=masks or "window" in variant, sliding_window=variant.get("window"),
+                   softcap=variant.get("softcap"), sinks="sinks" in variant)
 
 
 def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=None, window: int | None = None,
@@ -200,6 +201,6 @@ def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=Non
     check_inputs(q, k_cache, v_cache, plan)
     scale = default_sm_scale(sm_scale, q.shape[-1])
     variant = check_variant(window, softcap, sinks, q, plan.causal)
-    _, run = plan.runner(backend, RUNNERS, variant_spec(q, k_cache, plan.causal, variant))
+    _, run = plan.runner(backend, RUNNERS, variant_spec(q, k_cache, plan.masks, variant))
     o, lse = run(plan, q, ((k_cache, v_cache),), scale, **variant)
     return (o, lse) if return_lse else o

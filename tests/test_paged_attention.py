@@ -92,11 +92,11 @@ def paged_reference_f64(q, k_cache, v_cache, table, seq, qlen, page_size, sm_sca
     return torch.cat(outs), torch.cat(lses)
 
 
-def _refused(backend, q, k, **features) -> bool:
-    """True (after checking the refusal) when `backend` does not implement a paged call with these features."""
-    if backend_unsupported_reason(backend, spec_of(q, k, positions=True, **features)) is None:
-        return False
-    return True
+def _refused(backend, attn, q, k, **features) -> bool:
+    """True when `backend` does not implement the planned call with these features (position masks when the plan
+    needs them: chunks; a window always)."""
+    masks = attn.plan_obj.masks or features.get("sliding_window") is not None
+    return backend_unsupported_reason(backend, spec_of(q, k, positions=masks, **features)) is not None
 
 
 # (prompts, branches, levels, page_size, Hq, Hkv, D, max new tokens per row)
@@ -132,12 +132,12 @@ def test_random_forest_block_tables_match_float64(forest, backend, dtype):
     v = random_values((num_pages, page_size, hkv, d), dtype)
     q = (torch.randn(int(qlen.sum()), hq, d) * 2).to(dtype)
     attn = PagedAttention(page_size, (hq, hkv), d, backend=backend, dtype=dtype)
-    if _refused(backend, q, k):
-        attn.plan(table, seq, query_lens=qlen)
+    attn.plan(table, seq, query_lens=qlen)
+    assert attn.plan_obj.masks == bool((qlen > 1).any())  # decode rows over whole segments need no masks
+    if _refused(backend, attn, q, k):
         with pytest.raises(ValueError, match="does not implement"):
             attn.run(q, k, v)
         return
-    attn.plan(table, seq, query_lens=qlen)
     o, lse = attn.run(q, k, v, return_lse=True)
     o_ref, lse_ref = paged_reference_f64(q, k, v, table, seq, qlen, page_size, d ** -0.5)
     report_mismatch(f"o ({backend})", o, o_ref, *TOLERANCES[dtype])
@@ -157,7 +157,7 @@ def test_variants_through_the_wrapper(backend):
     attn.plan(table, seq, query_lens=qlen)
     for kw in (dict(window=7), dict(softcap=3.0, sm_scale=0.4), dict(sinks=sinks, window=20)):
         feats = dict(sliding_window=kw.get("window"), softcap=kw.get("softcap"), sinks="sinks" in kw)
-        if _refused(backend, q, k, **feats):
+        if _refused(backend, attn, q, k, **feats):
             with pytest.raises(ValueError, match="does not implement"):
                 attn.run(q, k, v, **kw)
             continue

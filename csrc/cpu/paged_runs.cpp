@@ -47,11 +47,11 @@ struct PageScratch {  // per page of the pool: readers, column, parent page, seg
 
 thread_local PageScratch scratch;
 
-// Returns (segments int32 [S, 4]: representative row, first column, pages, rows reading it;
-//          row_runs int32 [sum of runs]: each row's segments in order; row_run_ptr int64 [R + 1];
-//          the largest page id read, -1 for none).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> paged_runs_cpu(const at::Tensor& block_table,
-                                                                      const at::Tensor& num_pages) {
+// Writes segments int32 [>= S, 4] (representative row, first column, pages, rows reading it), row_runs int32
+// [>= runs] (each row's segments in order) and row_run_ptr int64 [R + 1] (CSR into row_runs); the caller sizes them
+// for the worst case, sum(num_pages) segments and runs. Returns (S, runs, the largest page id read or -1).
+std::tuple<int64_t, int64_t, int64_t> paged_runs_cpu(const at::Tensor& block_table, const at::Tensor& num_pages,
+                                                     at::Tensor& seg_out, at::Tensor& run_out, at::Tensor& run_ptr) {
   TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt && num_pages.scalar_type() == at::kInt,
                    "o1kernels: paged_runs takes int32 block_table and num_pages");
   TORCH_CHECK_VALUE(block_table.dim() == 2 && num_pages.dim() == 1 && num_pages.size(0) == block_table.size(0),
@@ -61,10 +61,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> paged_runs_cpu(const at:
   const int64_t rows = table.size(0), width = table.size(1);
   const int32_t* tbl = table.data_ptr<int32_t>();
   const int32_t* np_ = npages.data_ptr<int32_t>();
+  int64_t entries = 0;
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK_VALUE(np_[r] >= 0 && np_[r] <= width, "o1kernels: num_pages[", r, "] = ", np_[r],
                       " must be in [0, ", width, "] (the block table's width)");
+    entries += np_[r];
   }
+  TORCH_CHECK_VALUE(seg_out.scalar_type() == at::kInt && seg_out.is_contiguous() && seg_out.dim() == 2 &&
+                        seg_out.size(1) == 4 && seg_out.size(0) >= entries && run_out.scalar_type() == at::kInt &&
+                        run_out.is_contiguous() && run_out.numel() >= entries && run_ptr.scalar_type() == at::kLong &&
+                        run_ptr.is_contiguous() && run_ptr.numel() == rows + 1,
+                    "o1kernels: paged_runs needs int32 segments [>= sum(num_pages), 4], int32 row_runs "
+                    "[>= sum(num_pages)] and int64 row_run_ptr [R + 1]");
   // Pass 0: page ids are >= 0; the largest sizes the page-indexed scratch (kept between calls).
   int32_t max_page = -1;
   for (int64_t r = 0; r < rows; ++r) {
@@ -104,10 +112,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> paged_runs_cpu(const at:
     }
   }
   // Pass 2: cut each row into runs; the first row to reach a run records it as a segment.
-  std::vector<int32_t> segs;  // 4 per segment
-  std::vector<int32_t> runs;
-  at::Tensor run_ptr = at::empty({rows + 1}, at::kLong);
+  int32_t* segs = seg_out.data_ptr<int32_t>();  // 4 per segment
+  int32_t* runs = run_out.data_ptr<int32_t>();
   int64_t* ptr = run_ptr.data_ptr<int64_t>();
+  int32_t num_segs = 0;
+  int64_t num_runs = 0;
   ptr[0] = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = tbl + r * width;
@@ -120,21 +129,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> paged_runs_cpu(const at:
         if (forest) {
           while (end < np_[r] && count[row[end]] == count[key]) ++end;
         }
-        seg = static_cast<int32_t>(segs.size() / 4);
+        seg = num_segs++;
         s.segment[key] = seg;
-        segs.insert(segs.end(), {static_cast<int32_t>(r), j, end - j, count[key]});
+        int32_t* out = segs + 4 * static_cast<int64_t>(seg);
+        out[0] = static_cast<int32_t>(r);
+        out[1] = j;
+        out[2] = end - j;
+        out[3] = count[key];
       }
-      runs.push_back(seg);
-      j += segs[4 * seg + 2];
+      runs[num_runs++] = seg;
+      j += segs[4 * static_cast<int64_t>(seg) + 2];
     }
-    ptr[r + 1] = static_cast<int64_t>(runs.size());
+    ptr[r + 1] = num_runs;
   }
   s.reset(touched);
-  at::Tensor seg_out = at::empty({static_cast<int64_t>(segs.size() / 4), 4}, at::kInt);
-  std::copy(segs.begin(), segs.end(), seg_out.data_ptr<int32_t>());
-  at::Tensor run_out = at::empty({static_cast<int64_t>(runs.size())}, at::kInt);
-  std::copy(runs.begin(), runs.end(), run_out.data_ptr<int32_t>());
-  return {seg_out, run_out, run_ptr, max_page};
+  return {num_segs, num_runs, max_page};
 }
 
 }  // namespace
@@ -143,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> paged_runs_cpu(const at:
 
 TORCH_LIBRARY_FRAGMENT(o1kernels, m) {
   // Host planning of o1kernels.paged (CPU tensors in, new CPU tensors out; not for traced or captured code).
-  m.def("paged_runs(Tensor block_table, Tensor num_pages) -> (Tensor, Tensor, Tensor, int)");
+  m.def("paged_runs(Tensor block_table, Tensor num_pages, Tensor(a!) segments, Tensor(b!) row_runs, "
+        "Tensor(c!) row_run_ptr) -> (int, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(o1kernels, CPU, m) { m.impl("paged_runs", &o1k::bindings::paged_runs_cpu); }

@@ -144,6 +144,7 @@ class PagedAttention:
         self.plan_obj: TreeAttentionPlan | None = None  # the TreeAttentionPlan of the current batch
         self.batch: Batch | None = None
         self._table: torch.Tensor | None = None  # device block table [rows capacity, width capacity] int32
+        self._copied = (0, 0)  # rows, width of the table last copied in (entries beyond are 0)
         self._lengths: _Lengths | None = None
         self.plans_built = 0  # TreeAttentionPlans constructed (tensors allocated): a capture_stable owner recaptures
 
@@ -216,6 +217,9 @@ class PagedAttention:
         pair_len = np.clip(seq[pair_row] - start_tok[pair_seg], 0, cap[pair_seg])
         lengths = np.zeros(num_segs, dtype=np.int64)
         np.maximum.at(lengths, pair_seg, pair_len)
+        # Decode rows whose segments they read whole need no position masks (every backend runs them); chunks and
+        # rows that end inside a page others read on do.
+        masks = bool((qlen > 1).any() or (pair_len < lengths[pair_seg]).any())
         num_queries = int(qlen.sum())
         query_row = np.repeat(np.arange(rows), qlen)
         query_offset = np.arange(num_queries) - np.repeat(q_off + qlen, qlen)
@@ -229,14 +233,14 @@ class PagedAttention:
         plan = self.plan_obj
         if not new and plan is not None and plan.num_queries == num_queries and plan.capacity is not None:
             try:
-                plan.update_arrays(segs, lengths, positions, max_page=max_page)
+                plan.update_arrays(segs, lengths, positions, max_page=max_page, masks=masks)
             except ValueError:  # outgrew the plan's capacity: a new plan below
                 new = True
         else:
             new = True
-        self._copy_table(table)
+        self._copy_table(table, npages)
         if new:
-            plan = self._new_plan(segs, lengths, positions, num_queries, max_page)
+            plan = self._new_plan(segs, lengths, positions, num_queries, max_page, masks)
         self.plan_obj = plan
         self._set_pairs(pair_seg, pair_row, start_tok, cap, query_row, query_offset, new)
         self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments)
@@ -249,21 +253,41 @@ class PagedAttention:
         if self.capture_stable:
             if t is not None and rows <= t.shape[0] and width <= t.shape[1]:
                 return False
-            self._table = torch.zeros(2 * rows + 8, max(1, 2 * width), dtype=torch.int32, device=self.device)
+            self._alloc_table(2 * rows + 8, 2 * width)
             return True
         if t is None or tuple(t.shape) != (rows, max(1, width)):
-            self._table = torch.empty(rows, max(1, width), dtype=torch.int32, device=self.device)
+            self._alloc_table(rows, width)
         return False
 
-    def _copy_table(self, table: np.ndarray) -> None:
-        """The host block table into the device one (a copy the caller cannot change behind the plan's back)."""
-        rows, width = table.shape
+    def _alloc_table(self, rows: int, width: int) -> None:
+        """A zero device block table; on the CPU a numpy array shares its memory (host writes without torch)."""
         if self.device.type == "cpu":
-            self._table.numpy()[:rows, :width] = table  # row memcpys (torch's strided int32 copy_ is ~50x slower)
+            self._table_host = np.zeros((rows, max(1, width)), dtype=np.int32)
+            self._table = torch.from_numpy(self._table_host)
         else:
-            self._table[:rows, :width].copy_(torch.from_numpy(table).pin_memory(), non_blocking=True)
+            self._table = torch.zeros(rows, max(1, width), dtype=torch.int32, device=self.device)
+        self._copied = (0, 0)
 
-    def _new_plan(self, segs, lengths, positions, num_queries, max_page) -> TreeAttentionPlan:
+    def _copy_table(self, table: np.ndarray, npages: np.ndarray) -> None:
+        """The host block table into the device one (a copy the caller cannot change behind the plan's back), with
+        0 past each row's pages: every entry a kernel may be handed is a page id the planner checked (the compiled
+        ops check the whole table)."""
+        rows, width = table.shape
+        valid = np.arange(width, dtype=np.int32)[None, :] < npages.astype(np.int32)[:, None]
+        stale = self._copied
+        self._copied = (rows, width)
+        if self.device.type == "cpu":
+            dst = self._table_host
+            np.multiply(table, valid, out=dst[:rows, :width])  # (torch's strided int32 copy_ is ~50x slower here)
+        else:
+            dst = self._table
+            dst[:rows, :width].copy_(torch.from_numpy(table * valid).pin_memory(), non_blocking=True)
+        if stale[0] > rows:
+            dst[rows:stale[0]] = 0
+        if stale[1] > width:
+            dst[:rows, width:stale[1]] = 0
+
+    def _new_plan(self, segs, lengths, positions, num_queries, max_page, masks) -> TreeAttentionPlan:
         common = dict(device=self.device, **self._options)
         page_table = self._table.view(-1)
         capacity = None
@@ -276,7 +300,7 @@ class PagedAttention:
         self.plans_built += 1
         return TreeAttentionPlan.from_arrays(segs, lengths, positions, num_queries, self.page_size, page_table,
                                              max_page=max_page, capacity=capacity, num_heads=self.num_heads,
-                                             head_dim=self.head_dim, **common)
+                                             head_dim=self.head_dim, masks=masks, **common)
 
     def _set_pairs(self, pair_seg, pair_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
         host = [pair_seg, pair_row, start_tok[pair_seg], cap[pair_seg], query_row, query_offset]
@@ -298,13 +322,13 @@ class PagedAttention:
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def set_lengths(self, seq_lens) -> None:
-        """The rows grew (or shrank) within the pages of the last plan(): seq_lens [R] (int tensor on the plan's
-        device: device ops only, no host sync, capturable; or host ints, checked against the rows' pages).
-        Query counts and pages are the plan's."""
+        """The rows grew (or shrank) within the pages of the last plan(): seq_lens [R] (an int tensor on the plan's
+        device: device ops only, no host sync, capturable, values clamped into the rows' pages by the kernels; or a
+        host sequence / numpy array, checked against the rows' pages). Query counts and pages are the plan's."""
         if self.plan_obj is None:
             raise RuntimeError("set_lengths() before plan()")
         rows = self.batch.rows
-        if isinstance(seq_lens, torch.Tensor) and seq_lens.device.type != "cpu":
+        if isinstance(seq_lens, torch.Tensor):
             check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
             if seq_lens.shape[0] != rows:
                 raise ValueError(f"seq_lens must have {rows} entries (one per row), got {seq_lens.shape[0]}")

@@ -34,12 +34,17 @@ def find_runs(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
     ValueError for a negative page id or a page at different columns in two rows."""
     if _ext._C is None:
         return find_runs_numpy(block_table, num_pages)
+    entries = int(num_pages.sum())  # worst case: every page a segment and a run of its own
+    segs = np.empty((entries, 4), dtype=np.int32)
+    runs = np.empty(entries, dtype=np.int32)
+    ptr = np.empty(len(num_pages) + 1, dtype=np.int64)
     try:
-        segs, runs, ptr, max_page = torch.ops.o1kernels.paged_runs(torch.from_numpy(block_table),
-                                                                   torch.from_numpy(num_pages))
+        num_segs, num_runs, max_page = torch.ops.o1kernels.paged_runs(
+            torch.from_numpy(block_table), torch.from_numpy(num_pages), torch.from_numpy(segs),
+            torch.from_numpy(runs), torch.from_numpy(ptr))
     except RuntimeError as exc:  # TORCH_CHECK_VALUE arrives as ValueError; keep torch's prefix out of the message
         raise ValueError(str(exc).split("\n")[0]) from None
-    return Runs(segs.numpy(), runs.numpy(), ptr.numpy(), max_page)
+    return Runs(segs[:num_segs], runs[:num_runs], ptr, max_page)
 
 
 def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
