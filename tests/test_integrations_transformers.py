@@ -362,6 +362,20 @@ def test_score_steps_errors():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="backbone GPT2Model has no final RMSNorm `norm`"):
         score_steps(gpt2, ids, STEP_ID, TokenPairHead(3, 4))
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="final norm CohereLayerNorm does not compute weight \\* x / rms"):
+        score_steps(cohere, ids, STEP_ID, torch.nn.Linear(64, 1))  # a LayerNorm: mean-centred
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        head_dim=16, final_logit_softcapping=30.0))
+    with torch.no_grad():
+        gemma2.model.norm.weight.fill_(0.5)  # Gemma's norm scales by (1 + weight)
+    with pytest.raises(ValueError, match="final norm Gemma2RMSNorm does not compute"):
+        score_steps(gemma2, ids, STEP_ID, TokenPairHead(3, 4))
+    capped = tiny_model("llama", final_logit_softcapping=30.0)  # the field is read, whichever model sets it
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        score_steps(capped, ids, STEP_ID, TokenPairHead(3, 4))
 
 
 # ---- README ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from o1kernels.capabilities import FEATURES  # noqa: E402
 from o1kernels.integrations.transformers import (  # noqa: E402
-    ATTN_IMPLEMENTATION, TreeCache, attention_specs, cache_argument, check_model, generate_branches, stock_attention)
+    ATTN_IMPLEMENTATION, TokenPairHead, TreeCache, attention_specs, cache_argument, check_model, generate_branches,
+    score_steps, stock_attention)
 from test_integrations_transformers import VOCAB, _one_thread, assert_no_leak, prompts  # noqa: E402, F401
 
 LOGIT_ATOL = 1e-4
@@ -272,3 +273,18 @@ def test_attention_call_must_match_its_spec():
     with pytest.raises(RuntimeError, match="layer 0: the model's attention uses a window of 6 .*its config says 8"):
         generate_branches(ours, *prompts([PROMPT]), cache=cache, max_new_tokens=2)
 
+
+@pytest.mark.parametrize("family", ["granite", "qwen3", "gpt_oss", "olmo2"])
+def test_score_steps_token_pair_matches_stock_logits(family):
+    """Math-Shepherd-style rewards from two LM-head rows equal softmax over the stock model's two logits, with
+    Granite's logits_scaling folded into the rows."""
+    model = family_model(family)
+    ids, mask = prompts([PROMPT, 9])
+    ids[:, 4::5] = 7
+    head = TokenPairHead(positive_id=11, negative_id=12)
+    steps, _ = score_steps(model, ids, 7, head, attention_mask=mask, backend="torch")
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    expected = torch.softmax(logits[..., [11, 12]], dim=-1)[..., 0]
+    at = (ids == 7) & mask.bool()
+    torch.testing.assert_close(steps[at], expected[at], atol=1e-5, rtol=1e-5)

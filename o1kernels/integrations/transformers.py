@@ -50,9 +50,10 @@ prompt token and the generated tokens but the last (transformers never runs the 
 up to whole pages.
 
 PRM scoring: score_steps(prm_model, input_ids, step_token_id, head) runs the PRM's backbone once (no LM head), takes
-the hidden states at the input of its final RMSNorm (transformers' last_hidden_state is already normed) and calls
-o1kernels.step_rewards with that norm fused, for the three PRM styles: TokenPairHead (Math-Shepherd, two rows of the
-LM head), a classifier Linear(H, 2) or Sequential(Linear(H, Hm), ReLU, Linear(Hm, 2)) (Qwen2.5-Math-PRM), and a
+the hidden states at the input of its final RMSNorm (checked to compute one: transformers' last_hidden_state is
+already normed) and calls o1kernels.step_rewards with that norm fused, for the three PRM styles: TokenPairHead
+(Math-Shepherd, two rows of the LM head; a model's logits_scaling / logit_scale folded in, a final logit soft-cap
+refused), a classifier Linear(H, 2) or Sequential(Linear(H, Hm), ReLU, Linear(Hm, 2)) (Qwen2.5-Math-PRM), and a
 value head Linear(H, 1) (sigmoid).
 
 Checked with transformers 5.0, 5.17 and 5.24 (the `cache` / `past_key_values` argument name is taken from the
@@ -774,16 +775,33 @@ class TokenPairHead:
 
 
 def _prm_backbone(prm_model):
-    """(backbone module, its final RMSNorm) of a transformers model (causal LM, base model or a wrapper whose
-    base_model is one)."""
-    if not isinstance(prm_model, nn.Module):
+    """(backbone module, its final norm `norm`, the norm's eps) of a transformers causal LM, base model or a wrapper
+    whose base_model is one. score_steps then checks that the norm is the RMSNorm step_rewards fuses
+    (_check_rms_norm: a LayerNorm or Gemma's (1 + weight) norm is refused)."""
+    if not isinstance(prm_model, nn.Module) or getattr(prm_model, "config", None) is None:
         raise TypeError(f"prm_model must be a transformers model, got {type(prm_model).__name__}")
     base = getattr(prm_model, "base_model", prm_model)
     norm = getattr(base, "norm", None)
-    if not isinstance(getattr(norm, "weight", None), torch.Tensor) or not hasattr(norm, "variance_epsilon"):
-        raise ValueError(f"prm_model's backbone {type(base).__name__} has no final RMSNorm `norm` (weight, "
-                         "variance_epsilon) to read pre-norm hidden states from")
-    return base, norm
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        raise ValueError(f"prm_model's backbone {type(base).__name__} has no final RMSNorm `norm` (weight, eps) to "
+                         "read pre-norm hidden states from")
+    return base, norm, eps
+
+
+def _check_rms_norm(norm: nn.Module, eps: float) -> None:
+    """ValueError unless norm(x) = weight * x / sqrt(mean(x^2) + eps) on a fixed probe."""
+    weight = norm.weight
+    h = weight.shape[0]
+    steps = torch.arange(h, dtype=torch.float32, device=weight.device)
+    probe = torch.stack([torch.linspace(-2.0, 3.0, h, device=weight.device), torch.cos(steps) + 0.5])
+    expected = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    with torch.no_grad():
+        got = norm(probe.to(weight.dtype)).float()
+    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
+        raise ValueError(f"prm_model's final norm {type(norm).__name__} does not compute weight * x / rms(x) (an "
+                         "RMSNorm), which step_rewards fuses")
 
 
 def _head_tensors(prm_model, head, positive_index: int) -> dict:
@@ -797,7 +815,15 @@ def _head_tensors(prm_model, head, positive_index: int) -> dict:
         vocab = lm_head.weight.shape[0]
         if not all(_is_int(i) and 0 <= i < vocab for i in ids):
             raise ValueError(f"TokenPairHead ids must be token ids in [0, {vocab}), got {ids}")
-        return {"weight": lm_head.weight[ids], "bias": None if lm_head.bias is None else lm_head.bias[ids],
+        config = prm_model.config
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            raise ValueError("TokenPairHead: the model soft-caps its logits (final_logit_softcapping), which two "
+                             "LM-head rows cannot reproduce")
+        # logits = lm_head(h) / logits_scaling (Granite) * logit_scale (Cohere): fold both into the two rows
+        factor = getattr(config, "logit_scale", None) or 1.0
+        factor /= getattr(config, "logits_scaling", None) or 1.0
+        return {"weight": lm_head.weight[ids] * factor,
+                "bias": None if lm_head.bias is None else lm_head.bias[ids] * factor,
                 "mlp_weight": None, "mlp_bias": None, "activation": "softmax", "positive_index": 0}
     mlp = None
     out = head
@@ -822,7 +848,8 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
                 positive_index: int = 1, aggregate: str = "min", backend: str = "auto"):
     """PRM step scores of sequences, from one backbone pass and the fused step_rewards kernel.
 
-    prm_model: transformers Llama/Qwen2 model (…ForCausalLM, base model, or a PRM wrapper whose base_model is one).
+    prm_model: a transformers model with a final RMSNorm `norm` (…ForCausalLM, base model, or a PRM wrapper whose
+      base_model is one).
     input_ids [B, L] int64 (on the model's device); attention_mask [B, L] or None (padding is never a step).
     step_token_id: int or ints, the token(s) ending a step, where the PRM scores.
     head: TokenPairHead(positive_id, negative_id) (Math-Shepherd) | nn.Linear(H, C) | nn.Sequential(nn.Linear(H, Hm),
@@ -830,7 +857,7 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     Returns (step_scores [B, L] float32, NaN off steps; chain_scores [B] float32, `aggregate` over each row's steps).
     The hidden states are taken at the input of the backbone's final RMSNorm, which step_rewards applies (fp32).
     """
-    base, norm = _prm_backbone(prm_model)
+    base, norm, eps = _prm_backbone(prm_model)
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32), device=norm.weight.device)
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
@@ -842,6 +869,7 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     vocab = base.get_input_embeddings().num_embeddings
     if not step_ids or not all(_is_int(i) and 0 <= i < vocab for i in step_ids):
         raise ValueError(f"step_token_id must be a token id (or ids) in [0, {vocab}), got {step_token_id!r}")
+    _check_rms_norm(norm, eps)
     head_args = _head_tensors(prm_model, head, positive_index)
 
     captured = []
@@ -854,5 +882,5 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     if attention_mask is not None:
         step_mask &= attention_mask.bool()
     return step_rewards(captured[-1], step_mask, head_args.pop("weight"), head_args.pop("bias"),
-                        norm_weight=norm.weight, norm_eps=float(norm.variance_epsilon), aggregate=aggregate,
+                        norm_weight=norm.weight, norm_eps=eps, aggregate=aggregate,
                         backend=backend, **head_args)
