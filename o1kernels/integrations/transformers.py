@@ -305,8 +305,10 @@ class TreeCache(Cache):
     model: a transformers model set to attn_implementation "o1kernels" whose attention o1kernels supports
     (check_model: ValueError naming what is missing otherwise). page_size: tokens per page; num_pages: fixed pool size
     (None: grow on demand, KVPoolExhausted when fixed and full); backend: of tree_attention ("auto", "torch",
-    "triton", "cpu", "cuda"; "auto" picks per call one that implements what the layer needs); dtype, device: of the
-    pool (default: the model's).
+    "triton", "cpu", "cuda"; "auto" picks per call one that implements what the layer needs; an explicit one is
+    checked against the model's decode steps here, and a forward of several tokens per row after context, which
+    attends by query position, needs a backend implementing positions); dtype, device: of the pool (default: the
+    model's).
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, backend: str = "auto",
