@@ -68,16 +68,17 @@ def tree_attention_torch(q, k_cache, v_cache, plan: TreeAttentionPlan, sm_scale:
     o = torch.zeros(num_q, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32, device=q.device)
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    for s, (pages, queries) in enumerate(zip(plan.seg_pages_host, plan.seg_queries_host)):
-        if not queries or not pages:
+    for s in range(plan.num_segments):
+        pages, queries = plan.pages_of(s), plan.queries_of(s)
+        if not len(queries) or not len(pages):
             continue
-        page_idx = torch.tensor(pages, dtype=torch.long, device=q.device)
+        page_idx = torch.from_numpy(pages.astype("int64")).to(q.device)
         k = k_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
         v = v_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
-        rows = torch.tensor(queries, dtype=torch.long, device=q.device)
+        rows = torch.from_numpy(queries.astype("int64")).to(q.device)
         masks = {}
         if plan.causal:
-            masks = dict(q_pos=plan.q_pos[rows], start=torch.tensor(plan.seg_start_host[s], device=q.device),
+            masks = dict(q_pos=plan.q_pos[rows], start=torch.tensor(int(plan.segs.start[s]), device=q.device),
                          window=window)
         o_s, lse_s = attend_segment_torch(q[rows], k, v, plan.seg_lens[s], sm_scale, softcap=softcap, **masks)
         o[rows], lse[rows] = merge_states_torch(o[rows], lse[rows], o_s, lse_s)
