@@ -761,9 +761,19 @@ class TreeAttentionPlan(AttentionPlan):
 
     # -- host views of the segments (tests, the torch reference)
     def pages_of(self, s: int) -> np.ndarray:
-        """Page ids of segment s (its capacity's worth)."""
+        """Page ids of segment s (its capacity's worth; read back from the device page table of a block-table plan)."""
         lo = int(self.segs.page_start[s])
-        return self.segs.pages[lo:lo + -(-int(self.segs.capacity[s]) // self.page_size)]
+        hi = lo + -(-int(self.segs.capacity[s]) // self.page_size)
+        if self.page_table is not None:
+            return self.page_table[lo:hi].cpu().numpy()
+        return self.segs.pages[lo:hi]
+
+    def page_ids(self, s: int) -> torch.Tensor:
+        """Page ids of segment s as a long tensor on the plan's device (no host round trip for block-table plans)."""
+        if self.page_table is None:
+            return torch.from_numpy(self.pages_of(s).astype(np.int64)).to(self.device)
+        lo = int(self.segs.page_start[s])
+        return self.page_table[lo:lo + -(-int(self.segs.capacity[s]) // self.page_size)].long()
 
     def queries_of(self, s: int) -> np.ndarray:
         return self.segs.queries[self.segs.query_ptr[s]:self.segs.query_ptr[s + 1]]

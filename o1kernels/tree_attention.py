@@ -69,12 +69,12 @@ def tree_attention_torch(q, k_cache, v_cache, plan: TreeAttentionPlan, sm_scale:
     lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32, device=q.device)
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
     for s in range(plan.num_segments):
-        pages, queries = plan.pages_of(s), plan.queries_of(s)
-        if not len(queries) or not len(pages):
+        queries = plan.queries_of(s)
+        if not len(queries) or not plan.segs.capacity[s]:
             continue
-        page_idx = torch.from_numpy(pages.astype("int64")).to(q.device)
-        k = k_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
-        v = v_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
+        page_idx = plan.page_ids(s)
+        k = k_cache[page_idx].reshape(len(page_idx) * page_size, hkv, d)
+        v = v_cache[page_idx].reshape(len(page_idx) * page_size, hkv, d)
         rows = torch.from_numpy(queries.astype("int64")).to(q.device)
         masks = {}
         if plan.causal:
