@@ -49,9 +49,12 @@ thread_local PageScratch scratch;
 
 // Writes segments int32 [>= S, 4] (representative row, first column, pages, rows reading it), row_runs int32
 // [>= runs] (each row's segments in order) and row_run_ptr int64 [R + 1] (CSR into row_runs); the caller sizes them
-// for the worst case, sum(num_pages) segments and runs. Returns (S, runs, the largest page id read or -1).
+// for the worst case, sum(num_pages) segments and runs. table_out int32 [>= R, >= W]: the block table with 0 past
+// each row's pages (the copy the attention kernels read, written in the same pass). Returns (S, runs, the largest
+// page id read or -1).
 std::tuple<int64_t, int64_t, int64_t> paged_runs_cpu(const at::Tensor& block_table, const at::Tensor& num_pages,
-                                                     at::Tensor& seg_out, at::Tensor& run_out, at::Tensor& run_ptr) {
+                                                     at::Tensor& seg_out, at::Tensor& run_out, at::Tensor& run_ptr,
+                                                     at::Tensor& table_out) {
   TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt && num_pages.scalar_type() == at::kInt,
                    "o1kernels: paged_runs takes int32 block_table and num_pages");
   TORCH_CHECK_VALUE(block_table.dim() == 2 && num_pages.dim() == 1 && num_pages.size(0) == block_table.size(0),
@@ -70,34 +73,48 @@ std::tuple<int64_t, int64_t, int64_t> paged_runs_cpu(const at::Tensor& block_tab
   TORCH_CHECK_VALUE(seg_out.scalar_type() == at::kInt && seg_out.is_contiguous() && seg_out.dim() == 2 &&
                         seg_out.size(1) == 4 && seg_out.size(0) >= entries && run_out.scalar_type() == at::kInt &&
                         run_out.is_contiguous() && run_out.numel() >= entries && run_ptr.scalar_type() == at::kLong &&
-                        run_ptr.is_contiguous() && run_ptr.numel() == rows + 1,
+                        run_ptr.is_contiguous() && run_ptr.numel() == rows + 1 &&
+                        table_out.scalar_type() == at::kInt && table_out.dim() == 2 && table_out.stride(1) == 1 &&
+                        table_out.size(0) >= rows && table_out.size(1) >= width,
                     "o1kernels: paged_runs needs int32 segments [>= sum(num_pages), 4], int32 row_runs "
-                    "[>= sum(num_pages)] and int64 row_run_ptr [R + 1]");
-  // Pass 0: page ids are >= 0; the largest sizes the page-indexed scratch (kept between calls).
-  int32_t max_page = -1;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int32_t* row = tbl + r * width;
-    for (int32_t j = 0; j < np_[r]; ++j) {
-      TORCH_CHECK_VALUE(row[j] >= 0, "o1kernels: block_table[", r, ", ", j, "] = ", row[j], " is not a page id (>= 0)");
-      max_page = std::max(max_page, row[j]);
-    }
-  }
+                    "[>= sum(num_pages)], int64 row_run_ptr [R + 1] and an int32 table_out [>= R, >= W] (rows "
+                    "contiguous)");
+  int32_t* table_dst = table_out.data_ptr<int32_t>();
+  const int64_t dst_stride = table_out.stride(0);
   PageScratch& s = scratch;
-  s.ensure(max_page);
+  std::vector<int32_t> touched;
+  int32_t max_page = -1;
+  int64_t capacity = static_cast<int64_t>(s.count.size());
   int32_t* count = s.count.data();
   int32_t* column = s.column.data();
   int32_t* parent = s.parent.data();
-  std::vector<int32_t> touched;
   bool forest = true;
-  // Pass 1: readers, column and parent of every page; the table's consistency.
+  // Pass 1: readers, column and parent of every page; the table's consistency. The page-indexed scratch grows (and
+  // its pointers move) only when a page id beyond it appears.
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = tbl + r * width;
+    int32_t* dst = table_dst + r * dst_stride;
+    std::fill(dst + np_[r], dst + width, 0);
     int32_t prev = -1;
-    for (int32_t j = 0; j < np_[r]; ++j) {
+    const int64_t n = np_[r];
+    for (int64_t j = 0; j < n; ++j) {  // 64-bit indices: the extension builds with -fwrapv (30% slower int32 loops)
       const int32_t p = row[j];
+      dst[j] = p;
+      if (p < 0 || p >= capacity) {
+        if (p < 0) {
+          s.reset(touched);
+          TORCH_CHECK_VALUE(false, "o1kernels: block_table[", r, ", ", j, "] = ", p, " is not a page id (>= 0)");
+        }
+        s.ensure(p);
+        capacity = static_cast<int64_t>(s.count.size());
+        count = s.count.data();
+        column = s.column.data();
+        parent = s.parent.data();
+      }
+      max_page = std::max(max_page, p);
       if (count[p]++ == 0) {
         touched.push_back(p);
-        column[p] = j;
+        column[p] = static_cast<int32_t>(j);
         parent[p] = prev;
       } else if (column[p] != j) {
         const int32_t first = column[p];
@@ -153,7 +170,7 @@ std::tuple<int64_t, int64_t, int64_t> paged_runs_cpu(const at::Tensor& block_tab
 TORCH_LIBRARY_FRAGMENT(o1kernels, m) {
   // Host planning of o1kernels.paged (CPU tensors in, new CPU tensors out; not for traced or captured code).
   m.def("paged_runs(Tensor block_table, Tensor num_pages, Tensor(a!) segments, Tensor(b!) row_runs, "
-        "Tensor(c!) row_run_ptr) -> (int, int, int)");
+        "Tensor(c!) row_run_ptr, Tensor(d!) table_out) -> (int, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(o1kernels, CPU, m) { m.impl("paged_runs", &o1k::bindings::paged_runs_cpu); }
