@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_shape, check_tensor
+from ._checks import check_count, check_shape, check_tensor
 from .capabilities import spec_of
 
 INT32_MAX = 2**31 - 1
@@ -237,7 +237,7 @@ class PlanCapacity:
 
     def __post_init__(self):
         for name in ("segments", "pages", "query_refs", "work", "partials", "direct"):
-            _check_count(f"capacity.{name}", getattr(self, name))
+            check_count(f"capacity.{name}", getattr(self, name))
 
 
 _WORK_KEYS = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
@@ -408,12 +408,6 @@ def _int_list(name: str, value) -> list[int]:
             raise TypeError(f"{name}[{j}] must be an int, got {type(v).__name__}")
         out.append(v)
     return out
-
-
-def _check_count(name: str, value, *, minimum: int = 0) -> int:
-    if not _is_int(value) or not minimum <= value <= INT32_MAX:
-        raise ValueError(f"{name} must be an int in [{minimum}, 2**31 - 1], got {value!r}")
-    return value
 
 
 def plan_device(device) -> torch.device:
@@ -678,12 +672,12 @@ class TreeAttentionPlan(AttentionPlan):
 
     def _setup(self, num_queries, page_size, device, kv_chunk_size, queries_per_tile, num_heads, head_dim, path,
                capacity, causal) -> None:
-        _check_count("num_queries", num_queries)
-        _check_count("page_size", page_size, minimum=1)
+        check_count("num_queries", num_queries)
+        check_count("page_size", page_size, minimum=1)
         if kv_chunk_size is not None:
-            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+            check_count("kv_chunk_size", kv_chunk_size, minimum=1)
         if queries_per_tile is not None:
-            _check_count("queries_per_tile", queries_per_tile, minimum=1)
+            check_count("queries_per_tile", queries_per_tile, minimum=1)
         if capacity is not None and not isinstance(capacity, PlanCapacity):
             raise TypeError(f"capacity must be a PlanCapacity or None, got {type(capacity).__name__}")
         super().__init__(device, path, num_heads, head_dim)
@@ -983,12 +977,12 @@ class SharedPrefixPlan(AttentionPlan):
     def __init__(self, num_branches: int, prefix_capacity: int, suffix_capacity: int, *, num_prefixes: int = 1,
                  branch_group=None, device=None, num_heads=None, head_dim: int | None = None, path: str = "auto",
                  kv_chunk_size: int | None = None):
-        b = _check_count("num_branches", num_branches)
-        p = _check_count("prefix_capacity", prefix_capacity)
-        s = _check_count("suffix_capacity", suffix_capacity)
-        g = _check_count("num_prefixes", num_prefixes, minimum=1)
+        b = check_count("num_branches", num_branches)
+        p = check_count("prefix_capacity", prefix_capacity)
+        s = check_count("suffix_capacity", suffix_capacity)
+        g = check_count("num_prefixes", num_prefixes, minimum=1)
         if kv_chunk_size is not None:
-            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+            check_count("kv_chunk_size", kv_chunk_size, minimum=1)
         super().__init__(device, path, num_heads, head_dim)
         if -(-p // (kv_chunk_size or MIN_KV_CHUNK)) * (b + g) + -(-s // (kv_chunk_size or MIN_KV_CHUNK)) * b > MAX_WORK_ITEMS:
             raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items: use a larger kv_chunk_size")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_tensor
-from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, _check_count, plan_device
+from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_count, check_tensor
+from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, plan_device
 from o1kernels.tree_attention import tree_attention
 
 from .sharing import find_runs
@@ -133,13 +133,13 @@ class PagedAttention:
     def __init__(self, page_size: int, num_heads, head_dim: int, *, device=None, backend: str = "auto",
                  capture_stable: bool = False, path: str = "auto", kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, dtype: torch.dtype = torch.float16):
-        _check_count("page_size", page_size, minimum=1)
+        check_count("page_size", page_size, minimum=1)
         if (not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in num_heads)
                 or num_heads[0] % num_heads[1]):
             raise ValueError(f"num_heads must be (num_q_heads, num_kv_heads) with num_q_heads a positive multiple of "
                              f"num_kv_heads, got {num_heads!r}")
-        _check_count("head_dim", head_dim, minimum=1)
+        check_count("head_dim", head_dim, minimum=1)
         if not isinstance(capture_stable, bool):
             raise TypeError(f"capture_stable must be a bool, got {type(capture_stable).__name__}")
         if dtype not in FLOAT_DTYPES:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels import _ext
+from o1kernels._ext import unavailable_reason
 
 
 @dataclass
@@ -35,7 +35,7 @@ def find_runs(block_table: np.ndarray, num_pages: np.ndarray, table_out: np.ndar
     pass on the compiled path). ValueError for a negative page id or a page at different columns in two rows."""
     if table_out is None:
         table_out = np.empty(block_table.shape, dtype=np.int32)
-    if _ext._C is None:
+    if unavailable_reason("cpu") is not None:  # the compiled planner is part of o1kernels._C
         rows, width = block_table.shape
         np.multiply(block_table, np.arange(width)[None, :] < num_pages[:, None], out=table_out[:rows, :width])
         return find_runs_numpy(block_table, num_pages)
