@@ -405,11 +405,16 @@ def test_incremental_plans_equal_full_plans(seed):
         prev_order = order
 
 
-def test_wrong_continues_hints_are_errors_and_the_next_plan_starts_over():
+def test_continues_hints_trim_and_regrow_and_bad_hints():
+    """A row trimmed and grown back between plans (a step's unused reservation freed, the next one taken) is re-read
+    from where it changed; malformed hints are errors, and a failed plan makes the next one start over."""
     attn = PagedAttention(4, (4, 2), 8, backend="torch")
     attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12])
-    with pytest.raises(ValueError, match="continues a row of the previous plan but its page at column 2 is 5"):
-        attn.plan(np.array([[0, 1, 5], [0, 1, 3]]), [12, 12], continues=[0, 1])
+    attn.plan(np.array([[0, 1, 5], [0, 1, 3]]), [12, 12], continues=[0, 1])  # row 0: page 2 trimmed, 5 taken
+    assert [tuple(r) for r in _row_runs(attn)] == [((0, 1), (5,)), ((0, 1), (3,))]
+    attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12])
+    with pytest.raises(ValueError, match="is not a page id"):
+        attn.plan(np.array([[0, 1, -5], [0, 1, 3]]), [12, 12], continues=[0, 1])
     with pytest.raises(ValueError, match="continues values must be -1 or rows of the previous plan"):
         attn.plan(np.array([[0, 1, 2]]), [12], continues=[7])
     with pytest.raises(ValueError, match="continued by at most one row"):

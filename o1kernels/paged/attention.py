@@ -209,9 +209,10 @@ class PagedAttention:
         seq_lens [R]: each row's KV tokens, this call's new ones included; query_lens [R] (default 1): new query
         tokens per row (q rows, packed in row order); num_pages [R] (default ceil(seq_lens / page_size)): the row's
         valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
-        of the previous plan() it continues -- the same sequence, its leading pages unchanged, pages only appended
-        or trimmed at the end since -- or -1 for a new row: only changed pages are read (without it, or after a
-        failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
+        of the previous plan() it continues -- the same sequence, pages only appended or trimmed at its end since
+        -- or -1 for a new row: only the pages that changed are read (without it, or after a failed plan, every row
+        is). The hint assumes a forest (a page in the same column of two rows ends the same prefix), as the pages of
+        search branches and of engines' prefix-cached requests are. Returns True when the plan's device tensors are new (a CUDA graph captured
         over the previous ones must be captured again)."""
         if (block_table is None) == (kv_indptr is None):
             raise ValueError("give either block_table or kv_indptr + kv_indices")
