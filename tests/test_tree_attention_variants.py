@@ -17,6 +17,10 @@ from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, positi
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = backends_on("cpu")
+# Triton reads a segment along the shared path (tiles of rows with different positions, masked per row) or the
+# direct one (each query over its visible range): "cascade" and "decode" force each; the compiled backends and the
+# torch reference have one path.
+BACKEND_PATHS = [(b, p) for b in BACKENDS for p in (("auto", "cascade", "decode") if b == "triton" else ("auto",))]
 
 
 def _features(window, softcap, sinks):
@@ -65,16 +69,16 @@ VARIANTS = [  # (window, softcap, with sinks, sm_scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"w{v[0]}-cap{v[1]}-sinks{int(v[2])}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"depth{c[0]}-hq{c[4]}-hkv{c[5]}-d{c[6]}-new{c[7]}")
-def test_positioned_tree_matches_float64(case, variant, backend, dtype):
+def test_positioned_tree_matches_float64(case, variant, backend, path, dtype):
     depth, leaves_max, seg_len_max, page_size, hq, hkv, d, max_new = case
     window, softcap, with_sinks, sm_scale = variant
     rng = random.Random(str(case))
     nodes, leaves = random_tree(leaves_max, depth, seg_len_max, rng)
     segments, positions, num_pages = positioned_tree(nodes, leaves, page_size, rng, max_new=max_new)
-    plan = TreeAttentionPlan(segments, len(positions), page_size, positions=positions)
+    plan = TreeAttentionPlan(segments, len(positions), page_size, positions=positions, path=path)
     q = (torch.randn(len(positions), hq, d) * 2).to(dtype)
     k = (torch.randn(num_pages, page_size, hkv, d) * 1.5).to(dtype)
     v = random_values((num_pages, page_size, hkv, d), dtype)
@@ -83,14 +87,14 @@ def test_positioned_tree_matches_float64(case, variant, backend, dtype):
              softcap=softcap, sinks=sinks)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_arbitrary_positions_mask_inside_segments(backend):
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
+def test_arbitrary_positions_mask_inside_segments(backend, path):
     """Positions anywhere (before, inside and after each segment): rows see exactly the keys at or before them."""
     rng = random.Random(3)
     page_size, hq, hkv, d = 8, 4, 2, 16
     segments = [([3, 0, 5], 21, [0, 1, 2, 3], 0), ([1, 4], 12, [1, 2], 21), ([2], 6, [3, 4], 40)]
     positions = [rng.randint(0, 50) for _ in range(5)]
-    plan = TreeAttentionPlan(segments, 5, page_size, positions=positions)
+    plan = TreeAttentionPlan(segments, 5, page_size, positions=positions, path=path)
     q = torch.randn(5, hq, d)
     k = torch.randn(6, page_size, hkv, d)
     v = random_values((6, page_size, hkv, d), torch.float32)
