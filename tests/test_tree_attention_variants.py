@@ -79,17 +79,19 @@ def test_positioned_tree_matches_float64(case, variant, backend, path, dtype, de
 
 @pytest.mark.parametrize("backend,path", BACKEND_PATHS)
 def test_arbitrary_positions_mask_inside_segments(backend, path, device="cpu"):
-    """Positions anywhere (before, inside and after each segment): rows see exactly the keys at or before them."""
+    """Positions anywhere (before, inside and after each segment): rows see exactly the keys at or before them; row 4
+    (position 23, listed by the segment starting at 40) sees nothing, row 1 nothing within a window of 4: o = 0 and
+    lse = -inf, or lse = the sink."""
     rng = random.Random(3)
     page_size, hq, hkv, d = 8, 4, 2, 16
     segments = [([3, 0, 5], 21, [0, 1, 2, 3], 0), ([1, 4], 12, [1, 2], 21), ([2], 6, [3, 4], 40)]
-    positions = [rng.randint(0, 50) for _ in range(5)]
+    positions = [rng.randint(0, 50) for _ in range(5)]  # [15, 37, 34, 8, 23]
     plan = TreeAttentionPlan(segments, 5, page_size, positions=positions, path=path, device=device)
     q = torch.randn(5, hq, d, device=device)
     k = torch.randn(6, page_size, hkv, d, device=device)
     v = random_values((6, page_size, hkv, d), torch.float32, device)
-    for window in (None, 4, 30):
-        _compare(backend, q, k, v, plan, segments, [21, 12, 6], positions, window=window)
+    for window, sinks in ((None, None), (4, None), (4, torch.randn(hq, device=device)), (30, None)):
+        _compare(backend, q, k, v, plan, segments, [21, 12, 6], positions, window=window, sinks=sinks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
