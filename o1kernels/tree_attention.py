@@ -69,16 +69,17 @@ def tree_attention_torch(q, k_cache, v_cache, plan: TreeAttentionPlan, sm_scale:
     o = torch.zeros(num_q, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((num_q, hq), float("-inf"), dtype=torch.float32, device=q.device)
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
-    for s, (pages, queries) in enumerate(zip(plan.seg_pages_host, plan.seg_queries_host)):
-        if not queries or not pages:
+    for s in range(plan.num_segments):
+        queries = plan.queries_of(s)
+        if not len(queries) or not plan.segs.capacity[s]:
             continue
-        page_idx = torch.tensor(pages, dtype=torch.long, device=q.device)
-        k = k_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
-        v = v_cache[page_idx].reshape(len(pages) * page_size, hkv, d)
-        rows = torch.tensor(queries, dtype=torch.long, device=q.device)
+        page_idx = plan.page_ids(s)
+        k = k_cache[page_idx].reshape(len(page_idx) * page_size, hkv, d)
+        v = v_cache[page_idx].reshape(len(page_idx) * page_size, hkv, d)
+        rows = torch.from_numpy(queries.astype("int64")).to(q.device)
         masks = {}
         if plan.causal:
-            masks = dict(q_pos=plan.q_pos[rows], start=torch.tensor(plan.seg_start_host[s], device=q.device),
+            masks = dict(q_pos=plan.q_pos[rows], start=torch.tensor(int(plan.segs.start[s]), device=q.device),
                          window=window)
         o_s, lse_s = attend_segment_torch(q[rows], k, v, plan.seg_lens[s], sm_scale, softcap=softcap, **masks)
         o[rows], lse[rows] = merge_states_torch(o[rows], lse[rows], o_s, lse_s)
@@ -174,10 +175,11 @@ def check_variant(window, softcap, sinks, q: torch.Tensor, causal: bool) -> dict
     return variant
 
 
-def variant_spec(q, k_cache, causal: bool, variant: dict):
-    """The AttentionSpec of a call (what the backend must implement)."""
-    return spec_of(q, k_cache, positions=causal, sliding_window=variant.get("window"), softcap=variant.get("softcap"),
-                   sinks="sinks" in variant)
+def variant_spec(q, k_cache, masks: bool, variant: dict):
+    """The AttentionSpec of a call (what the backend must implement); masks: the plan's position masks change what
+    some query sees (a window always does)."""
+    return spec_of(q, k_cache, positions=masks or "window" in variant, sliding_window=variant.get("window"),
+                   softcap=variant.get("softcap"), sinks="sinks" in variant)
 
 
 def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=None, window: int | None = None,
@@ -200,6 +202,6 @@ def tree_attention(q, k_cache, v_cache, plan: TreeAttentionPlan, *, sm_scale=Non
     check_inputs(q, k_cache, v_cache, plan)
     scale = default_sm_scale(sm_scale, q.shape[-1])
     variant = check_variant(window, softcap, sinks, q, plan.causal)
-    _, run = plan.runner(backend, RUNNERS, variant_spec(q, k_cache, plan.causal, variant))
+    _, run = plan.runner(backend, RUNNERS, variant_spec(q, k_cache, plan.masks, variant))
     o, lse = run(plan, q, ((k_cache, v_cache),), scale, **variant)
     return (o, lse) if return_lse else o

@@ -242,12 +242,8 @@ def test_errors():
     stock, ours = stock_and_ours("llama")
     with pytest.raises(ValueError, match="attn_implementation 'sdpa'.*needs 'o1kernels'"):
         TreeCache(stock)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen2"):
-        TreeCache(gpt2)
-    sliding = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    with pytest.raises(ValueError, match="only full attention"):
-        TreeCache(sliding)
+    with pytest.raises(TypeError, match="model must be a transformers model"):
+        TreeCache(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
         TreeCache(ours, backend="cuda")
 
@@ -364,8 +360,22 @@ def test_score_steps_errors():
     with pytest.raises(ValueError, match="input_ids must be on meta"):
         score_steps(model.to("meta"), ids, STEP_ID, torch.nn.Linear(64, 1))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="prm_model: model_type 'gpt2' is not supported"):
+    with pytest.raises(ValueError, match="backbone GPT2Model has no final RMSNorm `norm`"):
         score_steps(gpt2, ids, STEP_ID, TokenPairHead(3, 4))
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="final norm CohereLayerNorm does not compute weight \\* x / rms"):
+        score_steps(cohere, ids, STEP_ID, torch.nn.Linear(64, 1))  # a LayerNorm: mean-centred
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        head_dim=16, final_logit_softcapping=30.0))
+    with torch.no_grad():
+        gemma2.model.norm.weight.fill_(0.5)  # Gemma's norm scales by (1 + weight)
+    with pytest.raises(ValueError, match="final norm Gemma2RMSNorm does not compute"):
+        score_steps(gemma2, ids, STEP_ID, TokenPairHead(3, 4))
+    capped = tiny_model("llama", final_logit_softcapping=30.0)  # the field is read, whichever model sets it
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        score_steps(capped, ids, STEP_ID, TokenPairHead(3, 4))
 
 
 # ---- README ---------------------------------------------------------------------------------------------------
