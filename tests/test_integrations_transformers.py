@@ -159,8 +159,9 @@ def test_triton_backend_matches_stock():
 
 
 def test_prompt_held_once():
-    """N rows of one prompt: the prompt (all but its last token) once + per row its last prompt token and the
-    generated tokens but the last, each in whole pages; transformers' DynamicCache holds N full copies."""
+    """N rows of one prompt: the prompt's full pages (all but its last token) once + per row a copy of its partial last
+    page, its last prompt token and the generated tokens but the last, in whole pages: within one page per row of
+    the ideal; transformers' DynamicCache holds N full copies."""
     stock, ours = stock_and_ours("llama")
     p, n, new, page = 45, 16, 12, 8
     ids, mask = prompts([p])
@@ -172,9 +173,12 @@ def test_prompt_held_once():
     out = generate_branches(ours, ids, cache=cache, do_sample=True, num_return_sequences=n, max_new_tokens=new)
     assert torch.equal(out, stock_out.sequences)
     per_row = 1 + (new - 1)
-    pages = -(-(p - 1) // page) + n * -(-per_row // page)
+    shared, partial = divmod(p - 1, page)
+    pages = shared + n * -(-(partial + per_row) // page)
     assert cache.pool.pages_in_use == pages
     assert cache.kv_bytes() == pages * page * cache.pool.bytes_per_token
+    ideal = (p - 1 + n * per_row) * cache.pool.bytes_per_token
+    assert ideal <= cache.kv_bytes() <= ideal + n * page * cache.pool.bytes_per_token
     assert all(cache.branch_length(b) == p + new - 1 for b in cache.rows)
     stock_cache = stock_out.past_key_values
     stock_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in stock_cache.layers)
@@ -268,7 +272,9 @@ def test_errors():
     with pytest.raises(ValueError, match="cache must be empty"):
         generate_branches(ours, torch.randint(3, VOCAB, (1, 5)), cache=cache)
 
-    for bad in (TreeCache(ours, dtype=torch.float64), TreeCache(ours, device="meta")):
+    with pytest.raises(TypeError, match="dtype must be one of .*got torch.float64"):
+        TreeCache(ours, dtype=torch.float64)
+    for bad in (TreeCache(ours, dtype=torch.float16), TreeCache(ours, device="meta")):
         with pytest.raises(TypeError, match="key_states are torch.float32 on cpu but the TreeCache pool is"):
             ours(torch.randint(3, VOCAB, (1, 4)), **{cache_argument(ours): bad})
 
@@ -392,7 +398,8 @@ def test_readme_use_it_in_your_decoder_examples_run():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[:3] == ["torch.Size([16, 1088])", "4194304 4194304", "35618816"], proc.stdout
+    assert lines[:3] == ["torch.Size([16, 1088])", "4685824 4194304", "35618816"], proc.stdout
+    assert 4685824 - 4194304 <= 16 * 16 * 2048  # within one page (16 tokens of 2048 B) per branch of the ideal
     assert lines[3].startswith("tensor([") and "KV cache: peak" in proc.stdout and "\ufffd" not in proc.stdout
 
 

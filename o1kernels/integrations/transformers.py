@@ -15,27 +15,25 @@ does not go through transformers' AttentionInterface and layer types other than 
 each attention call is checked against its layer's spec (the window its mask carries, softcap, sinks, is_causal,
 position_bias).
 
-TreeCache is a transformers `Cache`. Each batch row of a forward is a branch of a KVTree (o1kernels.decoder.kv_cache)
-over a PagedKVPool: per layer, K/V pages [num_pages, page_size, Hkv, D] with one reference count per page. `update`
-writes the rows' new K/V into their own pages and returns the layer's page pools; the "o1kernels" attention function
-then runs, per layer:
-  one new token per row (decode):  tree_attention over the rows' segments (a prompt shared by N rows is one segment,
-                                   read once per kv chunk for all of them); the plan is rebuilt only when pages or
-                                   rows change and moved on with plan.set_lengths (and set_positions) otherwise;
-                                   a model with sliding windows plans with query positions;
-  several new tokens per row:      tree_attention with query positions (causal) over each row's chain, the new tokens
-                                   included;
+TreeCache is a transformers `Cache`. Each batch row of a forward is a branch of a KVTree (o1kernels.paged: a dense
+block-table row) over a PagedKVPool: per layer, K/V pages [num_pages, page_size, Hkv, D] with one reference count per
+page. `update` writes the rows' new K/V into their own pages and returns the layer's page pools; the "o1kernels"
+attention function then runs o1kernels.paged.PagedAttention over the rows' block tables, which finds the pages rows
+share (a prompt shared by N rows is read once per kv chunk for all of them):
+  one new token per row (decode):  planned when the rows or their pages change, moved on with set_lengths otherwise;
+  several new tokens per row:      one call, causal by query position over each row's tokens, the new ones included;
   a prefill (the rows held nothing, or TreeCache.prefill): the model's stock attention over the new tokens.
-The layer's window, soft-cap, sinks and scaling go to tree_attention as run-time arguments. A forward of a model set to
+The layer's window, soft-cap, sinks and scaling go to PagedAttention.run as run-time arguments. A forward of a model set to
 "o1kernels" without a TreeCache (no cache, or a DynamicCache) runs the attention transformers would run for the model
 by default (stock_attention: SDPA, or the modeling file's eager attention where the model does not support SDPA, as
 GPT-OSS's sinks and Gemma2's soft-cap need), so such a model still works everywhere else.
 
 Rows are branches. transformers moves them itself: `batch_repeat_interleave(n)` forks every row into n rows (no copy),
 `reorder_cache(beam_idx)` (beam search) and `batch_select_indices` fork the rows chosen several times and release the
-rows not chosen. Callers can also `fork`, `release`, `new_branch` and `set_rows` directly. A fork starts every child on
-a fresh page (KVTree's rule), so reordering beams at every token costs up to one page per beam and step: use a small
-page_size for transformers' beam search (the reference decoder's step-level search forks once per step).
+rows not chosen. Callers can also `fork`, `release`, `new_branch` and `set_rows` directly. A fork shares the row's full
+pages and gives each child a copy of its partial last page (at most page_size - 1 tokens per child, KVTree's rule), so
+reordering beams at every token copies up to a page per beam and step: use a small page_size for transformers' beam
+search (the reference decoder's step-level search forks once per step).
 
 A row's cache length, as transformers sees it (`get_seq_length`), counts the left padding its prompt had; the padding
 itself is never stored (`prefill` strips it) and a forward whose new tokens include padding is refused.
@@ -84,10 +82,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_tensor
 from o1kernels.capabilities import AttentionSpec, backend_unsupported_reason, unsupported_features
-from o1kernels.decoder.kv_cache import KVTree, PagedKVPool
-from o1kernels.decoder.runner import plan_segments
+from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
 from o1kernels.step_rewards import step_rewards
-from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
+from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depends on the environment
     raise ImportError("o1kernels.integrations.transformers needs transformers >= 5.0, found "
@@ -208,13 +205,13 @@ def _is_int(x) -> bool:
 
 @dataclass
 class _Forward:
-    """The forward pass in progress: its rows, new tokens per row, their pool slots and attention plan."""
+    """The forward pass in progress: its rows, new tokens per row, their pool slots and whether the cache attends."""
 
     rows: list[int]
     num_tokens: int  # T, new tokens per row
     slots: torch.Tensor  # pool slots of the stored tokens, row-major
-    plan: TreeAttentionPlan | None  # over the rows' chains including the new tokens; None: the rows held nothing
-    #                                 before (a prefill: the model's own attention over the new tokens)
+    planned: bool  # the cache's PagedAttention is laid out over the rows (new tokens included); False: the rows held
+    #                nothing before (a prefill: the model's own attention over the new tokens)
     stored: torch.Tensor | None = None  # flat indices into the [R * T] new tokens of those stored (None: all)
     positions: list[int] | None = None  # first new token's position in each row (= tokens the row held before)
     next_layer: int = 0
@@ -330,18 +327,20 @@ class TreeCache(Cache):
         self.backend = backend
         self.num_kv_heads, self.head_dim = shapes[0]
         self.num_layers = len(self.specs)
-        self._by_position = _attends_by_position(self.specs)
+        num_heads = sorted({spec.num_heads for spec in self.specs})
+        if len(num_heads) > 1:
+            raise ValueError(f"model: layers differ in query heads: {num_heads}; TreeCache plans one shape")
         self.pool = PagedKVPool(self.num_layers, self.num_kv_heads, self.head_dim, page_size=page_size,
                                 num_pages=num_pages, dtype=dtype, device=device)
+        self.attn = PagedAttention(page_size, (num_heads[0], self.num_kv_heads), self.head_dim, device=device,
+                                   backend=backend, dtype=dtype)
         self.tree = KVTree(self.pool)
         self._config = config
         self._rows: list[int] = []
         self._offset: dict[int, int] = {}  # branch -> left padding stripped from its prompt (transformers' positions)
         self._forward: _Forward | None = None
         self._prefill_stored: torch.Tensor | None = None  # bool [R, T]: the tokens TreeCache.prefill's forward stores
-        self._plan: TreeAttentionPlan | None = None
-        self._plan_key = None
-        self._plan_owners: list = []
+        self._plan_key = None  # (rows, tree version) of a one-token plan that set_lengths can move on
         super().__init__(layers=[_TreeCacheLayer(self, i) for i in range(self.num_layers)])
 
     # ---- branches -------------------------------------------------------------------------------------------
@@ -455,7 +454,7 @@ class TreeCache(Cache):
         rows = self._rows
         device = pool.k[0].device
         positions = [self.tree.get(b).length for b in rows]
-        stored, plan = None, None
+        stored, planned = None, False
         keep = self._prefill_stored
         if keep is not None:  # TreeCache.prefill: store the real tokens it keeps, attend as the model does
             if tuple(keep.shape) != (r, t):
@@ -465,51 +464,29 @@ class TreeCache(Cache):
             stored = keep.reshape(-1).nonzero().squeeze(1).to(device)
         else:
             slots = [s for b in rows for s in self.tree.append(b, [UNKNOWN_TOKEN] * t)]
-            if t == 1:
-                plan = self._decode_plan(rows, positions)
-            elif any(positions):  # a chunk after context: causal by position over the rows' chains
-                plan = self._plan_by_position(rows, t, positions)
-        self._forward = _Forward(list(rows), t, torch.tensor(slots, dtype=torch.long, device=device), plan, stored,
+            if any(positions):
+                self._plan_rows(rows, t)
+                planned = True
+        self._forward = _Forward(list(rows), t, torch.tensor(slots, dtype=torch.long, device=device), planned, stored,
                                  positions)
 
-    def _segments(self, rows: list[int], rows_per_branch: int, by_position: bool):
-        """plan_segments of the rows' chains, with each segment's start position when the plan masks by position."""
-        segs, owners = plan_segments(self.tree, rows, rows_per_branch)
-        if by_position:
-            start = {}
-            for b in rows:
-                position = 0
-                for seg in self.tree.get(b).chain():
-                    start[id(seg)] = position
-                    position += seg.length
-            segs = [(*seg, start[id(owner)]) for seg, owner in zip(segs, owners)]
-        return segs, owners
-
-    def _plan_by_position(self, rows: list[int], t: int, positions: list[int]) -> TreeAttentionPlan:
-        segs, _ = self._segments(rows, t, True)
-        return TreeAttentionPlan(segs, len(rows) * t, self.pool.page_size, device=self.pool.k[0].device,
-                                 positions=[p + j for p in positions for j in range(t)])
-
-    def _decode_plan(self, rows: list[int], positions: list[int]) -> TreeAttentionPlan:
-        """The plan of a one-token step, kept while the rows' pages are unchanged (lengths, and positions for a
-        model with sliding windows, moved on in place)."""
-        key = (tuple(rows), self.tree.version)
-        if key != self._plan_key:
-            segs, self._plan_owners = self._segments(rows, 1, self._by_position)
-            self._plan = TreeAttentionPlan(segs, len(rows), self.pool.page_size, device=self.pool.k[0].device,
-                                           positions=positions if self._by_position else None)
-            self._plan_key = key
-        else:
-            self._plan.set_lengths([seg.length for seg in self._plan_owners])
-            if self._by_position:
-                self._plan.set_positions(positions)
-        return self._plan
+    def _plan_rows(self, rows: list[int], t: int) -> None:
+        """Lay the rows' block tables out in the cache's PagedAttention (their new tokens appended); a one-token
+        step whose rows and pages are those of the last one only moves the lengths on."""
+        lengths = self.tree.lengths(rows)
+        key = (tuple(rows), self.tree.version) if t == 1 else None
+        if key is not None and key == self._plan_key:
+            self.attn.set_lengths(lengths)
+            return
+        table, num_pages = self.tree.block_table(rows)
+        self.attn.plan(table, lengths, query_lens=[t] * len(rows), num_pages=num_pages)
+        self._plan_key = key
 
     @property
     def prefilling(self) -> bool:
         """Whether the forward in progress runs the model's own attention over its new tokens (the rows held nothing
         before it, or TreeCache.prefill runs it)."""
-        return self._forward is not None and self._forward.plan is None
+        return self._forward is not None and not self._forward.planned
 
     def check_call(self, layer_idx: int, masks: _Masks, dropout: float, kwargs: dict) -> None:
         """ValueError/RuntimeError (one line) when a layer's attention call asks for something its AttentionSpec
@@ -567,8 +544,8 @@ class TreeCache(Cache):
             raise ValueError(f"query must have {len(fwd.rows)} rows of {fwd.num_tokens} tokens like the cache update, "
                              f"got shape {list(query.shape)}")
         q = query.transpose(1, 2).reshape(r * t, hq, d)
-        o = tree_attention(q, self.pool.k[layer_idx], self.pool.v[layer_idx], fwd.plan, sm_scale=sm_scale,
-                           window=window, softcap=softcap, sinks=sinks, backend=self.backend)
+        o = self.attn.run(q, self.pool.k[layer_idx], self.pool.v[layer_idx], sm_scale=sm_scale, window=window,
+                          softcap=softcap, sinks=sinks)
         return o.view(r, t, hq, d)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -635,8 +612,7 @@ class TreeCache(Cache):
             self._drop(b)
         self._rows = []
         self._forward = None
-        self._plan = self._plan_key = None
-        self._plan_owners = []
+        self._plan_key = None
 
     def __repr__(self) -> str:
         return (f"TreeCache(rows={len(self._rows)}, branches={len(self.tree.branches)}, "
