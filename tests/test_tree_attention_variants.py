@@ -94,6 +94,32 @@ def test_arbitrary_positions_mask_inside_segments(backend, path, device="cpu"):
         _compare(backend, q, k, v, plan, segments, [21, 12, 6], positions, window=window, sinks=sinks)
 
 
+@pytest.mark.parametrize("backend,path", BACKEND_PATHS)
+def test_tokens_no_query_sees_are_not_read(backend, path, device="cpu"):
+    """With positions and a window the kernels read only tokens some query of a work item sees (a sliding-window
+    engine may reuse the pages behind every window): K/V of every other token inside the segments' lengths are NaN
+    here, and the outputs still equal float64."""
+    page_size, hq, hkv, d, window = 4, 4, 2, 16, 6
+    # a 30-token prompt read by 4 rows whose windows start at 29-30 (rows 1 and 2 see its last token, rows 0 and 3
+    # none of it), a 6-token tail of rows 0 and 1 (a chunk: row 1 one token behind row 0), own tails of rows 2 and 3
+    # (row 3's holds 2 tokens after its position)
+    segments = [(list(range(8)), 30, [0, 1, 2, 3], 0), ([8, 9], 6, [0, 1], 30), ([10, 11], 5, [2], 30),
+                ([12, 13], 8, [3], 30)]
+    positions = [35, 34, 34, 35]
+    plan = TreeAttentionPlan(segments, 4, page_size, positions=positions, path=path, device=device)
+    q = torch.randn(4, hq, d, device=device)
+    k = torch.randn(14, page_size, hkv, d, device=device)
+    v = random_values((14, page_size, hkv, d), torch.float32, device)
+    unseen = 0
+    for pages, length, queries, start in segments:
+        for t in range(length):
+            if not any(0 <= positions[i] - start - t < window for i in queries):
+                k[pages[t // page_size], t % page_size] = v[pages[t // page_size], t % page_size] = float("nan")
+                unseen += 1
+    assert unseen == 29 + 2  # prompt tokens 0-28, row 3's tokens 36-37
+    _compare(backend, q, k, v, plan, segments, [s[1] for s in segments], positions, window=window)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_positions_and_lengths_grow_in_place(backend, device="cpu"):
     """A decode step with positions: set_lengths + set_positions (ints and tensors) move it on, no re-plan."""
@@ -192,6 +218,7 @@ def test_variants_cuda(dtype):
                 for variant in VARIANTS:
                     test_positioned_tree_matches_float64(case, variant, backend, path, dtype, device="cuda")
             test_arbitrary_positions_mask_inside_segments(backend, path, device="cuda")
+            test_tokens_no_query_sees_are_not_read(backend, path, device="cuda")
         test_positions_and_lengths_grow_in_place(backend, device="cuda")
 
 
