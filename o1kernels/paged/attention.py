@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_tensor
-from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, _check_count, plan_device
+from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_count, check_tensor
+from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, plan_device
 from o1kernels.tree_attention import tree_attention
 
 from .sharing import find_runs
@@ -87,16 +87,25 @@ def table_from_indptr(kv_indptr, kv_indices) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class _Lengths:
     """Device tensors that turn row lengths into segment lengths and query positions (set_lengths):
-    seg_lens[s] = max over pairs (s, r) of clamp(seq_lens[r] - start[s], 0, capacity[s]);
-    q_pos[i] = seq_lens[query_row[i]] + query_offset[i]. Pair arrays padded to a capacity point at segment 0
-    with start = capacity = 0 (a zero that changes no max)."""
+    seg_lens[s] = clamp(seq_lens[seg_row[s]] - start[s], 0, capacity[s]), seg_row[s] being the segment's longest
+    reader at plan time (rows grow only in pages of their own: the longest stays the longest; a shared segment
+    every reader runs past has its capacity whichever it is); q_pos[i] = seq_lens[query_row[i]] + query_offset[i].
+    index int64 = [seg_row (segment capacity), query_row], values int32 = [start, capacity, query_offset]; padding
+    segments read row 0 with start = capacity = 0."""
 
-    pair_seg: torch.Tensor
-    pair_row: torch.Tensor
-    pair_start: torch.Tensor
-    pair_cap: torch.Tensor
-    query_row: torch.Tensor
-    query_offset: torch.Tensor
+    index: torch.Tensor
+    values: torch.Tensor
+    num_segments: int
+    seg_row: torch.Tensor = None
+    query_row: torch.Tensor = None
+    start: torch.Tensor = None
+    cap: torch.Tensor = None
+    query_offset: torch.Tensor = None
+
+    def __post_init__(self):
+        s = self.num_segments
+        self.seg_row, self.query_row = self.index[:s], self.index[s:]
+        self.start, self.cap, self.query_offset = self.values[:s], self.values[s:2 * s], self.values[2 * s:]
 
 
 @dataclass(frozen=True)
@@ -124,13 +133,13 @@ class PagedAttention:
     def __init__(self, page_size: int, num_heads, head_dim: int, *, device=None, backend: str = "auto",
                  capture_stable: bool = False, path: str = "auto", kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, dtype: torch.dtype = torch.float16):
-        _check_count("page_size", page_size, minimum=1)
+        check_count("page_size", page_size, minimum=1)
         if (not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in num_heads)
                 or num_heads[0] % num_heads[1]):
             raise ValueError(f"num_heads must be (num_q_heads, num_kv_heads) with num_q_heads a positive multiple of "
                              f"num_kv_heads, got {num_heads!r}")
-        _check_count("head_dim", head_dim, minimum=1)
+        check_count("head_dim", head_dim, minimum=1)
         if not isinstance(capture_stable, bool):
             raise TypeError(f"capture_stable must be a bool, got {type(capture_stable).__name__}")
         if dtype not in FLOAT_DTYPES:
@@ -173,8 +182,14 @@ class PagedAttention:
         else:
             npages = need if given_pages is None else given_pages.astype(np.int64)
         self._check_rows(seq, qlen, npages, need, width)
-        runs = find_runs(table, npages.astype(np.int32))
-        return self._lay_out(table, seq, qlen, npages, runs)
+        new = self._fit_table(rows, width)
+        try:  # the planner checks the table and writes the kernels' copy of it (0 past each row's pages) as it reads
+            runs = find_runs(table, npages.astype(np.int32), self._staged(rows, width))
+        except ValueError:
+            self.plan_obj, self.batch = None, None  # the table buffer is half written: no plan until the next one
+            raise
+        self._upload_table(rows, width)
+        return self._lay_out(rows, seq, qlen, npages, runs, new)
 
     def _check_rows(self, seq, qlen, npages, need, width) -> None:
         for name, arr in (("seq_lens", seq), ("query_lens", qlen), ("num_pages", npages)):
@@ -195,9 +210,8 @@ class PagedAttention:
         if int(qlen.sum()) > INT32_MAX:
             raise ValueError(f"sum(query_lens) = {int(qlen.sum())} query rows: at most 2**31 - 1")
 
-    def _lay_out(self, table, seq, qlen, npages, runs) -> bool:
+    def _lay_out(self, rows, seq, qlen, npages, runs, new: bool) -> bool:
         ps = self.page_size
-        rows, width = table.shape
         segs_raw = runs.segments.astype(np.int64)
         num_segs = len(segs_raw)
         counts = np.diff(runs.row_run_ptr)
@@ -226,7 +240,6 @@ class PagedAttention:
         positions = seq[query_row] + query_offset
         max_page = runs.max_page
 
-        new = self._fit_table(rows, width)
         table_width = self._table.shape[1]
         segs = SegmentArrays(np.zeros(0, dtype=np.int32), segs_raw[:, 0] * table_width + col, cap, start_tok,
                              query_ptr, queries)
@@ -238,11 +251,12 @@ class PagedAttention:
                 new = True
         else:
             new = True
-        self._copy_table(table, npages)
         if new:
             plan = self._new_plan(segs, lengths, positions, num_queries, max_page, masks)
         self.plan_obj = plan
-        self._set_pairs(pair_seg, pair_row, start_tok, cap, query_row, query_offset, new)
+        by_length = np.lexsort((-pair_len, pair_seg))  # pairs by segment, longest first
+        longest = pair_row[by_length[np.searchsorted(pair_seg, np.arange(num_segs))]]  # pair_seg is sorted
+        self._set_lengths_tensors(longest, start_tok, cap, query_row, query_offset, new)
         self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments)
         return new
 
@@ -260,32 +274,35 @@ class PagedAttention:
         return False
 
     def _alloc_table(self, rows: int, width: int) -> None:
-        """A zero device block table; on the CPU a numpy array shares its memory (host writes without torch)."""
+        """A zero device block table and its host side: on the CPU a numpy array sharing its memory, on a GPU a
+        pinned staging copy uploaded after each plan."""
         if self.device.type == "cpu":
-            self._table_host = np.zeros((rows, max(1, width)), dtype=np.int32)
-            self._table = torch.from_numpy(self._table_host)
+            self._host_table = np.zeros((rows, max(1, width)), dtype=np.int32)
+            self._table = torch.from_numpy(self._host_table)
         else:
             self._table = torch.zeros(rows, max(1, width), dtype=torch.int32, device=self.device)
+            staging = torch.zeros(self._table.shape, dtype=torch.int32, pin_memory=True)
+            self._host_table, self._staging, self._uploaded = staging.numpy(), staging, None
         self._copied = (0, 0)
 
-    def _copy_table(self, table: np.ndarray, npages: np.ndarray) -> None:
-        """The host block table into the device one (a copy the caller cannot change behind the plan's back), with
-        0 past each row's pages: every entry a kernel may be handed is a page id the planner checked (the compiled
-        ops check the whole table)."""
-        rows, width = table.shape
-        valid = np.arange(width, dtype=np.int32)[None, :] < npages.astype(np.int32)[:, None]
-        stale = self._copied
+    def _staged(self, rows: int, width: int) -> np.ndarray:
+        """The host view [rows, width] the planner writes the kernels' copy of the block table into (0 past each
+        row's pages: every entry a kernel may be handed is a page id the planner checked); entries a larger earlier
+        table left beyond it are zeroed."""
+        if self.device.type == "cuda" and self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous upload has read the staging buffer
+        host, (old_rows, old_width) = self._host_table, self._copied
+        host[rows:old_rows] = 0
+        host[:rows, width:old_width] = 0
         self._copied = (rows, width)
-        if self.device.type == "cpu":
-            dst = self._table_host
-            np.multiply(table, valid, out=dst[:rows, :width])  # (torch's strided int32 copy_ is ~50x slower here)
-        else:
-            dst = self._table
-            dst[:rows, :width].copy_(torch.from_numpy(table * valid).pin_memory(), non_blocking=True)
-        if stale[0] > rows:
-            dst[rows:stale[0]] = 0
-        if stale[1] > width:
-            dst[:rows, width:stale[1]] = 0
+        return host[:rows, :width]
+
+    def _upload_table(self, rows: int, width: int) -> None:
+        """The staged table to the device (a GPU: one asynchronous copy from pinned memory; the CPU: in place)."""
+        if self.device.type == "cuda":
+            self._table.copy_(self._staging, non_blocking=True)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
 
     def _new_plan(self, segs, lengths, positions, num_queries, max_page, masks) -> TreeAttentionPlan:
         common = dict(device=self.device, **self._options)
@@ -302,23 +319,19 @@ class PagedAttention:
                                              max_page=max_page, capacity=capacity, num_heads=self.num_heads,
                                              head_dim=self.head_dim, masks=masks, **common)
 
-    def _set_pairs(self, pair_seg, pair_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
-        host = [pair_seg, pair_row, start_tok[pair_seg], cap[pair_seg], query_row, query_offset]
+    def _set_lengths_tensors(self, seg_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
+        """Upload set_lengths' tensors (two host-to-device copies; in place while they fit the plan's capacity)."""
+        size = len(self.plan_obj.seg_lens)  # the plan's segment capacity
+        pad = np.zeros(size - len(seg_row), dtype=np.int64)
+        index = np.concatenate([seg_row, pad, query_row])
+        values = np.concatenate([start_tok, pad, cap, pad, query_offset]).astype(np.int32)
         cur = self._lengths
-        if not new and cur is not None and len(pair_seg) <= cur.pair_seg.shape[0]:
-            pad = cur.pair_seg.shape[0] - len(pair_seg)
-            flat = np.concatenate([np.concatenate([a, np.zeros(pad, np.int64)]) for a in host[:4]] + host[4:])
-            sizes = [cur.pair_seg.shape[0]] * 4 + [len(query_row)] * 2
-            src = torch.from_numpy(flat)
-            for t, part in zip((cur.pair_seg, cur.pair_row, cur.pair_start, cur.pair_cap, cur.query_row,
-                                cur.query_offset), src.split(sizes)):
-                t.copy_(part)
+        if not new and cur is not None and cur.num_segments == size and cur.index.shape[0] == len(index):
+            cur.index.copy_(torch.from_numpy(index))
+            cur.values.copy_(torch.from_numpy(values))
             return
-        size = 2 * len(pair_seg) + 8 if self.capture_stable else len(pair_seg)
-        pad = size - len(pair_seg)
-        tensors = [torch.from_numpy(np.concatenate([a, np.zeros(pad, np.int64)])).to(self.device) for a in host[:4]]
-        tensors += [torch.from_numpy(a).to(self.device) for a in host[4:]]
-        self._lengths = _Lengths(*tensors)
+        self._lengths = _Lengths(torch.from_numpy(index).to(self.device), torch.from_numpy(values).to(self.device),
+                                 size)
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def set_lengths(self, seq_lens) -> None:
@@ -332,7 +345,7 @@ class PagedAttention:
             check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
             if seq_lens.shape[0] != rows:
                 raise ValueError(f"seq_lens must have {rows} entries (one per row), got {seq_lens.shape[0]}")
-            lens = seq_lens.long()
+            lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.int()
         else:
             seq = _host_ints("seq_lens", seq_lens, rows)
             bad = np.flatnonzero((seq < self.batch.query_lens) | (seq > self.batch.num_pages * self.page_size))
@@ -341,12 +354,11 @@ class PagedAttention:
                 raise ValueError(f"seq_lens[{r}] = {int(seq[r])} must be in [{int(self.batch.query_lens[r])}, "
                                  f"{int(self.batch.num_pages[r]) * self.page_size}] (query_lens .. the row's pages "
                                  "at plan time); re-plan when a row needs more pages")
-            lens = torch.from_numpy(seq).to(self.device)
-        lz = self._lengths
-        plan = self.plan_obj
-        pair = torch.minimum((lens[lz.pair_row] - lz.pair_start).clamp_(min=0), lz.pair_cap).to(torch.int32)
-        plan.seg_lens.zero_().scatter_reduce_(0, lz.pair_seg, pair, "amax")
-        plan.q_pos.copy_(lens[lz.query_row] + lz.query_offset)
+            lens = torch.from_numpy(seq.astype(np.int32)).to(self.device)
+        lz, plan = self._lengths, self.plan_obj
+        torch.sub(lens[lz.seg_row], lz.start, out=plan.seg_lens).clamp_(min=0)
+        torch.minimum(plan.seg_lens, lz.cap, out=plan.seg_lens)
+        torch.add(lens[lz.query_row], lz.query_offset, out=plan.q_pos)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float | None = None,
             window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels import _ext
+from o1kernels._ext import unavailable_reason
 
 
 @dataclass
@@ -29,10 +29,15 @@ class Runs:
     max_page: int
 
 
-def find_runs(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
+def find_runs(block_table: np.ndarray, num_pages: np.ndarray, table_out: np.ndarray | None = None) -> Runs:
     """Runs of a block table (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]).
-    ValueError for a negative page id or a page at different columns in two rows."""
-    if _ext._C is None:
+    table_out (int32 [>= R, >= W], rows contiguous): receives the table with 0 past each row's pages (in the same
+    pass on the compiled path). ValueError for a negative page id or a page at different columns in two rows."""
+    if table_out is None:
+        table_out = np.empty(block_table.shape, dtype=np.int32)
+    if unavailable_reason("cpu") is not None:  # the compiled planner is part of o1kernels._C
+        rows, width = block_table.shape
+        np.multiply(block_table, np.arange(width)[None, :] < num_pages[:, None], out=table_out[:rows, :width])
         return find_runs_numpy(block_table, num_pages)
     entries = int(num_pages.sum())  # worst case: every page a segment and a run of its own
     segs = np.empty((entries, 4), dtype=np.int32)
@@ -41,7 +46,7 @@ def find_runs(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
     try:
         num_segs, num_runs, max_page = torch.ops.o1kernels.paged_runs(
             torch.from_numpy(block_table), torch.from_numpy(num_pages), torch.from_numpy(segs),
-            torch.from_numpy(runs), torch.from_numpy(ptr))
+            torch.from_numpy(runs), torch.from_numpy(ptr), torch.from_numpy(table_out))
     except RuntimeError as exc:  # TORCH_CHECK_VALUE arrives as ValueError; keep torch's prefix out of the message
         raise ValueError(str(exc).split("\n")[0]) from None
     return Runs(segs[:num_segs], runs[:num_runs], ptr, max_page)
