@@ -12,6 +12,7 @@ prints this table too.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -29,11 +30,15 @@ from o1kernels.paged import PagedAttention  # noqa: E402
 
 PAGE = 16
 TARGETS_US = {"lengths": 30.0, "replan": 200.0, "full": 2000.0}  # at B = 256 x 2,048 pages
-COLUMNS = ["case", "rows x pages", "segments", "full", "replan", "lengths"]
+COLUMNS = ["case", "rows x pages", "segments", "full", "replan", "lengths", "full wall", "replan wall",
+           "lengths wall"]
 LEGEND = {"segments": "segments the plan found (runs of pages read by the same rows)",
-          "full": "us of host time: plan() of a batch structure not seen before (a warm wrapper)",
-          "replan": "us: plan() after 4 rows were released and as many forked from others",
-          "lengths": "us: set_lengths(device tensor) on unchanged pages (a decode step)"}
+          "full": "us of host CPU time (the planning thread's): plan() of a batch structure not seen before (a warm "
+                  "wrapper)",
+          "replan": "us: plan() after 4 rows were released and as many forked from others, the rest continuing "
+                    "(plan(..., continues=): only the changed rows' pages are read)",
+          "lengths": "us: set_lengths(device tensor) on unchanged pages (a decode step)",
+          "... wall": "the same in wall-clock us (includes waiting for a core on a loaded machine)"}
 
 
 def forest_table(rows: int, pages: int, prompts: int, seed: int) -> np.ndarray:
@@ -68,29 +73,33 @@ def unique_table(rows: int, pages: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(rows * pages).reshape(rows, pages).astype(np.int32)
 
 
-def replaced_rows(table: np.ndarray, count: int, seed: int) -> np.ndarray:
+def replaced_rows(table: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The table after `count` rows were released and as many forked from others (each a copy of a random row's
-    first pages, one fresh page for its copy of the partial last page, then fresh pages)."""
+    first pages, then fresh pages), and the rows replaced."""
     rng = np.random.default_rng(seed)
     out = table.copy()
     nxt = int(table.max()) + 1
-    for r in rng.choice(len(table), count, replace=False):
+    replaced = rng.choice(len(table), count, replace=False)
+    for r in replaced:
         src = int(rng.integers(len(table)))
         keep = int(rng.integers(1, table.shape[1]))
         out[r, :keep] = table[src, :keep]
         out[r, keep:] = np.arange(nxt, nxt + table.shape[1] - keep)
         nxt += table.shape[1] - keep
-    return out
+    return out, replaced
 
 
-def median_us(fn, reps: int) -> float:
+def median_us(fn, reps: int) -> tuple[float, float]:
+    """(median thread CPU time, median wall time) of fn in microseconds. The CPU time is the host work itself; on
+    our shared 2-core machines the wall time also holds the waits for a core other processes take."""
     fn()
-    times = []
+    cpu, wall = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return statistics.median(cpu) * 1e6, statistics.median(wall) * 1e6
 
 
 def measure(table_a: np.ndarray, table_b: np.ndarray, reps: int) -> dict:
@@ -104,16 +113,21 @@ def measure(table_a: np.ndarray, table_b: np.ndarray, reps: int) -> dict:
         flip.reverse()
         attn.plan(flip[0], seq)
 
-    out = {"full": median_us(full, reps)}
-    changed = [table_a, replaced_rows(table_a, 4, 1)]
+    out = {}
+    out["full"], out["full wall"] = median_us(full, reps)
+    changed, replaced = replaced_rows(table_a, 4, 1)
+    tables = [table_a, changed]
+    continues = np.arange(rows)
+    continues[replaced] = -1  # the other rows continue themselves (the same pages)
+    attn.plan(table_a, seq)
 
     def replan():
-        changed.reverse()
-        attn.plan(changed[0], seq)
+        tables.reverse()
+        attn.plan(tables[0], seq, continues=continues)
 
-    out["replan"] = median_us(replan, reps)
+    out["replan"], out["replan wall"] = median_us(replan, reps)
     lengths = torch.from_numpy(seq - 1)
-    out["lengths"] = median_us(lambda: attn.set_lengths(lengths), 10 * reps)
+    out["lengths"], out["lengths wall"] = median_us(lambda: attn.set_lengths(lengths), 10 * reps)
     out["segments"] = int(attn.plan_obj.num_segments)
     return out
 
@@ -134,7 +148,8 @@ def main(argv=None) -> int:
               forest_table(rows, pages // 8, 1, 1))]
     cpu = torch.device("cpu")
     prefix = output_prefix(ap, args, "bench_planning", cpu)
-    print(f"planning host time (PagedAttention, CPU tensors, 1 torch thread, median of {args.reps})")
+    print(f"planning host time (PagedAttention, CPU tensors, 1 torch thread, median of {args.reps}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(table_header(COLUMNS))
     results = []
     for name, a, b in cases:

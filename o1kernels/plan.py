@@ -705,6 +705,7 @@ class TreeAttentionPlan(AttentionPlan):
         self.causal = causal
         self.masks = causal
         self._layout_out = np.empty(0, dtype=np.int32)  # the compiled layout's host output, grown as needed
+        self._layout_params: dict = {}  # layout key -> plan_layout's parameter tensors
         self.page_table = None  # device page table kept by the caller (block-table plans); None: in the layouts
 
     def _set_tree(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray) -> None:
@@ -935,21 +936,27 @@ class TreeAttentionPlan(AttentionPlan):
     def _compiled_arrays(self, kind, path, group, kv_heads, head_dim, elem_bytes, window, *, count_only=False):
         """_arrays through torch.ops.o1kernels.plan_layout (the same layout; count_only: its needs, nothing
         written)."""
-        segs, cap, profile = self.segs, self.capacity, device_profile(self.device)
-        caps = (-1,) * 6 if cap is None or count_only else (cap.segments, cap.pages, cap.query_refs, cap.work,
-                                                            cap.partials, cap.direct)
-        ints = np.array([self.num_queries, kind == "split", PATHS.index(path or "auto"), group, kv_heads, head_dim,
-                         elem_bytes, -1 if window is None or not self.causal else window, self._tile(group),
-                         self.kv_chunk_size or 0, profile.num_sms, self.page_table is not None, *caps, MIN_KV_CHUNK,
-                         MAX_KV_CHUNK, TOKENS_PER_QUERY], dtype=np.int64)
-        floats = np.array([profile.l2_bytes, profile.gbps, L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US, SPLIT_FACTOR,
-                           MIN_SPLIT_TOKENS], dtype=np.float64)
-        sizes = np.empty(len(_LAYOUT_ARRAYS), dtype=np.int64)
+        segs, cap = self.segs, self.capacity
+        params = self._layout_params.get((kind, path, group, kv_heads, head_dim, elem_bytes, window, count_only))
+        if params is None:  # the key's parameters, as plan_layout takes them (fixed for the plan's lifetime)
+            profile = device_profile(self.device)
+            caps = (-1,) * 6 if cap is None or count_only else (cap.segments, cap.pages, cap.query_refs, cap.work,
+                                                                cap.partials, cap.direct)
+            ints = np.array([self.num_queries, kind == "split", PATHS.index(path or "auto"), group, kv_heads,
+                             head_dim, elem_bytes, -1 if window is None or not self.causal else window,
+                             self._tile(group), self.kv_chunk_size or 0, profile.num_sms, self.page_table is not None,
+                             *caps, MIN_KV_CHUNK, MAX_KV_CHUNK, TOKENS_PER_QUERY], dtype=np.int64)
+            floats = np.array([profile.l2_bytes, profile.gbps, L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US,
+                               SPLIT_FACTOR, MIN_SPLIT_TOKENS], dtype=np.float64)
+            sizes = np.empty(len(_LAYOUT_ARRAYS), dtype=np.int64)
+            params = self._layout_params[(kind, path, group, kv_heads, head_dim, elem_bytes, window, count_only)] = (
+                torch.from_numpy(ints), torch.from_numpy(floats), sizes, torch.from_numpy(sizes))
+        ints, floats, sizes, sizes_t = params
         args = [torch.from_numpy(a) for a in (segs.pages, segs.page_start, segs.capacity, segs.start, segs.query_ptr,
-                                              segs.queries, self.positions_host, ints, floats)]
+                                              segs.queries, self.positions_host)] + [ints, floats]
         buffer = self._layout_out if not count_only else np.zeros(0, dtype=np.int32)
         while True:
-            res = torch.ops.o1kernels.plan_layout(*args, torch.from_numpy(buffer), torch.from_numpy(sizes))
+            res = torch.ops.o1kernels.plan_layout(*args, torch.from_numpy(buffer), sizes_t)
             total, num_work, num_partials, max_q, num_direct, has_direct, num_slots = res[:7]
             needs = dict(segments=segs.num_segments, pages=len(segs.pages), query_refs=res[10], work=res[7],
                          partials=res[8], direct=res[9])
