@@ -373,35 +373,50 @@ def test_tree_attention_rejects_bad_options():
 
 # Compiles the attention kernels for sm_90 with Triton's bundled ptxas (no GPU needed): every partial-kernel tile
 # tune() may pick must compile and run its dots on wgmma (Hopper tensor cores); the decode-merge kernel compiles
-# for the GQA groups and head dims of real models. Catches what the interpreter accepts but the compiler rejects.
+# for the GQA groups and head dims of real models; both compile with every variant switched on (positions, window,
+# softcap, sinks) for bf16, fp16 and fp32 inputs. Catches what the interpreter accepts but the compiler rejects.
 SM90_COMPILE_SCRIPT = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from o1kernels.triton_ops import tree_attention as ta
 
-    def compile_sm90(kernel, constexprs, options):
+    PLAIN = dict(CAUSAL=False, WINDOW=False, SOFTCAP=False)
+    VARIANTS = dict(CAUSAL=True, WINDOW=True, SOFTCAP=True)
+
+    def compile_sm90(kernel, constexprs, options, dtype="bf16"):
         sig = {}
         for name in kernel.arg_names:
             if name in constexprs:
                 sig[name] = "constexpr"
             elif name.endswith("_ptr"):
-                data = name[0] in "qkvo" and not name.startswith(("page", "part"))
-                sig[name] = "*bf16" if data else "*fp32" if name.startswith(("part", "lse")) else "*i32"
+                data = name[0] in "qkvo" and not name.startswith(("page", "part")) or name == "sinks_ptr"
+                sig[name] = f"*{dtype}" if data else "*fp32" if name.startswith(("part", "lse")) else "*i32"
             else:
-                sig[name] = "fp32" if name == "sm_scale_log2" else "i32"
+                sig[name] = "fp32" if name in ("sm_scale_log2", "softcap_log2") else "i32"
         const = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
         return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=options)
 
     for bm, bn, warps, stages in ta.PARTIAL_CANDIDATES:
         k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
-                         DOT_FP32=False, DOT_PRECISION="tf32"), {"num_warps": warps, "num_stages": stages})
+                         DOT_FP32=False, DOT_PRECISION="tf32", **PLAIN), {"num_warps": warps, "num_stages": stages})
         assert "wgmma" in k.asm["ptx"], f"partial kernel tile {bm}x{bn} does not use wgmma"
     for group, d in ((4, 128), (8, 128), (1, 64), (16, 256), (7, 96)):
         c = ta.decode_config(torch.device("cuda"), group, d)
         opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
         compile_sm90(ta._decode_merge_kernel, dict(GROUP=group, BLOCK_D=ta.block_d(d), PART_D=ta.block_d(d), DIRECT0=True,
-                     DIRECT1=True, PARTIALS=True, DOT_FP32=False, DOT_PRECISION="tf32", **c), opts)
+                     DIRECT1=True, PARTIALS=True, DOT_FP32=False, DOT_PRECISION="tf32", SINKS=False, **PLAIN, **c), opts)
+    for dtype in ("bf16", "fp16", "fp32"):
+        precision = "ieee" if dtype == "fp32" else "tf32"  # what _Launch passes on a GPU
+        for bm, bn, warps, stages in ((128, 64, 8, 3), (64, 64, 4, 3)):
+            k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
+                             DOT_FP32=False, DOT_PRECISION=precision, **VARIANTS),
+                             {"num_warps": warps, "num_stages": stages}, dtype)
+            assert dtype == "fp32" or "wgmma" in k.asm["ptx"], f"{dtype} variant tile {bm}x{bn} does not use wgmma"
+        c = ta.decode_config(torch.device("cuda"), 4, 128)
+        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
+        compile_sm90(ta._decode_merge_kernel, dict(GROUP=4, BLOCK_D=128, PART_D=128, DIRECT0=True, DIRECT1=True,
+                     PARTIALS=True, DOT_FP32=False, DOT_PRECISION=precision, SINKS=True, **VARIANTS, **c), opts, dtype)
     print("compiled")
 """)
 

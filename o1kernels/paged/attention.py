@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_tensor
-from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, _check_count, plan_device
+from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_count, check_tensor
+from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, plan_device
 from o1kernels.tree_attention import tree_attention
 
-from .sharing import find_runs
+from .sharing import SharingPlanner
 
 
 def _host_ints(name: str, value, length: int | None = None) -> np.ndarray:
@@ -82,6 +82,51 @@ def table_from_indptr(kv_indptr, kv_indices) -> tuple[np.ndarray, np.ndarray]:
     row = np.repeat(np.arange(rows), counts)
     table[row, np.arange(len(indices)) - np.repeat(indptr[:-1], counts)] = _host_table(indices[None, :])[0]
     return table, counts.astype(np.int32)
+
+
+def batch_segments(runs, seq: np.ndarray, qlen: np.ndarray, table_width: int, page_size: int, compiled: bool):
+    """The plan's side of a batch from its runs: (SegmentArrays over the device table of `table_width` columns,
+    each segment's current length and longest reader, each query's position, row and offset (position =
+    seq_lens[row] + offset), whether position masks change what some query sees). The compiled host pass
+    (csrc/cpu/paged_runs.cpp: paged_segments) or the same in numpy."""
+    num_segs, rows = len(runs.segments), len(seq)
+    if compiled:
+        refs = int((qlen * np.diff(runs.row_run_ptr)).sum())
+        nq = int(qlen.sum())
+        out = [np.empty(n, dtype=np.int64) for n in (num_segs, num_segs, num_segs, num_segs, num_segs, num_segs + 1,
+                                                     refs, nq, nq, nq)]
+        masks = torch.ops.o1kernels.paged_segments(
+            torch.from_numpy(runs.segments), torch.from_numpy(runs.row_runs), torch.from_numpy(runs.row_run_ptr),
+            torch.from_numpy(seq), torch.from_numpy(qlen), table_width, page_size, *map(torch.from_numpy, out))
+        page_start, cap, start, lengths, longest, query_ptr, queries, positions, query_row, query_offset = out
+        segs = SegmentArrays(np.zeros(0, dtype=np.int32), page_start, cap, start, query_ptr, queries)
+        return segs, lengths, positions, longest, query_row, query_offset, bool(masks)
+    segs_raw = runs.segments.astype(np.int64)
+    pair_row = np.repeat(np.arange(rows), np.diff(runs.row_run_ptr))
+    pair_seg = runs.row_runs.astype(np.int64)
+    order = np.argsort(pair_seg, kind="stable")  # pairs by segment, rows ascending
+    pair_row, pair_seg = pair_row[order], pair_seg[order]
+    col, npg = segs_raw[:, 1], segs_raw[:, 2]
+    start, cap = col * page_size, npg * page_size
+    # each segment's query rows: every pair's row expands into its query_lens[r] consecutive queries
+    q_off = np.cumsum(qlen) - qlen
+    pair_q = qlen[pair_row]
+    queries = np.repeat(q_off[pair_row] - (np.cumsum(pair_q) - pair_q), pair_q) + np.arange(int(pair_q.sum()))
+    query_ptr = np.zeros(num_segs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pair_seg, weights=pair_q, minlength=num_segs).astype(np.int64), out=query_ptr[1:])
+    pair_len = np.clip(seq[pair_row] - start[pair_seg], 0, cap[pair_seg])
+    lengths = np.zeros(num_segs, dtype=np.int64)
+    np.maximum.at(lengths, pair_seg, pair_len)
+    # Decode rows whose segments they read whole need no position masks (every backend runs them); chunks and rows
+    # that end inside a page others read on do.
+    masks = bool((qlen > 1).any() or (pair_len < lengths[pair_seg]).any())
+    query_row = np.repeat(np.arange(rows), qlen)
+    query_offset = np.arange(int(qlen.sum())) - np.repeat(q_off + qlen, qlen)
+    by_length = np.lexsort((-pair_len, pair_seg))  # pairs by segment, longest first
+    longest = pair_row[by_length[np.searchsorted(pair_seg, np.arange(num_segs))]]  # pair_seg is sorted
+    segs = SegmentArrays(np.zeros(0, dtype=np.int32), segs_raw[:, 0] * table_width + col, cap, start, query_ptr,
+                         queries)
+    return segs, lengths, seq[query_row] + query_offset, longest, query_row, query_offset, masks
 
 
 @dataclass
@@ -133,13 +178,13 @@ class PagedAttention:
     def __init__(self, page_size: int, num_heads, head_dim: int, *, device=None, backend: str = "auto",
                  capture_stable: bool = False, path: str = "auto", kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, dtype: torch.dtype = torch.float16):
-        _check_count("page_size", page_size, minimum=1)
+        check_count("page_size", page_size, minimum=1)
         if (not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in num_heads)
                 or num_heads[0] % num_heads[1]):
             raise ValueError(f"num_heads must be (num_q_heads, num_kv_heads) with num_q_heads a positive multiple of "
                              f"num_kv_heads, got {num_heads!r}")
-        _check_count("head_dim", head_dim, minimum=1)
+        check_count("head_dim", head_dim, minimum=1)
         if not isinstance(capture_stable, bool):
             raise TypeError(f"capture_stable must be a bool, got {type(capture_stable).__name__}")
         if dtype not in FLOAT_DTYPES:
@@ -152,19 +197,23 @@ class PagedAttention:
         self._options = dict(path=path, kv_chunk_size=kv_chunk_size, queries_per_tile=queries_per_tile)
         self.plan_obj: TreeAttentionPlan | None = None  # the TreeAttentionPlan of the current batch
         self.batch: Batch | None = None
-        self._table: torch.Tensor | None = None  # device block table [rows capacity, width capacity] int32
-        self._copied = (0, 0)  # rows, width of the table last copied in (entries beyond are 0)
+        self._table: torch.Tensor | None = None  # device block table [row slots, width capacity] int32
+        self._planner = SharingPlanner()  # the rows' slots in it and the per-page state between plans
         self._lengths: _Lengths | None = None
         self.plans_built = 0  # TreeAttentionPlans constructed (tensors allocated): a capture_stable owner recaptures
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def plan(self, block_table=None, seq_lens=None, *, query_lens=None, num_pages=None, kv_indptr=None,
-             kv_indices=None) -> bool:
+             kv_indices=None, continues=None) -> bool:
         """Lay a batch out. block_table [R, W] int (host: CPU tensor, numpy or lists) or kv_indptr [R+1] + kv_indices;
         seq_lens [R]: each row's KV tokens, this call's new ones included; query_lens [R] (default 1): new query
         tokens per row (q rows, packed in row order); num_pages [R] (default ceil(seq_lens / page_size)): the row's
-        valid pages (more give room for set_lengths to grow into). Returns True when the plan's device tensors are
-        new (a CUDA graph captured over the previous ones must be captured again)."""
+        valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
+        of the previous plan() it continues -- the same sequence, pages only appended or trimmed at its end since
+        -- or -1 for a new row: only the pages that changed are read (without it, or after a failed plan, every row
+        is). The hint assumes a forest (a page in the same column of two rows ends the same prefix), as the pages of
+        search branches and of engines' prefix-cached requests are. Returns True when the plan's device tensors are new (a CUDA graph captured
+        over the previous ones must be captured again)."""
         if (block_table is None) == (kv_indptr is None):
             raise ValueError("give either block_table or kv_indptr + kv_indices")
         if kv_indptr is not None:
@@ -183,12 +232,15 @@ class PagedAttention:
             npages = need if given_pages is None else given_pages.astype(np.int64)
         self._check_rows(seq, qlen, npages, need, width)
         new = self._fit_table(rows, width)
+        if self.device.type == "cuda" and self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous upload has read the staging copy the planner writes
         try:  # the planner checks the table and writes the kernels' copy of it (0 past each row's pages) as it reads
-            runs = find_runs(table, npages.astype(np.int32), self._staged(rows, width))
+            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table,
+                                      None if continues is None else _host_ints("continues", continues, rows))
         except ValueError:
             self.plan_obj, self.batch = None, None  # the table buffer is half written: no plan until the next one
             raise
-        self._upload_table(rows, width)
+        self._upload_table()
         return self._lay_out(rows, seq, qlen, npages, runs, new)
 
     def _check_rows(self, seq, qlen, npages, need, width) -> None:
@@ -211,67 +263,33 @@ class PagedAttention:
             raise ValueError(f"sum(query_lens) = {int(qlen.sum())} query rows: at most 2**31 - 1")
 
     def _lay_out(self, rows, seq, qlen, npages, runs, new: bool) -> bool:
-        ps = self.page_size
-        segs_raw = runs.segments.astype(np.int64)
-        num_segs = len(segs_raw)
-        counts = np.diff(runs.row_run_ptr)
-        pair_row = np.repeat(np.arange(rows), counts)
-        pair_seg = runs.row_runs.astype(np.int64)
-        order = np.argsort(pair_seg, kind="stable")  # pairs by segment, rows ascending
-        pair_row, pair_seg = pair_row[order], pair_seg[order]
-        col, npg = segs_raw[:, 1], segs_raw[:, 2]
-        start_tok, cap = col * ps, npg * ps
-        # each segment's query rows: every pair's row expands into its query_lens[r] consecutive queries
-        q_off = np.cumsum(qlen) - qlen
-        pair_q = qlen[pair_row]
-        num_refs = int(pair_q.sum())
-        queries = np.repeat(q_off[pair_row] - (np.cumsum(pair_q) - pair_q), pair_q) + np.arange(num_refs)
-        query_ptr = np.zeros(num_segs + 1, dtype=np.int64)
-        np.cumsum(np.bincount(pair_seg, weights=pair_q, minlength=num_segs).astype(np.int64), out=query_ptr[1:])
-        pair_len = np.clip(seq[pair_row] - start_tok[pair_seg], 0, cap[pair_seg])
-        lengths = np.zeros(num_segs, dtype=np.int64)
-        np.maximum.at(lengths, pair_seg, pair_len)
-        # Decode rows whose segments they read whole need no position masks (every backend runs them); chunks and
-        # rows that end inside a page others read on do.
-        masks = bool((qlen > 1).any() or (pair_len < lengths[pair_seg]).any())
-        num_queries = int(qlen.sum())
-        query_row = np.repeat(np.arange(rows), qlen)
-        query_offset = np.arange(num_queries) - np.repeat(q_off + qlen, qlen)
-        positions = seq[query_row] + query_offset
-        max_page = runs.max_page
-
-        table_width = self._table.shape[1]
-        segs = SegmentArrays(np.zeros(0, dtype=np.int32), segs_raw[:, 0] * table_width + col, cap, start_tok,
-                             query_ptr, queries)
+        (segs, lengths, positions, longest, query_row, query_offset,
+         masks) = batch_segments(runs, seq, qlen, self._table.shape[1], self.page_size, self._planner.compiled)
+        num_queries = len(positions)
         plan = self.plan_obj
         if not new and plan is not None and plan.num_queries == num_queries and plan.capacity is not None:
             try:
-                plan.update_arrays(segs, lengths, positions, max_page=max_page, masks=masks)
+                plan.update_arrays(segs, lengths, positions, max_page=runs.max_page, masks=masks)
             except ValueError:  # outgrew the plan's capacity: a new plan below
                 new = True
         else:
             new = True
         if new:
-            plan = self._new_plan(segs, lengths, positions, num_queries, max_page, masks)
+            plan = self._new_plan(segs, lengths, positions, num_queries, runs.max_page, masks)
         self.plan_obj = plan
-        by_length = np.lexsort((-pair_len, pair_seg))  # pairs by segment, longest first
-        longest = pair_row[by_length[np.searchsorted(pair_seg, np.arange(num_segs))]]  # pair_seg is sorted
-        self._set_lengths_tensors(longest, start_tok, cap, query_row, query_offset, new)
+        self._set_lengths_tensors(longest, segs.start, segs.capacity, query_row, query_offset, new)
         self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments)
         return new
 
     def _fit_table(self, rows: int, width: int) -> bool:
-        """Make the device block table hold rows x width (capture_stable: a new, twice larger one when it does not,
-        returning True; otherwise one of exactly that shape)."""
+        """Make the device block table hold rows x width: while it does, its rows keep their slots (incremental
+        plans); else a new one, twice that for capture_stable (returns True: new tensors)."""
         t = self._table
-        if self.capture_stable:
-            if t is not None and rows <= t.shape[0] and width <= t.shape[1]:
-                return False
-            self._alloc_table(2 * rows + 8, 2 * width)
-            return True
-        if t is None or tuple(t.shape) != (rows, max(1, width)):
-            self._alloc_table(rows, width)
-        return False
+        if t is not None and rows <= t.shape[0] and width <= t.shape[1]:
+            return False
+        grow = 2 if self.capture_stable else 1
+        self._alloc_table(grow * rows + (8 if self.capture_stable else 0), grow * width)
+        return self.capture_stable
 
     def _alloc_table(self, rows: int, width: int) -> None:
         """A zero device block table and its host side: on the CPU a numpy array sharing its memory, on a GPU a
@@ -282,22 +300,10 @@ class PagedAttention:
         else:
             self._table = torch.zeros(rows, max(1, width), dtype=torch.int32, device=self.device)
             staging = torch.zeros(self._table.shape, dtype=torch.int32, pin_memory=True)
-            self._host_table, self._staging, self._uploaded = staging.numpy(), staging, None
-        self._copied = (0, 0)
+            self._host_table, self._staging = staging.numpy(), staging
+        self._uploaded = None
 
-    def _staged(self, rows: int, width: int) -> np.ndarray:
-        """The host view [rows, width] the planner writes the kernels' copy of the block table into (0 past each
-        row's pages: every entry a kernel may be handed is a page id the planner checked); entries a larger earlier
-        table left beyond it are zeroed."""
-        if self.device.type == "cuda" and self._uploaded is not None:
-            self._uploaded.synchronize()  # the previous upload has read the staging buffer
-        host, (old_rows, old_width) = self._host_table, self._copied
-        host[rows:old_rows] = 0
-        host[:rows, width:old_width] = 0
-        self._copied = (rows, width)
-        return host[:rows, :width]
-
-    def _upload_table(self, rows: int, width: int) -> None:
+    def _upload_table(self) -> None:
         """The staged table to the device (a GPU: one asynchronous copy from pinned memory; the CPU: in place)."""
         if self.device.type == "cuda":
             self._table.copy_(self._staging, non_blocking=True)
