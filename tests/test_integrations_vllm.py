@@ -216,13 +216,13 @@ def test_tensor_parallel_2_equals_tp_1(llama_dir, llama_runs):
 
 @pytest.fixture(scope="module")
 def preemption_runs(llama_dir):
-    """Prefix caching off and a KV cache of 24 pages for 8 requests needing 5 pages each: vLLM preempts."""
-    prompts = [{"prompt_token_ids": tokens(20 + i, 96)} for i in range(8)]
-    params = SamplingParams(max_tokens=64, temperature=0.0, logprobs=2, ignore_eos=True)
+    """Prefix caching off and a KV cache of 16 pages (15 usable) for 6 requests needing 4 pages each: vLLM preempts."""
+    prompts = [{"prompt_token_ids": tokens(20 + i, 64)} for i in range(6)]
+    params = SamplingParams(max_tokens=48, temperature=0.0, logprobs=2, ignore_eos=True)
     runs = {}
     for ours in (True, False):
-        llm = start(llama_dir, ours, enable_prefix_caching=False, kv_cache_memory_bytes=24 * PAGE_BYTES,
-                    max_model_len=512, disable_log_stats=False)
+        llm = start(llama_dir, ours, enable_prefix_caching=False, kv_cache_memory_bytes=16 * PAGE_BYTES,
+                    max_model_len=448, disable_log_stats=False)
         try:
             before = preemptions(llm)
             runs[ours] = (completions(llm.generate(prompts, params, use_tqdm=False)), preemptions(llm) - before)

@@ -68,7 +68,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from o1kernels._backend import resolve_backend
 from o1kernels.capabilities import FEATURES, FLOAT_DTYPES, AttentionSpec, unsupported_features
 from o1kernels.paged import PagedAttention
-from o1kernels.tree_attention import RUNNERS
+from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
 ENABLE_ENV = "O1KERNELS_VLLM"
 BACKEND_PATH = f"{__name__}.O1KernelsAttentionBackend"
@@ -253,7 +253,7 @@ class O1KernelsMetadataBuilder(AttentionMetadataBuilder[O1KernelsMetadata]):
         """(rows, distinct KV tokens, tokens our layout reads, tokens per-row decode reads) of this decode step."""
         attn = self.attn
         spec = AttentionSpec(attn.head_dim, *attn.num_heads, dtype=attn.dtype, positions=attn.plan_obj.masks)
-        name = resolve_backend(attn.backend, attn.device, tuple(RUNNERS), spec)
+        name = resolve_backend(attn.backend, attn.device, SUPPORTED_BACKENDS, spec)
         read = attn.kv_tokens_read("fused" if name == "triton" else "split")
         return len(seq), attn.unique_kv_tokens(), read, int(seq.sum())
 
