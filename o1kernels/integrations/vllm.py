@@ -242,6 +242,7 @@ class O1KernelsMetadataBuilder(AttentionMetadataBuilder[O1KernelsMetadata]):
             self.attn.set_lengths(cm.seq_lens[:rows])
             self.stats.length_moves += 1
         else:
+            self._structure = None  # until the plan below succeeds
             self.attn.plan(table, seq, query_lens=query_lens, num_pages=pages)
             self._structure = structure
             self.stats.plans += 1
