@@ -10,11 +10,10 @@
 //
 // Rows live in *slots* of a table the caller keeps (the kernels' copy of the block table; 0 past each row's pages)
 // and the per-page state (readers, column, parent) persists between calls, so a plan can be incremental: a row that
-// continues a row of the previous plan (the same sequence: pages appended or trimmed at its end since, maybe both)
-// keeps its slot and only the pages past the last column both still hold alike are read and counted (in a forest a
-// page at the same column of two rows ends the same prefix, so the scan back from the end stops there); the previous
-// plan's rows nobody continues give their pages' readers back. A full plan (a new epoch: every stored state is
-// unset) reads every row.
+// continues a row of the previous plan (the same sequence: its tokens kept, so the pages holding them unchanged;
+// pages past them appended or trimmed since) keeps its slot and only the pages past those is read and counted; the
+// previous plan's rows nobody continues give their pages' readers back. A full plan (a new epoch: every stored
+// state is unset) reads every row.
 //
 // Cost: one pass over the pages written (count, column and parent per page: O(1) each, prefetched ahead since pool
 // page ids are scattered), plus, per row, one step per run (a run already cut by an earlier row is skipped whole).
@@ -41,8 +40,7 @@ constexpr int64_t kPrefetch = 16;  // table entries ahead whose page states are 
 }  // namespace
 
 // table [R, W] int32: the caller's block table; num_pages [R] int32; slot [R] int64: each row's slot in
-// slot_table [slots, WC] (in/out); kept [R] int64: at most this many leading pages are already in the row's slot
-// (0: write them all; the row keeps the longest such prefix whose last page is where the slot has it);
+// slot_table [slots, WC] (in/out); kept [R] int64: the leading pages already in the row's slot (0: write them all);
 // released [K] int64: slots of the previous plan's rows nobody continues; slot_pages [slots] int32 (in/out): pages
 // in each slot; state [P, 6] int32 (in/out); epoch: the state's current epoch (a full plan passes a new one and
 // kept = 0, released = []); stamp: this call's id. Writes segments int32 [>= S, 4] (slot of a row reading it, first
@@ -52,7 +50,7 @@ constexpr int64_t kPrefetch = 16;  // table entries ahead whose page states are 
 // different page than where it is stored: plan in full), kDone; forest: whether the pages form a forest (else one
 // segment per page).
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
-    const at::Tensor& table, const at::Tensor& num_pages, const at::Tensor& slot, at::Tensor& kept,
+    const at::Tensor& table, const at::Tensor& num_pages, const at::Tensor& slot, const at::Tensor& kept,
     const at::Tensor& released, at::Tensor& slot_table, at::Tensor& slot_pages, at::Tensor& state, int64_t epoch,
     int64_t stamp, at::Tensor& seg_out, at::Tensor& run_out, at::Tensor& run_ptr) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&table, &num_pages, &slot_table, &slot_pages,
@@ -73,7 +71,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
   const int32_t* tbl = table.data_ptr<int32_t>();
   const int32_t* np_ = num_pages.data_ptr<int32_t>();
   const int64_t* slot_of = slot.data_ptr<int64_t>();
-  int64_t* kept_of = kept.data_ptr<int64_t>();  // lowered to the pages the slot still holds alike
+  const int64_t* kept_of = kept.data_ptr<int64_t>();
   const int64_t* rel = released.data_ptr<int64_t>();
   int32_t* st = slot_table.data_ptr<int32_t>();
   int32_t* sp = slot_pages.data_ptr<int32_t>();
@@ -85,15 +83,16 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
   int64_t entries = 0;
   int32_t max_page = -1;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t s = slot_of[r], n = np_[r];
-    int64_t k = kept_of[r];
+    const int64_t s = slot_of[r], n = np_[r], k = kept_of[r];
     TORCH_CHECK_VALUE(n >= 0 && n <= width && n <= wc, "o1kernels: num_pages[", r, "] = ", n, " must be in [0, ",
                       std::min(width, wc), "] (the block table's width)");
     TORCH_CHECK_VALUE(s >= 0 && s < slots, "o1kernels: slot ", s, " of row ", r, " is outside [0, ", slots, ")");
     TORCH_CHECK_VALUE(k >= 0 && k <= n && k <= sp[s], "o1kernels: row ", r, " continues ", k, " pages of a row that "
                       "held ", sp[s], " (its num_pages is ", n, ")");
-    while (k > 0 && tbl[r * width + k - 1] != st[s * wc + k - 1]) --k;  // trimmed and grown back since: re-read
-    kept_of[r] = k;
+    TORCH_CHECK_VALUE(k == 0 || tbl[r * width + k - 1] == st[s * wc + k - 1], "o1kernels: row ", r,
+                      " continues a row of the previous plan but its page at column ", k - 1, " is ",
+                      tbl[r * width + k - 1], ", not ", st[s * wc + k - 1], ": a continued row keeps the pages holding "
+                      "its tokens (pass continues=-1 for a new row)");
     for (int64_t j = k; j < n; ++j) {
       const int32_t p = tbl[r * width + j];
       TORCH_CHECK_VALUE(p >= 0, "o1kernels: block_table[", r, ", ", j, "] = ", p, " is not a page id (>= 0)");
@@ -113,12 +112,15 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
     drop(st + rel[i] * wc, 0, sp[rel[i]]);
     sp[rel[i]] = 0;
   }
+  for (int64_t r = 0; r < rows; ++r) {  // what continued rows no longer hold, before any row takes those pages
+    const int64_t s = slot_of[r];
+    if (kept_of[r] > 0) drop(st + s * wc, kept_of[r], sp[s]);
+  }
   bool forest = true;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t s = slot_of[r], n = np_[r], k = kept_of[r];
     int32_t* dst = st + s * wc;
     const int32_t* src = tbl + r * width;
-    if (k > 0) drop(dst, k, sp[s]);  // a continued row that was trimmed
     std::fill(dst + n, dst + std::max<int64_t>(n, sp[s]), 0);
     int32_t prev = k > 0 ? dst[k - 1] : -1;
     for (int64_t j = k; j < n; ++j) {  // 64-bit indices: the extension builds with -fwrapv (30% slower int32 loops)
@@ -190,7 +192,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
 
 TORCH_LIBRARY_FRAGMENT(o1kernels, m) {
   // Host planning of o1kernels.paged (CPU tensors, written in place; not for traced or captured code).
-  m.def("paged_plan_rows(Tensor table, Tensor num_pages, Tensor slot, Tensor(g!) kept, Tensor released, "
+  m.def("paged_plan_rows(Tensor table, Tensor num_pages, Tensor slot, Tensor kept, Tensor released, "
         "Tensor(a!) slot_table, Tensor(b!) slot_pages, Tensor(c!) state, int epoch, int stamp, Tensor(d!) segments, "
         "Tensor(e!) row_runs, Tensor(f!) row_run_ptr) -> (int, int, int, int, int)");
 }
