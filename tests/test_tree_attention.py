@@ -73,6 +73,22 @@ def test_head_dim_256_and_strided_q(backend):
     _check(q, k, v, segments, plan, backend, sm_scale=0.2)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_element_offsets_past_int32(backend):
+    """A pool whose slot stride puts slot 2 of a page 3 * 2**30 elements in (as a 1M-token prompt held as one page
+    of a shared-prefix plan does at Hkv = 8, D = 256): the kernels' K/V offsets must be int64 (int32 wraps to a
+    wrong row). The view lives in a 10 GB virtual allocation of which only the touched pages become resident."""
+    page_size, d, stride_slot = 3, 16, 3 << 29
+    base = torch.empty((1 << 31) + page_size * stride_slot, dtype=torch.bfloat16)
+    k, v = (base.as_strided((1, page_size, 1, d), (page_size * stride_slot, stride_slot, d, 1), (1 << 30) + i * d)
+            for i in range(2))
+    k.copy_(random_values(k.shape, torch.bfloat16))
+    v.copy_(random_values(v.shape, torch.bfloat16))
+    segments = [([0], page_size, [0])]
+    q = random_values((1, 2, d), torch.bfloat16)
+    _check(q, k, v, segments, TreeAttentionPlan(segments, 1, page_size), backend)
+
 def _grown_tree(device):
     """Root prompt of 37 tokens (pages 5,2,7) shared by 3 branches, each with a tail of capacity 16."""
     segments = [([5, 2, 7], 37, [0, 1, 2]), ([0, 3], 1, [0]), ([4, 9], 0, [1]), ([8, 1], 16, [2])]

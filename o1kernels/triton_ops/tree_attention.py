@@ -40,12 +40,15 @@ def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, pa
     for start in range(kv_lo, kv_hi, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < kv_hi
+        # int64 offsets: a shared-prefix plan makes a whole prompt one page, so slot * stride reaches
+        # P * Hkv * D, past 2**31 at P = 1M, Hkv = 8, D = 256.
         page = tl.load(page_table_ptr + page_base + tokens // page_size, mask=tok_ok, other=0).to(tl.int64)
-        slot = tokens % page_size
+        slot = (tokens % page_size).to(tl.int64)
         kv_mask = tok_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+        head = kv_head.to(tl.int64)
+        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + head * stride_kh + dims[None, :],
                     mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + head * stride_vh + dims[None, :],
                     mask=kv_mask, other=0.0)
         # DOT_FP32: set on the CPU, where Triton's interpreter returns garbage from tl.dot on two
         # bfloat16 operands (numpy has no bf16); on CUDA the dots run in the input dtype (tensor cores).
