@@ -28,3 +28,38 @@ def test_cuda_collection_survives_a_missing_hypothesis(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "error" not in run.stdout.lower(), run.stdout[-3000:]
     assert "test_merge_states.py::" in run.stdout and "test_fuzz.py::" not in run.stdout, run.stdout[-3000:]
+
+
+def _tree_copy(tmp_path) -> Path:
+    """setup.py and the sources it builds, copied (a build run here must not touch the checkout's extension)."""
+    import shutil
+
+    dst = tmp_path / "tree"
+    dst.mkdir()
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "_build_info.json", "build")
+    for name in ("setup.py", "csrc", "o1kernels"):
+        src = ROOT / name
+        (shutil.copytree(src, dst / name, ignore=ignore) if src.is_dir() else shutil.copy(src, dst / name))
+    return dst
+
+
+def test_cuda_required_without_cuda_fails_the_build(tmp_path):
+    """O1K_REQUIRE_CUDA=1 (what the GPU check sets) with a torch that has no CUDA: setup.py stops with exit status
+    1 before building, saying why, instead of installing a CPU-only extension."""
+    tree = _tree_copy(tmp_path)
+    run = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tree, env=_env(O1K_REQUIRE_CUDA="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "O1K_REQUIRE_CUDA=1 but torch" in run.stderr and "has no CUDA" in run.stderr, run.stderr[-2000:]
+    assert '"failed"' in (tree / "o1kernels" / "_build_info.json").read_text()
+
+
+def test_required_extension_build_error_fails_the_build(tmp_path):
+    """O1K_REQUIRE_EXTENSION=1 and a compiler that fails: exit status 1 (without it the install goes on, green)."""
+    tree = _tree_copy(tmp_path)
+    for required, expected in (("0", 0), ("1", 1)):
+        run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
+                             env=_env(O1K_REQUIRE_EXTENSION=required, CXX="false", CC="false", MAX_JOBS="1"),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == expected, (required, run.stdout[-2000:] + run.stderr[-2000:])
+        assert '"failed"' in (tree / "o1kernels" / "_build_info.json").read_text()
