@@ -194,6 +194,21 @@ class PlanLayout:
                 self.seg_lens[lo:hi])
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA-graph capture is under way on the current stream of `device` (never for a CPU device)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_host_values_in_capture(device: torch.device, name: str) -> None:
+    """RuntimeError when `name` came as host values (Python ints, a CPU tensor) during a CUDA-graph capture: they
+    reach the GPU through a pinned staging buffer that is recycled once the capture ends, so every replay would
+    copy whatever that buffer holds by then."""
+    if capturing(device):
+        raise RuntimeError(f"{name}: inside a CUDA-graph capture pass an int32/int64 tensor on {device} (Python ints "
+                           "are copied from a host buffer that is reused after the capture, so replays would read "
+                           "stale values); or set the values between replays")
+
+
 def int32_on(device: torch.device, values: list[int]) -> torch.Tensor:
     """An int32 tensor of `values` on `device`; to a GPU through pinned memory without a host sync (the
     caching host allocator keeps the staging buffer until the copy has run)."""
@@ -427,7 +442,7 @@ class AttentionPlan:
         key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
         lay = self._layouts.get(key)
         if lay is None:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if capturing(self.device):
                 raise RuntimeError("this plan has not run with these head counts yet, and laying it out now would copy "
                                    "to the GPU inside a CUDA-graph capture: run it once before capturing (or pass "
                                    "num_heads/head_dim when building the plan)")
@@ -636,6 +651,7 @@ class TreeAttentionPlan(AttentionPlan):
         plan built with a PlanCapacity; ValueError when the new tree does not fit it (then nothing changed)."""
         if self.capacity is None:
             raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
+        refuse_host_values_in_capture(self.device, "update(segments)")
         old = (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page)
         lengths = self._parse(segments)
         try:
@@ -700,6 +716,7 @@ class TreeAttentionPlan(AttentionPlan):
                 self._check_lengths(lengths.tolist())
             self.seg_lens[:self.num_segments].copy_(lengths)
             return
+        refuse_host_values_in_capture(self.device, "lengths")
         values = _int_list("lengths", lengths)
         if len(values) != self.num_segments:
             raise ValueError(f"lengths must have num_segments={self.num_segments} entries, got {len(values)}")
@@ -772,6 +789,7 @@ class SharedPrefixPlan(AttentionPlan):
                     _check_range(name, int(value.min()), int(value.max()), cap)
                 self.seg_lens[lo:lo + n].copy_(value)
             else:
+                refuse_host_values_in_capture(self.device, name)
                 values = _int_list(name, value)
                 if len(values) != n:
                     raise ValueError(f"{name} must have {n} entries, got {len(values)}")
@@ -789,6 +807,7 @@ class SharedPrefixPlan(AttentionPlan):
                 _check_range("branch_group", int(branch_group.min()), int(branch_group.max()), self.num_prefixes - 1)
             self.branch_group.copy_(branch_group)
         else:
+            refuse_host_values_in_capture(self.device, "branch_group")
             values = _int_list("branch_group", branch_group)
             if len(values) != self.num_branches:
                 raise ValueError(f"branch_group must have {self.num_branches} entries, got {len(values)}")

@@ -280,6 +280,26 @@ def test_capacity_plan_rejects_a_tree_that_does_not_fit():
 
 # ---- bad input --------------------------------------------------------------------------------------------------
 
+
+def test_host_values_inside_a_capture_raise(monkeypatch):
+    """Inside a CUDA-graph capture, set_lengths with Python ints and update(segments) would be captured as copies
+    from a pinned host buffer that is recycled after the capture (replays copy stale values): they raise and change
+    nothing; lengths in a tensor on the plan's device are taken. The capture state is patched in (no GPU here)."""
+    import o1kernels.plan as plan_module
+
+    trees = _capacity_trees(8)
+    plan = TreeAttentionPlan(trees[0], 8, 4, capacity=CAPACITY)
+    before = plan.seg_lens.clone()
+    lengths = [max(0, length - 1) for _, length, _ in trees[0]]
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="lengths: inside a CUDA-graph capture pass an int32/int64 tensor"):
+        plan.set_lengths(lengths)
+    with pytest.raises(RuntimeError, match=r"update\(segments\): inside a CUDA-graph capture"):
+        plan.update(trees[1])
+    assert torch.equal(plan.seg_lens, before) and plan.seg_pages_host == [pages for pages, _, _ in trees[0]]
+    plan.set_lengths(torch.tensor(lengths, dtype=torch.int32))
+    assert plan.seg_lens[:len(lengths)].tolist() == lengths
+
 def _plan_error(segments, num_queries=3, page_size=4, **kw):
     return lambda: TreeAttentionPlan(segments, num_queries, page_size, **kw)
 
