@@ -413,6 +413,9 @@ class AttentionPlan:
 
     num_queries: int
     num_segments: int
+    # fp32 inputs on the Triton backend: "ieee" (exact fp32 dots) or "tf32" (tensor cores in TF32, ~1e-3 relative
+    # error; set it on a plan to opt in)
+    fp32_precision: str = "ieee"
 
     def __init__(self, device, path: str, num_heads, head_dim):
         if path not in PATHS:
@@ -508,9 +511,12 @@ class AttentionPlan:
             run = self._supported[name]()
             configs, paths = [None], [self.path]
             if name == "triton":
-                from .triton_ops.tree_attention import PARTIAL_CANDIDATES
+                from .triton_ops._target import gpu_target
+                from .triton_ops.tree_attention import dtype_class, partial_candidates
 
-                configs, paths = configs + list(PARTIAL_CANDIDATES), list(PATHS)
+                kind = dtype_class(q.dtype, self.fp32_precision)
+                configs = configs + partial_candidates(gpu_target(self.device), kind, q.shape[-1])
+                paths = list(PATHS)
             for path in paths:
                 self.path = path
                 has_partials = name != "triton" or self.layout("fused", *heads).num_partials > 0

@@ -63,3 +63,52 @@ def test_required_extension_build_error_fails_the_build(tmp_path):
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == expected, (required, run.stdout[-2000:] + run.stderr[-2000:])
         assert '"failed"' in (tree / "o1kernels" / "_build_info.json").read_text()
+
+
+def _launch_sites_unguarded(source: str) -> list[str]:
+    """Kernel launches (`name_kernel[grid](...)`) of a module not run under `with device_guard(...)`: neither inside
+    such a block (nested functions included) nor in a function whose every call in the module is guarded."""
+    import ast
+
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def enclosing(node, kind):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, kind):
+                yield node
+
+    def under_guard(node) -> bool:
+        return any(isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") == "device_guard"
+                   for w in enclosing(node, ast.With) for item in w.items)
+
+    def function_of(node):
+        return next((f.name for f in enclosing(node, ast.FunctionDef) if f in tree.body), None)
+
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    launches = [c for c in calls if isinstance(c.func, ast.Subscript) and getattr(c.func.value, "id", "").endswith("_kernel")]
+    guarded: dict[str, bool] = {}
+
+    def is_guarded(node, seen=()) -> bool:
+        if under_guard(node):
+            return True
+        name = function_of(node)
+        if name is None or name in seen:
+            return False
+        if name not in guarded:
+            sites = [c for c in calls if getattr(c.func, "id", None) == name]
+            guarded[name] = bool(sites) and all(is_guarded(c, seen + (name,)) for c in sites)
+        return guarded[name]
+
+    return [f"line {c.lineno}: {c.func.value.id}" for c in launches if not is_guarded(c)]
+
+
+def test_every_triton_launch_runs_under_a_device_guard():
+    """Triton launches on the current CUDA device, not the tensors': cuda:1 inputs would fault. Every launch in
+    o1kernels/triton_ops must run inside `with device_guard(device)` (an offline check: no second GPU here)."""
+    modules = sorted((ROOT / "o1kernels" / "triton_ops").glob("*.py"))
+    found = {m.name: _launch_sites_unguarded(m.read_text()) for m in modules}
+    assert sum("_kernel" in m.read_text() for m in modules) >= 3
+    assert not any(found.values()), found
+

@@ -1,6 +1,5 @@
 """TreeAttentionPlan + tree_attention against float64 attention over each query's explicit key list."""
 import random
-import textwrap
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from o1kernels import TreeAttentionPlan, tree_attention
 from o1kernels.plan import PlanCapacity
 from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
                                  tree_attention_f64, tree_segments)
-from offline_compile import run_compile_script
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = backends_on("cpu")
@@ -407,46 +405,6 @@ def test_tree_attention_rejects_bad_options():
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 
-# Compiles the attention kernels for sm_90 with Triton's bundled ptxas (no GPU needed): every partial-kernel tile
-# tune() may pick must compile and run its dots on wgmma (Hopper tensor cores); the decode-merge kernel compiles
-# for the GQA groups and head dims of real models. Catches what the interpreter accepts but the compiler rejects.
-SM90_COMPILE_SCRIPT = textwrap.dedent("""
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from o1kernels.triton_ops import tree_attention as ta
-
-    def compile_sm90(kernel, constexprs, options):
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                data = name[0] in "qkvo" and not name.startswith(("page", "part"))
-                sig[name] = "*bf16" if data else "*fp32" if name.startswith(("part", "lse")) else "*i32"
-            else:
-                sig[name] = "fp32" if name == "sm_scale_log2" else "i32"
-        const = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=options)
-
-    for bm, bn, warps, stages in ta.PARTIAL_CANDIDATES:
-        k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
-                         DOT_FP32=False, DOT_PRECISION="tf32"), {"num_warps": warps, "num_stages": stages})
-        assert "wgmma" in k.asm["ptx"], f"partial kernel tile {bm}x{bn} does not use wgmma"
-    for group, d in ((4, 128), (8, 128), (1, 64), (16, 256), (7, 96)):
-        c = ta.decode_config(torch.device("cuda"), group, d)
-        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
-        compile_sm90(ta._decode_merge_kernel, dict(GROUP=group, BLOCK_D=ta.block_d(d), PART_D=ta.block_d(d), DIRECT0=True,
-                     DIRECT1=True, PARTIALS=True, DOT_FP32=False, DOT_PRECISION="tf32", **c), opts)
-    print("compiled")
-""")
-
-
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    run_compile_script(SM90_COMPILE_SCRIPT, tmp_path, timeout=600)
-
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tree_attention_cuda(dtype):
@@ -458,52 +416,86 @@ def test_tree_attention_cuda(dtype):
         test_set_lengths_grows_segments_without_replanning(backend, device="cuda")
 
 
+# The backends a CUDA graph can capture (the torch reference builds index tensors on the device per call: not
+# capturable, and a loop that met it first never reached these).
+CAPTURE_BACKENDS = ("triton", "cuda")
+
+
+def _capturable(backend):
+    if backend not in backends_on("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on this GPU machine")
+
+
 @pytest.mark.cuda
-def test_tree_attention_cuda_graph_replay_after_set_lengths():
+@pytest.mark.parametrize("backend", CAPTURE_BACKENDS)
+def test_tree_attention_cuda_graph_replay_after_set_lengths(backend):
+    _capturable(backend)
     segments, plan = _grown_tree("cuda")
     q = torch.randn(3, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = _pool(10, 16, 2, 64, torch.bfloat16, "cuda")
-    for backend in backends_on("cuda"):
-        tree_attention(q, k, v, plan, backend=backend)  # compile / warm up outside the capture
+    tree_attention(q, k, v, plan, backend=backend)  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+    for lengths in ([40, 5, 16, 3], [48, 32, 0, 17]):
+        plan.set_lengths(torch.tensor(lengths, dtype=torch.int32, device="cuda"))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
-        for lengths in ([40, 5, 16, 3], [48, 32, 0, 17]):
-            plan.set_lengths(torch.tensor(lengths, dtype=torch.int32, device="cuda"))
-            q.copy_(torch.randn_like(q))
-            graph.replay()
-            torch.cuda.synchronize()
-            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
-            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
-            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+        o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
+        report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+        report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.cuda
-def test_capacity_plan_cuda_graph_replays_updated_trees():
+@pytest.mark.parametrize("backend", CAPTURE_BACKENDS)
+def test_capacity_plan_cuda_graph_replays_updated_trees(backend):
     """Capture tree_attention once on a plan with a fixed capacity; swap trees with update() and grow lengths
-    with set_lengths between replays: the same graph computes each tree."""
+    with set_lengths between replays: the same graph computes each tree. Inside the capture, host values for
+    set_lengths / update raise (they would be copied from a recycled host buffer at every replay)."""
+    _capturable(backend)
     num_queries = 8
     k, v = _pool(100, 4, 2, 64, torch.bfloat16, "cuda")
     trees = _capacity_trees(num_queries)
-    for backend in backends_on("cuda"):
-        plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
-        q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)
-        tree_attention(q, k, v, plan, backend=backend)  # lays out, compiles, allocates outside the capture
+    plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
+    q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)
+    tree_attention(q, k, v, plan, backend=backend)  # lays out, compiles, allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+        with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+            plan.set_lengths([length for _, length, _ in trees[0]])
+        with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+            plan.update(trees[1])
+    for segments in trees[1:] + trees[:1]:
+        plan.update(segments)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
-        for segments in trees[1:] + trees[:1]:
-            plan.update(segments)
-            q.copy_(torch.randn_like(q))
-            graph.replay()
-            torch.cuda.synchronize()
-            lengths = [length for _, length, _ in segments]
-            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 4, lengths, 64 ** -0.5)
-            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
-            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+        lengths = [length for _, length, _ in segments]
+        o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 4, lengths, 64 ** -0.5)
+        report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+        report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_launches_on_the_inputs_device():
+    """Inputs on cuda:1 while cuda:0 is current: the Triton launchers enter the inputs' device (device_guard)."""
+    import o1kernels
+
+    segments, plan = _grown_tree("cuda:1")
+    q = torch.randn(3, 8, 64, device="cuda:1", dtype=torch.bfloat16)
+    k, v = _pool(10, 16, 2, 64, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        _check(q, k, v, segments, plan, "triton")
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend="triton")
+        merged, _ = o1kernels.merge_states(o, lse, o, lse, backend="triton")
+    torch.cuda.synchronize(1)
+    report_mismatch("merge_states on cuda:1", merged, o.float(), *TOLERANCES[torch.bfloat16])
 
 def test_auto_backend_matches_float64():
     segments, plan = _grown_tree("cpu")
