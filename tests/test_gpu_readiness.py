@@ -112,3 +112,38 @@ def test_every_triton_launch_runs_under_a_device_guard():
     assert sum("_kernel" in m.read_text() for m in modules) >= 3
     assert not any(found.values()), found
 
+
+STUB_NVCC = """#!/usr/bin/env bash
+# nvcc stand-in: the version, the toolkit root, and an (empty) output file for -o
+case " $* " in *" --version "*) echo "Cuda compilation tools, release 13.0, V13.0.0"; exit 0 ;; esac
+case " $* " in *" --dryrun "*) echo "#\\$ TOP=/nonexistent/cuda" >&2; exit 0 ;; esac
+while [ $# -gt 0 ]; do [ "$1" = -o ] && { : > "$2"; chmod +x "$2"; }; shift; done
+"""
+
+
+def test_compile_check_imports_the_tree_it_checked(tmp_path):
+    """csrc/tools/compile_check.sh's last step imports the checked tree's o1kernels._C, whatever else is installed
+    (nvcc and the host compiler stubbed: only that step is under test). PYTHONSAFEPATH=1 keeps the working directory
+    off sys.path, as a python started differently would: the check must still import the tree's extension, and
+    fail when the tree has none."""
+    import shutil
+
+    so = sorted((ROOT / "o1kernels").glob("_C*.so"))
+    if not so:
+        import pytest
+
+        pytest.skip("this checkout has no built o1kernels._C")
+    tree = _tree_copy(tmp_path)
+    stub = tmp_path / "nvcc"
+    stub.write_text(STUB_NVCC)
+    stub.chmod(0o755)
+    env = _env(NVCC=str(stub), CXX="true", PYTHON=sys.executable, PYTHONSAFEPATH="1",
+               O1K_COMPILE_CHECK_DIR=str(tmp_path / "objects"))
+    script = str(tree / "csrc" / "tools" / "compile_check.sh")
+    shutil.copy(so[0], tree / "o1kernels" / so[0].name)
+    run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert f"import ok {tree / 'o1kernels' / so[0].name}" in run.stdout, run.stdout[-2000:]
+    (tree / "o1kernels" / so[0].name).unlink()
+    run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "import ok" not in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
