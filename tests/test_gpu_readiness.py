@@ -147,3 +147,24 @@ def test_compile_check_imports_the_tree_it_checked(tmp_path):
     (tree / "o1kernels" / so[0].name).unlink()
     run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "import ok" not in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh bench with its GPU steps stubbed (GPU_CHECK_DRY_RUN=1, the benchmarks on the CPU):
+    the plan with expected times and limits first, a start and an end line per step, every benchmark's table and
+    acceptance lines written into OUT_DIR, exit status 0."""
+    import json
+
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "bench", str(tmp_path)],
+                         env=_env(GPU_CHECK_DRY_RUN="1"), capture_output=True, text=True, timeout=600)
+    out = run.stdout
+    assert run.returncode == 0, out[-3000:] + run.stderr[-2000:]
+    assert out.count("expected ~") >= 6 and "limit 110s" in out, out[:2000]
+    for step in ("prechecks", "cuda-kernels", "bench-attention", "bench-step-rewards", "bench-decode"):
+        assert f"{step}: start" in out and f"{step}: ok in" in out, out[-3000:]
+    results = sorted(tmp_path.glob("bench_*_cpu_*.json"))
+    assert [p.name.split("_cpu_")[0] for p in results] == ["bench_attention", "bench_decode", "bench_step_rewards"]
+    assert all(json.loads(p.read_text())["meta"]["complete"] and json.loads(p.read_text())["rows"] for p in results)
+    summary = out[out.index("acceptance lines"):].splitlines()
+    assert sum(line.startswith("  acceptance (") for line in summary) == 3, out[-2000:]
+    assert (tmp_path / "gpu_check_bench.log").exists()
