@@ -18,17 +18,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Triton's tiles by its next power of two (one tile of head_dim per program); the torch reference takes any size.
 MAX_HEAD_DIM = {"torch": 1024, "triton": 256, "cpu": 256, "cuda": 256}
 
-# Attention features (AttentionSpec fields) and whether our kernels implement them. A feature missing here is refused
-# by every route with this description.
+# Attention features (AttentionSpec fields): the backends that implement each, and its description. A feature no
+# backend implements is refused by every route with this description; "auto" picks among the backends that
+# implement all a call needs.
 FEATURES = {
-    "sliding_window": (False, "sliding-window attention"),
-    "softcap": (False, "attention logit soft-capping"),
-    "sinks": (False, "attention sinks (a learned per-head logit in the softmax denominator)"),
-    "alibi": (False, "ALiBi positional biases"),
-    "non_causal": (False, "non-causal (bidirectional) self-attention"),
-    "cross_attention": (False, "cross-attention / encoder-decoder attention"),
-    "latent": (False, "multi-head latent attention (MLA)"),
-    "quantized_kv": (False, "a quantized KV cache (fp8/int8 pages)"),
+    "positions": ({"torch"}, "keys masked by query position (causal chunks, prefill rows in a paged call)"),
+    "sliding_window": ({"torch"}, "sliding-window attention"),
+    "softcap": ({"torch"}, "attention logit soft-capping"),
+    "sinks": ({"torch"}, "attention sinks (a learned per-head logit in the softmax denominator)"),
+    "alibi": (set(), "ALiBi positional biases"),
+    "non_causal": (set(), "non-causal (bidirectional) self-attention"),
+    "cross_attention": (set(), "cross-attention / encoder-decoder attention"),
+    "latent": (set(), "multi-head latent attention (MLA)"),
+    "quantized_kv": (set(), "a quantized KV cache (fp8/int8 pages)"),
 }
 
 
@@ -40,6 +42,8 @@ class AttentionSpec:
     num_heads: int = 1
     num_kv_heads: int = 1
     dtype: torch.dtype | None = None
+    positions: bool = False  # the call masks keys by query position (always true of a model's causal attention
+    #                          over chunks; a decode step over whole segments needs no mask)
     sliding_window: int | None = None  # keys at query position - key position < window only
     softcap: float | None = None  # logits -> softcap * tanh(logits / softcap) before the softmax
     sinks: bool = False  # a learned per-head logit joins the softmax denominator
@@ -58,7 +62,7 @@ def spec_of(q: torch.Tensor, k_cache: torch.Tensor, **features) -> AttentionSpec
 
 def _needs(spec: AttentionSpec) -> list[str]:
     """Names of the FEATURES the spec uses."""
-    used = {"sliding_window": spec.sliding_window is not None, "softcap": spec.softcap is not None,
+    used = {"positions": spec.positions, "sliding_window": spec.sliding_window is not None, "softcap": spec.softcap is not None,
             "sinks": spec.sinks, "alibi": spec.alibi, "non_causal": spec.non_causal,
             "cross_attention": spec.cross_attention, "latent": spec.latent, "quantized_kv": spec.quantized_kv}
     return [name for name, on in used.items() if on]
@@ -84,6 +88,9 @@ def backend_unsupported_reason(backend: str, spec: AttentionSpec) -> str | None:
     missing = unsupported_features(spec)
     if missing:
         return "not supported by o1kernels: " + "; ".join(missing)
+    lacking = [FEATURES[name][1] for name in _needs(spec) if backend not in FEATURES[name][0]]
+    if lacking:
+        return f"backend {backend!r} does not implement " + "; ".join(lacking)
     limit = MAX_HEAD_DIM[backend]
     if spec.head_dim > limit:
         return f"backend {backend!r} supports head_dim up to {limit}, got {spec.head_dim}"

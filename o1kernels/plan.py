@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ._backend import resolve_backend
@@ -97,34 +98,35 @@ def device_profile(device: torch.device) -> DeviceProfile:
 L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US, SPLIT_FACTOR, MIN_SPLIT_TOKENS = 0.25, 3.0, 4.0, 4, 2048
 
 
-def choose_direct(caps: Sequence[int], counts: Sequence[int], num_queries: int, kv_heads: int, head_dim: int,
-                  elem_bytes: int, profile: DeviceProfile) -> list[bool]:
-    """Per segment (capacity in tokens, number of queries reading it): True = direct path."""
+def choose_direct(caps, counts, num_queries: int, kv_heads: int, head_dim: int, elem_bytes: int,
+                  profile: DeviceProfile) -> np.ndarray:
+    """Per segment (capacity in tokens, number of queries reading it; arrays [S]): True = direct path."""
+    caps, counts = np.asarray(caps, dtype=np.int64), np.asarray(counts, dtype=np.int64)
     token_bytes = 2 * kv_heads * head_dim * elem_bytes
-    direct_tokens = sum(c for c, n in zip(caps, counts) if n == 1) or 1
+    direct_tokens = int(caps[counts == 1].sum()) or 1
     fair_share = direct_tokens * kv_heads / max(1, profile.num_sms)
     grid_filled = num_queries * kv_heads >= 2 * profile.num_sms
-    out = []
-    for cap, n in zip(caps, counts):
-        if n == 0:
-            out.append(False)
-        elif n == 1:
-            long = cap > max(MIN_SPLIT_TOKENS, SPLIT_FACTOR * fair_share)
-            out.append(grid_filled or not long)
-        else:
-            seg_bytes = cap * token_bytes
-            reread_us = n * seg_bytes / (L2_SPEEDUP * profile.gbps * 1e3)
-            out.append(seg_bytes <= L2_FRACTION * profile.l2_bytes and reread_us <= DIRECT_REREAD_US)
-    return out
+    single = grid_filled | (caps <= max(MIN_SPLIT_TOKENS, SPLIT_FACTOR * fair_share))
+    seg_bytes = caps * token_bytes
+    reread_us = counts * seg_bytes / (L2_SPEEDUP * profile.gbps * 1e3)
+    shared = (seg_bytes <= L2_FRACTION * profile.l2_bytes) & (reread_us <= DIRECT_REREAD_US)
+    return np.where(counts == 1, single, np.where(counts == 0, False, shared))
 
 
-def fill_grid_chunks(chunks: list[int], caps: Sequence[int], tiles: Sequence[int], kv_heads: int,
-                     profile: DeviceProfile) -> list[int]:
+def default_kv_chunks(counts: np.ndarray) -> np.ndarray:
+    """default_kv_chunk of each segment, from its query count [S]."""
+    want = TOKENS_PER_QUERY * np.maximum(np.asarray(counts, dtype=np.int64), 1)
+    pow2 = np.left_shift(1, np.ceil(np.log2(want)).astype(np.int64))
+    return np.clip(pow2, MIN_KV_CHUNK, MAX_KV_CHUNK)
+
+
+def fill_grid_chunks(chunks, caps, tiles, kv_heads: int, profile: DeviceProfile) -> np.ndarray:
     """Halve the kv chunks of shared segments (largest chunk first, not below MIN_KV_CHUNK) until the
     partial grid has >= 2 programs per SM: split over kv only when the grid would not fill the device."""
-    chunks = list(chunks)
-    programs = kv_heads * sum(-(-cap // ch) * t for cap, ch, t in zip(caps, chunks, tiles) if t)
-    candidates = sorted((i for i, t in enumerate(tiles) if t), key=lambda i: -chunks[i])
+    chunks = np.array(chunks, dtype=np.int64)
+    caps, tiles = np.asarray(caps, dtype=np.int64), np.asarray(tiles, dtype=np.int64)
+    programs = kv_heads * int((-(-caps // chunks) * tiles)[tiles > 0].sum())
+    candidates = sorted((int(i) for i in np.flatnonzero(tiles)), key=lambda i: -chunks[i])
     while programs < 2 * profile.num_sms and candidates:
         i = candidates[0]
         if chunks[i] <= MIN_KV_CHUNK or caps[i] <= chunks[i] // 2:
@@ -132,7 +134,7 @@ def fill_grid_chunks(chunks: list[int], caps: Sequence[int], tiles: Sequence[int
             continue
         before = -(-caps[i] // chunks[i])
         chunks[i] //= 2
-        programs += kv_heads * tiles[i] * (-(-caps[i] // chunks[i]) - before)
+        programs += kv_heads * int(tiles[i] * (-(-caps[i] // chunks[i]) - before))
         candidates.sort(key=lambda j: -chunks[j])
     return chunks
 
@@ -182,6 +184,14 @@ class PlanLayout:
     num_slots: int  # partial slots in use (slots[:num_slots]; the rest is a capacity's padding)
     launches: dict = field(default_factory=dict)  # backend launch specs built on first use (see triton_ops)
     buffer: torch.Tensor | None = None  # the flat int32 tensor the index views live in (host-built layouts)
+    # Masking by position (plans built with positions; see TreeAttentionPlan): seg_start [num_segments] is the
+    # position of each segment's first token, q_pos [num_queries] the plan's query positions (plan.q_pos, shared).
+    # Key t of segment s is visible to query i iff seg_start[s] + t <= q_pos[i] and, with window W,
+    # q_pos[i] - (seg_start[s] + t) < W. causal False: no masking (seg_start / q_pos unused, may be None).
+    seg_start: torch.Tensor | None = None
+    q_pos: torch.Tensor | None = None
+    causal: bool = False
+    window: int | None = None
 
     @property
     def num_work(self) -> int:
@@ -209,23 +219,22 @@ def refuse_host_values_in_capture(device: torch.device, name: str) -> None:
                            "stale values); or set the values between replays")
 
 
-def int32_on(device: torch.device, values: list[int]) -> torch.Tensor:
-    """An int32 tensor of `values` on `device`; to a GPU through pinned memory without a host sync (the
-    caching host allocator keeps the staging buffer until the copy has run)."""
-    host = torch.tensor(values, dtype=torch.int32)
+def int32_on(device: torch.device, values) -> torch.Tensor:
+    """An int32 tensor of `values` (ints or a numpy array) on `device`; to a GPU through pinned memory without a
+    host sync (the caching host allocator keeps the staging buffer until the copy has run)."""
+    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int32)) if isinstance(values, np.ndarray) else \
+        torch.tensor(values, dtype=torch.int32)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    return host.to(device, copy=True)
 
 
-def _pack(device: torch.device, arrays: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def _pack(device: torch.device, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """One host buffer, one host-to-device copy, then a view per array."""
-    flat, offsets = [], {}
-    for name, values in arrays.items():
-        offsets[name] = (len(flat), len(values))
-        flat.extend(values)
-    buf = int32_on(device, flat)
-    return {"buffer": buf, **{name: buf[start:start + n] for name, (start, n) in offsets.items()}}
+    sizes = [len(values) for values in arrays.values()]
+    buf = int32_on(device, np.concatenate(list(arrays.values())) if arrays else np.zeros(0, np.int32))
+    offsets = np.cumsum([0] + sizes)
+    return {"buffer": buf, **{name: buf[int(o):int(o) + n] for name, o, n in zip(arrays, offsets, sizes)}}
 
 
 @dataclass(frozen=True)
@@ -249,90 +258,149 @@ class PlanCapacity:
 _WORK_KEYS = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
 
 
-def layout_arrays(pages: Sequence[list[int]], caps: Sequence[int], queries: Sequence[list[int]], direct: Sequence[bool],
-                  chunks: Sequence[int], queries_per_tile: int, num_queries: int,
-                  capacity: PlanCapacity | None = None) -> tuple[dict, dict]:
-    """Host arrays of the layout of segments with known queries over one KV source (TreeAttentionPlan; see
-    PlanLayout) and their counts. With `capacity` every array is padded to its capacity (padding work items
-    are empty); ValueError when the layout does not fit."""
-    arrays = {"page_table": [p for pg in pages for p in pg], "seg_page_start": [], "seg_capacity": list(caps),
-              "seg_queries": [qi for qs in queries for qi in qs]}
-    query_start, n_pages, n_q = [], 0, 0
-    for pg, qs in zip(pages, queries):
-        arrays["seg_page_start"].append(n_pages)
-        query_start.append(n_q)
-        n_pages += len(pg)
-        n_q += len(qs)
+@dataclass
+class SegmentArrays:
+    """Host description of a plan's segments (numpy; int64 unless noted).
 
-    slots_of_query: dict[int, list[int]] = {}
-    direct_of_query: dict[int, list[int]] = {}
-    work = {k: [] for k in _WORK_KEYS}
-    num_partials = max_q = 0
-    for s, (qs, cap, chunk, is_direct) in enumerate(zip(queries, caps, chunks, direct)):
-        if not qs or cap == 0:
-            continue
-        if is_direct:
-            for qi in qs:
-                direct_of_query.setdefault(qi, []).append(s)
-            continue
-        for kv_start in range(0, cap, chunk):
-            for t in range(0, len(qs), queries_per_tile):
-                tile = qs[t:t + queries_per_tile]
-                for key, value in zip(_WORK_KEYS, (s, kv_start, min(kv_start + chunk, cap), query_start[s] + t,
-                                                   query_start[s] + t + len(tile), num_partials)):
-                    work[key].append(value)
-                for j, qi in enumerate(tile):
-                    slots_of_query.setdefault(qi, []).append(num_partials + j)
-                num_partials += len(tile)
-                max_q = max(max_q, len(tile))
-    for k, v in work.items():
-        arrays[f"work_{k}"] = v
+    pages: int32 [*] the host page table; segment s's tokens are in pages[page_start[s]:], token t at
+      pages[page_start[s] + t // page_size] (the segments' own pages one after another, or the rows of a block
+      table, flattened, that block-table plans index into);
+    page_start, capacity (tokens it can hold), start (position of its first token; 0 without positions): [S];
+    query_ptr [S+1], queries [*]: CSR of the query rows reading each segment, in order."""
 
-    def csr(lists: dict[int, list[int]]) -> tuple[list[int], list[int]]:
-        indptr, values = [0], []
-        for qi in range(num_queries):
-            values.extend(lists.get(qi, ()))
-            indptr.append(len(values))
-        return indptr, values
+    pages: np.ndarray
+    page_start: np.ndarray
+    capacity: np.ndarray
+    start: np.ndarray
+    query_ptr: np.ndarray
+    queries: np.ndarray
 
-    arrays["slot_indptr"], arrays["slots"] = csr(slots_of_query)
-    num_direct = sum(len(v) for v in direct_of_query.values())
+    @property
+    def num_segments(self) -> int:
+        return int(self.capacity.shape[0])
+
+    def counts(self) -> np.ndarray:
+        """Query rows per segment [S]."""
+        return np.diff(self.query_ptr)
+
+    def with_queries(self, keep: np.ndarray) -> "SegmentArrays":
+        """The same segments with only the (segment, query) pairs where keep [len(queries)] is True."""
+        seg_of_pair = np.repeat(np.arange(self.num_segments), self.counts())
+        ptr = np.zeros(self.num_segments + 1, dtype=np.int64)
+        np.cumsum(np.bincount(seg_of_pair[keep], minlength=self.num_segments), out=ptr[1:])
+        return SegmentArrays(self.pages, self.page_start, self.capacity, self.start, ptr, self.queries[keep])
+
+
+def _csr_by_query(query: np.ndarray, values: np.ndarray, num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr [num_queries + 1], values grouped by query, in their given order within a query)."""
+    order = np.argsort(query, kind="stable")
+    indptr = np.zeros(num_queries + 1, dtype=np.int64)
+    np.cumsum(np.bincount(query, minlength=num_queries), out=indptr[1:])
+    return indptr, values[order]
+
+
+def layout_arrays(segs: SegmentArrays, direct: np.ndarray, chunks: np.ndarray, queries_per_tile: int,
+                  num_queries: int, capacity: PlanCapacity | None = None, *,
+                  external_pages: bool = False) -> tuple[dict, dict]:
+    """Host arrays (numpy) of the layout of segments over one KV source (TreeAttentionPlan; see PlanLayout) and its
+    counts, built with array operations (no loop over segments, queries or work items). direct [S] bool: read in
+    the final kernel; chunks [S]: kv tokens per shared work item. external_pages: the page table is a device
+    tensor the plan's owner keeps (a block table), not part of the layout. With `capacity` every array is padded
+    to its capacity (padding work items are empty); ValueError when the layout does not fit."""
+    num_segs = segs.num_segments
+    counts = segs.counts()
+    cap = segs.capacity
+    arrays = {} if external_pages else {"page_table": segs.pages}
+    arrays.update(seg_page_start=segs.page_start, seg_capacity=cap, seg_start=segs.start, seg_queries=segs.queries)
+
+    # shared work items: per shared segment, kv chunks x query tiles (tiles fastest)
+    shared = ~direct & (counts > 0) & (cap > 0)
+    n_chunks = np.where(shared, -(-cap // np.maximum(chunks, 1)), 0)
+    n_tiles = np.where(shared, -(-counts // queries_per_tile), 0)
+    per_seg = n_chunks * n_tiles
+    num_work = int(per_seg.sum())
+    if num_work > MAX_WORK_ITEMS:
+        raise ValueError(f"the plan would hold {num_work} work items, more than {MAX_WORK_ITEMS}: use a larger "
+                         "kv_chunk_size / queries_per_tile or fewer, shorter segments")
+    seg = np.repeat(np.arange(num_segs), per_seg)
+    local = np.arange(num_work) - np.repeat(np.cumsum(per_seg) - per_seg, per_seg)
+    tiles = n_tiles[seg]
+    chunk = chunks[seg]
+    kv_start = (local // np.maximum(tiles, 1)) * chunk
+    kv_end = np.minimum(kv_start + chunk, cap[seg])
+    q_start = segs.query_ptr[seg] + (local % np.maximum(tiles, 1)) * queries_per_tile
+    q_end = np.minimum(q_start + queries_per_tile, segs.query_ptr[seg + 1])
+    size = q_end - q_start
+    out = np.cumsum(size) - size
+    num_partials = int(size.sum())
+    max_q = int(size.max()) if num_work else 0
+    for key, value in zip(_WORK_KEYS, (seg, kv_start, kv_end, q_start, q_end, out)):
+        arrays[f"work_{key}"] = value
+
+    # each query's partial slots (in work-item order) and direct segments (in segment order)
+    slot_query = segs.queries[np.repeat(q_start - out, size) + np.arange(num_partials)]
+    arrays["slot_indptr"], arrays["slots"] = _csr_by_query(slot_query, np.arange(num_partials), num_queries)
+    is_direct = direct & (counts > 0) & (cap > 0)
+    pair_direct = np.repeat(is_direct, counts)
+    num_direct = int(pair_direct.sum())
     has_direct = capacity is not None or num_direct > 0
     if has_direct:
-        arrays["direct_indptr"], arrays["direct_segs"] = csr(direct_of_query)
-    num_work = len(work["seg"])
+        arrays["direct_indptr"], arrays["direct_segs"] = _csr_by_query(
+            segs.queries[pair_direct], np.repeat(np.arange(num_segs), counts)[pair_direct], num_queries)
+    num_slots = num_partials
     if capacity is not None:
-        sizes = {"page_table": capacity.pages, "seg_page_start": capacity.segments, "seg_capacity": capacity.segments,
+        sizes = {"seg_page_start": capacity.segments, "seg_capacity": capacity.segments, "seg_start": capacity.segments,
                  "seg_queries": capacity.query_refs, "slots": capacity.partials, "direct_segs": capacity.direct,
                  **{f"work_{k}": capacity.work for k in _WORK_KEYS}}
-        needs = {"segments": len(caps), "pages": n_pages, "query_refs": n_q, "work": num_work, "partials": num_partials,
+        needs = {"segments": num_segs, "query_refs": len(segs.queries), "work": num_work, "partials": num_partials,
                  "direct": num_direct}
+        if not external_pages:
+            sizes["page_table"] = capacity.pages
+            needs["pages"] = len(segs.pages)
         over = [f"{k} {v} > {getattr(capacity, k)}" for k, v in needs.items() if v > getattr(capacity, k)]
         if over:
             raise ValueError(f"the plan does not fit its capacity ({', '.join(over)}): build a new plan (and capture "
                              "a new graph) with a larger PlanCapacity")
-        for name, size in sizes.items():
-            arrays[name] = arrays[name] + [0] * (size - len(arrays[name]))
+        for name, n in sizes.items():
+            arrays[name] = np.concatenate([arrays[name], np.zeros(n - len(arrays[name]), dtype=np.int64)])
         num_work, num_partials, max_q = capacity.work, capacity.partials, queries_per_tile
     return arrays, dict(num_work=num_work, num_partials=num_partials, max_q=max_q, num_direct=num_direct,
-                        has_direct=has_direct, num_slots=arrays["slot_indptr"][-1])
+                        has_direct=has_direct, num_slots=num_slots)
 
 
-def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayout | None = None) -> PlanLayout:
+def layout_needs(segs: SegmentArrays, direct: np.ndarray, chunks: np.ndarray, queries_per_tile: int) -> dict:
+    """What a layout of these segments needs of a PlanCapacity, counted without building it (a dry count)."""
+    counts = segs.counts()
+    cap = segs.capacity
+    shared = ~direct & (counts > 0) & (cap > 0)
+    n_chunks = np.where(shared, -(-cap // np.maximum(chunks, 1)), 0)
+    n_tiles = np.where(shared, -(-counts // queries_per_tile), 0)
+    return dict(segments=segs.num_segments, pages=len(segs.pages), query_refs=len(segs.queries),
+                work=int((n_chunks * n_tiles).sum()), partials=int((n_chunks * counts * shared).sum()),
+                direct=int((counts * (direct & (counts > 0) & (cap > 0))).sum()))
+
+
+def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayout | None = None, *,
+                q_pos: torch.Tensor | None = None, window: int | None = None,
+                page_table: torch.Tensor | None = None) -> PlanLayout:
     """The PlanLayout of layout_arrays' output on seg_lens' device (one host-to-device copy); or `into`, a layout
-    of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay)."""
+    of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay).
+    q_pos: the plan's query positions (a plan with positions: the layout masks by position), window: its window;
+    page_table: the device page table when it is not part of the arrays (block-table plans)."""
     if into is not None:
-        into.buffer.copy_(int32_on(into.buffer.device, [v for values in arrays.values() for v in values]))
+        into.buffer.copy_(int32_on(into.buffer.device, np.concatenate(list(arrays.values()))))
         into.num_direct, into.num_slots = meta["num_direct"], meta["num_slots"]
         return into
     t = _pack(seg_lens.device, arrays)
+    table = page_table if page_table is not None else t["page_table"]
     return PlanLayout(
-        t["page_table"], t["seg_page_start"], t["seg_capacity"], seg_lens, t["seg_queries"],
+        table, t["seg_page_start"], t["seg_capacity"], seg_lens, t["seg_queries"],
         [SourceWork(tuple(t[f"work_{k}"] for k in _WORK_KEYS), meta["num_work"], meta["max_q"], 0,
-                    len(t["seg_capacity"]), 0, len(t["page_table"]))],
+                    len(t["seg_capacity"]), 0, len(table))],
         meta["num_partials"], t["slot_indptr"], t["slots"],
         [(t["direct_indptr"], t["direct_segs"]) if meta["has_direct"] else None], meta["num_direct"],
-        meta["num_slots"], buffer=t["buffer"])
+        meta["num_slots"], buffer=t["buffer"], seg_start=t["seg_start"], q_pos=q_pos, causal=q_pos is not None,
+        window=window)
 
 
 # ---- argument helpers --------------------------------------------------------------------------------------------
@@ -428,33 +496,39 @@ class AttentionPlan:
         self._layouts: dict = {}
         self._workspaces: dict = {}
         self._runners: dict = {}
+        self.causal = False  # masks keys by query position (TreeAttentionPlan with positions)
         self.tuned: dict = {}  # what tune() chose: {"config": partial-kernel tile or None, "ms": ...}
         self.checked_signature = None  # input shapes/dtypes/devices the op last validated against this plan
 
     # -- set by subclasses
-    def _build(self, kind: str, group: int, kv_heads: int, head_dim: int, elem_bytes: int) -> PlanLayout:
+    def _build(self, key: tuple) -> PlanLayout:
         raise NotImplementedError
 
     def layout(self, kind: str, num_q_heads: int | None = None, num_kv_heads: int | None = None,
-               head_dim: int | None = None, elem_bytes: int = 2) -> PlanLayout:
+               head_dim: int | None = None, elem_bytes: int = 2, window: int | None = None) -> PlanLayout:
         """The plan's layout of `kind` ("split": every segment shared; "fused": per-segment paths by
-        self.path) for these head counts (default: the plan's num_heads/head_dim, else a typical GQA shape)."""
+        self.path) for these head counts (default: the plan's num_heads/head_dim, else a typical GQA shape) and
+        sliding window (None: full attention; a plan with positions leaves out the (segment, query) pairs that
+        lie wholly before the query's window)."""
         if num_q_heads is None:
             num_q_heads, num_kv_heads = self.num_heads or (DEFAULT_GQA_GROUP * DEFAULT_KV_HEADS, DEFAULT_KV_HEADS)
         head_dim = head_dim or self.head_dim or 128
-        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes, window)
         lay = self._layouts.get(key)
         if lay is None:
             if capturing(self.device):
                 raise RuntimeError("this plan has not run with these head counts yet, and laying it out now would copy "
                                    "to the GPU inside a CUDA-graph capture: run it once before capturing (or pass "
                                    "num_heads/head_dim when building the plan)")
-            lay = self._build(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes)
+            lay = self._build(key)
             self._layouts[key] = lay
         return lay
 
-    def _layout_key(self, kind, group, kv_heads, head_dim, elem_bytes) -> tuple:
-        return (kind,) if kind == "split" else (kind, self.path, group, kv_heads, head_dim, elem_bytes)
+    def _layout_key(self, kind, group, kv_heads, head_dim, elem_bytes, window=None) -> tuple:
+        """(kind, path, group, kv_heads, head_dim, elem_bytes, window); the split layout depends on the window alone."""
+        if kind == "split":
+            return ("split", None, DEFAULT_GQA_GROUP, DEFAULT_KV_HEADS, 128, 2, window)
+        return (kind, self.path, group, kv_heads, head_dim, elem_bytes, window)
 
     def workspace(self, kind: str, num_partials: int, num_q_heads: int, width: int):
         """Plan-owned fp32 partial buffers (o [num_partials, Hq, width], lse [num_partials, Hq]), reused by
@@ -559,10 +633,16 @@ def _median_ms(fn, reps: int) -> float:
 class TreeAttentionPlan(AttentionPlan):
     """Validated description of which query rows attend to which paged KV segments (any tree).
 
-    segments: sequence of (pages, length, queries). The segment's tokens live in order in `pages`
-      (token t at page pages[t // page_size], slot t % page_size); `length` is its initial length
-      (0 <= length <= len(pages) * page_size = its capacity); `queries` are distinct query rows in
-      [0, num_queries) that attend to the whole segment.
+    segments: sequence of (pages, length, queries) or (pages, length, queries, start). The segment's tokens
+      live in order in `pages` (token t at page pages[t // page_size], slot t % page_size); `length` is its
+      initial length (0 <= length <= len(pages) * page_size = its capacity); `queries` are distinct query rows
+      in [0, num_queries) that attend to it; `start` (plans with positions) the position of its first token.
+    positions: None (every listed query attends to every token of its segments), or the position of each query
+      row [num_queries] (ints or a CPU integer tensor): the plan masks by position (causal): key t of segment s is
+      visible to query i iff start_s + t <= positions[i] (and, run with a sliding window W, positions[i] -
+      (start_s + t) < W). Every segment must then give its start. set_positions() moves the positions on (no
+      re-plan, no sync); they must not go below the positions the plan was built or updated with, which windowed
+      layouts use to leave out segments wholly before a query's window.
     kv_chunk_size: tokens per shared work item (default per segment clamp(next_pow2(32 * its query count),
       256, 8192), halved while the grid would not fill the device); queries_per_tile: queries per work
       item (default: 128 rows on a GPU / 64 on a CPU, divided by the GQA group).
@@ -570,15 +650,55 @@ class TreeAttentionPlan(AttentionPlan):
       the first run); path: "auto" | "cascade" | "decode" (see AttentionPlan).
     capacity: a PlanCapacity makes the plan capture-stable: update(segments) re-lays it out in place.
 
-    Host ints: num_queries, page_size, num_segments, max_page (-1 without pages).
-    Device int32: seg_lens [num_segments] (current lengths; see set_lengths). The work lists are in
-    plan.layout("split") / plan.layout("fused", ...) (PlanLayout).
-    Host copies for the torch reference: seg_pages_host, seg_queries_host, seg_capacity_host.
+    Host: num_queries, page_size, num_segments, max_page (-1 without pages), causal (built with positions), masks
+    (the position masks change what some query sees: False when every query sits at or after the last token of each
+    of its segments, as decode rows over whole segments do, so backends without position masks can run it), segs
+    (SegmentArrays; seg_pages_host, seg_queries_host, seg_capacity_host, seg_start_host list them).
+    Device int32: seg_lens [num_segments] (current lengths; see set_lengths), q_pos [num_queries] (positions; see
+    set_positions; all INT32_MAX without positions). The work lists are in plan.layout("split") /
+    plan.layout("fused", ...) (PlanLayout).
+    Block-table plans (o1kernels.paged.PagedAttention) are built by TreeAttentionPlan.from_arrays over a page table
+    the caller keeps on the device.
     """
 
     def __init__(self, segments, num_queries: int, page_size: int, *, device=None, kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, num_heads=None, head_dim: int | None = None, path: str = "auto",
-                 capacity: PlanCapacity | None = None):
+                 capacity: PlanCapacity | None = None, positions=None):
+        self._setup(num_queries, page_size, device, kv_chunk_size, queries_per_tile, num_heads, head_dim, path,
+                    capacity, positions is not None)
+        segs, lengths, self.max_page = self._parse(segments)
+        self._set_tree(segs, lengths, self._parse_positions(positions))
+        self.seg_lens = int32_on(self.device, self._padded(lengths))
+        self.q_pos = int32_on(self.device, self.positions_host)
+        if self.num_heads is not None:
+            self.layout("fused", *self.num_heads, head_dim or 128)
+
+    @classmethod
+    def from_arrays(cls, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray | None, num_queries: int,
+                    page_size: int, page_table: torch.Tensor, *, max_page: int, capacity: PlanCapacity | None = None,
+                    masks: bool = True, **options) -> "TreeAttentionPlan":
+        """A plan over segments already laid out and checked by its caller (o1kernels.paged: block tables), whose
+        pages are read from `page_table` (int32 device tensor that `segs.page_start` index into, kept by the
+        caller: a structural change re-plans with update_arrays). masks: see the class docstring (the caller knows
+        whether its positions mask anything). options: device, kv_chunk_size, queries_per_tile, num_heads, head_dim,
+        path (as in the constructor)."""
+        plan = cls.__new__(cls)
+        plan._setup(num_queries, page_size, options.get("device"), options.get("kv_chunk_size"),
+                    options.get("queries_per_tile"), options.get("num_heads"), options.get("head_dim"),
+                    options.get("path", "auto"), capacity, positions is not None)
+        plan.page_table = page_table
+        plan.max_page = max_page
+        plan.masks = masks and positions is not None
+        pos = np.full(num_queries, INT32_MAX, dtype=np.int64) if positions is None else positions
+        plan._set_tree(segs, lengths, pos)
+        plan.seg_lens = int32_on(plan.device, plan._padded(lengths))
+        plan.q_pos = int32_on(plan.device, pos)
+        if plan.num_heads is not None:
+            plan.layout("fused", *plan.num_heads, plan.head_dim or 128)
+        return plan
+
+    def _setup(self, num_queries, page_size, device, kv_chunk_size, queries_per_tile, num_heads, head_dim, path,
+               capacity, causal) -> None:
         _check_count("num_queries", num_queries)
         _check_count("page_size", page_size, minimum=1)
         if kv_chunk_size is not None:
@@ -595,24 +715,36 @@ class TreeAttentionPlan(AttentionPlan):
         self.kv_chunk_size = kv_chunk_size
         self.queries_per_tile = queries_per_tile
         self.capacity = capacity
-        lengths = self._parse(segments)
-        if capacity is not None and self.num_segments > capacity.segments:
-            raise ValueError(f"the plan has {self.num_segments} segments, more than capacity.segments = "
-                             f"{capacity.segments}")
-        self.seg_lens = int32_on(self.device, self._padded(lengths))
-        if self.num_heads is not None:
-            self.layout("fused", *self.num_heads, head_dim or 128)
+        self.causal = causal
+        self.masks = causal
+        self.page_table = None  # device page table kept by the caller (block-table plans); None: in the layouts
 
-    def _parse(self, segments) -> list[int]:
-        """Validate `segments`, keep their host copies; return their lengths."""
+    def _set_tree(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray) -> None:
+        if self.capacity is not None and segs.num_segments > self.capacity.segments:
+            raise ValueError(f"the plan does not fit its capacity (segments {segs.num_segments} > "
+                             f"{self.capacity.segments}): build a new plan with a larger PlanCapacity")
+        self.segs = segs
+        self.num_segments = segs.num_segments
+        self.positions_host = positions
+
+    def _parse(self, segments) -> tuple[SegmentArrays, np.ndarray, int]:
+        """Validate `segments` (TypeError/ValueError naming the entry); return (SegmentArrays, lengths, max page)."""
         if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence):
             raise TypeError(f"segments must be a sequence of (pages, length, queries), got {type(segments).__name__}")
         page_size, num_queries = self.page_size, self.num_queries
-        seg_pages, seg_lens, seg_queries = [], [], []
+        seg_pages, seg_lens, seg_queries, seg_starts = [], [], [], []
         num_items = 0
         for s, seg in enumerate(segments):
-            if not isinstance(seg, (tuple, list)) or len(seg) != 3:
-                raise TypeError(f"segments[{s}] must be a (pages, length, queries) tuple, got {seg!r:.80}")
+            if not isinstance(seg, (tuple, list)) or len(seg) not in (3, 4):
+                raise TypeError(f"segments[{s}] must be a (pages, length, queries) or (pages, length, queries, start) "
+                                f"tuple, got {seg!r:.80}")
+            if self.causal != (len(seg) == 4):
+                raise ValueError(f"segments[{s}]: a plan {'with' if self.causal else 'without'} positions takes "
+                                 f"{'(pages, length, queries, start)' if self.causal else '(pages, length, queries)'} "
+                                 f"segments, got {len(seg)} fields")
+            start = seg[3] if len(seg) == 4 else 0
+            if not _is_int(start) or not 0 <= start <= INT32_MAX:
+                raise ValueError(f"segments[{s}].start must be an int in [0, 2**31 - 1], got {start!r}")
             pages = _int_list(f"segments[{s}].pages", seg[0])
             length = seg[1]
             queries = _int_list(f"segments[{s}].queries", seg[2])
@@ -637,42 +769,132 @@ class TreeAttentionPlan(AttentionPlan):
                 if num_items > MAX_WORK_ITEMS:
                     raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items (at segments[{s}]): "
                                      "use a larger kv_chunk_size / queries_per_tile or fewer, shorter segments")
+            if start + capacity > INT32_MAX + 1:
+                raise ValueError(f"segments[{s}]: start {start} + capacity {capacity} passes position 2**31 - 1")
             seg_pages.append(pages)
             seg_lens.append(length)
             seg_queries.append(queries)
-        self.num_segments = len(seg_pages)
-        self.seg_pages_host = seg_pages
-        self.seg_queries_host = seg_queries
-        self.seg_capacity_host = [len(p) * page_size for p in seg_pages]
-        all_pages = [p for pages in seg_pages for p in pages]
-        self.max_page = max(all_pages) if all_pages else -1
-        return seg_lens
+            seg_starts.append(start)
+        npages = np.array([len(p) for p in seg_pages], dtype=np.int64)
+        page_start = np.cumsum(npages) - npages
+        query_ptr = np.zeros(len(seg_pages) + 1, dtype=np.int64)
+        np.cumsum([len(q) for q in seg_queries], out=query_ptr[1:])
+        flat_pages = np.array([p for pages in seg_pages for p in pages], dtype=np.int64)
+        segs = SegmentArrays(flat_pages.astype(np.int32), page_start, npages * page_size,
+                             np.array(seg_starts, dtype=np.int64), query_ptr,
+                             np.array([qi for qs in seg_queries for qi in qs], dtype=np.int64))
+        return segs, np.array(seg_lens, dtype=np.int64), int(flat_pages.max()) if len(flat_pages) else -1
 
-    def _padded(self, lengths: list[int]) -> list[int]:
-        return lengths + [0] * (self.capacity.segments - len(lengths)) if self.capacity is not None else lengths
+    # -- host views of the segments (tests, the torch reference)
+    def pages_of(self, s: int) -> np.ndarray:
+        """Page ids of segment s (its capacity's worth; read back from the device page table of a block-table plan)."""
+        lo = int(self.segs.page_start[s])
+        hi = lo + -(-int(self.segs.capacity[s]) // self.page_size)
+        if self.page_table is not None:
+            return self.page_table[lo:hi].cpu().numpy()
+        return self.segs.pages[lo:hi]
 
-    def update(self, segments) -> None:
-        """Replace the tree (same num_queries and page_size) and re-lay every layout built so far out in place:
-        its device tensors, grids and workspace stay, so a captured CUDA graph replays the new tree. Needs a
-        plan built with a PlanCapacity; ValueError when the new tree does not fit it (then nothing changed)."""
+    def page_ids(self, s: int) -> torch.Tensor:
+        """Page ids of segment s as a long tensor on the plan's device (no host round trip for block-table plans)."""
+        if self.page_table is None:
+            return torch.from_numpy(self.pages_of(s).astype(np.int64)).to(self.device)
+        lo = int(self.segs.page_start[s])
+        return self.page_table[lo:lo + -(-int(self.segs.capacity[s]) // self.page_size)].long()
+
+    def queries_of(self, s: int) -> np.ndarray:
+        return self.segs.queries[self.segs.query_ptr[s]:self.segs.query_ptr[s + 1]]
+
+    @property
+    def seg_pages_host(self) -> list[list[int]]:
+        return [self.pages_of(s).tolist() for s in range(self.num_segments)]
+
+    @property
+    def seg_queries_host(self) -> list[list[int]]:
+        return [self.queries_of(s).tolist() for s in range(self.num_segments)]
+
+    @property
+    def seg_capacity_host(self) -> list[int]:
+        return self.segs.capacity.tolist()
+
+    @property
+    def seg_start_host(self) -> list[int]:
+        return self.segs.start.tolist()
+
+    def _padded(self, lengths: np.ndarray) -> np.ndarray:
+        if self.capacity is None:
+            return lengths
+        return np.concatenate([lengths, np.zeros(self.capacity.segments - len(lengths), dtype=np.int64)])
+
+    def update(self, segments, positions=None) -> None:
+        """Replace the tree (same num_queries and page_size; positions: as in the constructor, required for a plan
+        with positions) and re-lay every layout built so far out in place: its device tensors, grids and workspace
+        stay, so a captured CUDA graph replays the new tree. Needs a plan built with a PlanCapacity; ValueError
+        when the new tree does not fit it (then nothing changed)."""
+        if (positions is not None) != self.causal:
+            raise ValueError(f"positions must be {'given' if self.causal else 'None'} for a plan "
+                             f"{'with' if self.causal else 'without'} positions")
+        if self.capacity is None:
+            raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
+        segs, lengths, max_page = self._parse(segments)
+        self.update_arrays(segs, lengths, self._parse_positions(positions), max_page=max_page)
+
+    def update_arrays(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray, *, max_page: int,
+                      masks: bool = True) -> None:
+        """update() with segments already laid out and checked (from_arrays' form); a plan with a PlanCapacity."""
         if self.capacity is None:
             raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
         refuse_host_values_in_capture(self.device, "update(segments)")
-        old = (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host, self.max_page)
-        lengths = self._parse(segments)
+        old = (self.segs, self.num_segments, self.positions_host)
         try:
-            if self.num_segments > self.capacity.segments:
-                raise ValueError(f"the plan does not fit its capacity (segments {self.num_segments} > "
-                                 f"{self.capacity.segments}): build a new plan with a larger PlanCapacity")
+            self._set_tree(segs, lengths, positions)
             layouts = [(key, self._arrays(*key)) for key in self._layouts]
         except ValueError:
-            (self.num_segments, self.seg_pages_host, self.seg_queries_host, self.seg_capacity_host,
-             self.max_page) = old
+            self.segs, self.num_segments, self.positions_host = old
             raise
+        self.max_page = max_page
+        self.masks = masks and self.causal
+        self._runners.clear()  # resolved per call signature, which includes whether masks are needed
         for key, (arrays, meta) in layouts:
             materialize(arrays, meta, self.seg_lens, into=self._layouts[key])
         self.seg_lens.copy_(int32_on(self.device, self._padded(lengths)))
+        self.q_pos.copy_(int32_on(self.device, positions))
         self.checked_signature = None
+
+    def _parse_positions(self, positions) -> np.ndarray:
+        """Host array of the query positions (INT32_MAX for every query without positions)."""
+        if positions is None:
+            return np.full(self.num_queries, INT32_MAX, dtype=np.int64)
+        values = _int_list("positions", positions)
+        if len(values) != self.num_queries:
+            raise ValueError(f"positions must have num_queries={self.num_queries} entries, got {len(values)}")
+        if values and not 0 <= min(values) <= max(values) <= INT32_MAX:
+            raise ValueError(f"positions must be in [0, 2**31 - 1], got values in [{min(values)}, {max(values)}]")
+        return np.array(values, dtype=np.int64)
+
+    def set_positions(self, positions) -> None:
+        """Move the query positions on in place (a plan with positions; no re-plan). positions: num_queries ints
+        (checked: not below the positions the plan was built/updated with) or an integer tensor [num_queries] on the
+        plan's device (copied without a host sync; CPU values checked, device values trusted)."""
+        if not self.causal:
+            raise ValueError("set_positions() needs a plan built with positions=")
+        if isinstance(positions, torch.Tensor):
+            check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+            check_shape("positions", positions, (self.num_queries,))
+            if positions.device.type == "cpu":
+                self._check_positions(positions.numpy())
+            self.q_pos.copy_(positions)
+            return
+        refuse_host_values_in_capture(self.device, "positions")
+        values = self._parse_positions(positions)
+        self._check_positions(values)
+        self.q_pos.copy_(int32_on(self.device, values))
+
+    def _check_positions(self, values: np.ndarray) -> None:
+        low = np.flatnonzero((values < self.positions_host) | (values > INT32_MAX))
+        if len(low):
+            i = int(low[0])
+            raise ValueError(f"positions[{i}] must be in [{int(self.positions_host[i])}, 2**31 - 1] (not below the "
+                             f"position the plan was laid out with), got {int(values[i])}")
 
     def _tile(self, group: int) -> int:
         if self.queries_per_tile is not None:
@@ -680,33 +902,64 @@ class TreeAttentionPlan(AttentionPlan):
         rows = GPU_TILE_ROWS if self.device.type == "cuda" else CPU_TILE_ROWS
         return max(1, rows // group)
 
-    def _arrays(self, kind, path=None, group=DEFAULT_GQA_GROUP, kv_heads=DEFAULT_KV_HEADS, head_dim=128, elem_bytes=2):
-        """layout_arrays of the layout with this key (see _layout_key) for the current tree (ValueError when it
-        does not fit the capacity)."""
-        caps = self.seg_capacity_host
-        counts = [len(q) for q in self.seg_queries_host]
+    def _windowed(self, window: int | None) -> SegmentArrays:
+        """The segments without the (segment, query) pairs whose window (at the plan's positions, which only grow)
+        lies wholly after the segment's last possible token."""
+        segs = self.segs
+        if window is None or not self.causal:
+            return segs
+        seg_of_pair = np.repeat(np.arange(segs.num_segments), segs.counts())
+        last = segs.start[seg_of_pair] + segs.capacity[seg_of_pair]
+        keep = (segs.capacity[seg_of_pair] == 0) | (last > self.positions_host[segs.queries] - window + 1)
+        return segs.with_queries(keep)
+
+    def _paths(self, segs: SegmentArrays, kind, path, group, kv_heads, head_dim, elem_bytes):
+        """(direct [S] bool, chunks [S], tile) of a layout."""
+        caps, counts = segs.capacity, segs.counts()
         profile = device_profile(self.device)
         if kind == "split":
-            direct = [False] * self.num_segments
+            direct = np.zeros(len(caps), dtype=bool)
         elif path == "decode":
-            direct = [n > 0 for n in counts]
+            direct = counts > 0
         elif path == "cascade":
-            direct = [n == 1 and cap <= MIN_SPLIT_TOKENS for cap, n in zip(caps, counts)]
+            direct = (counts == 1) & (caps <= MIN_SPLIT_TOKENS)
         else:
             direct = choose_direct(caps, counts, self.num_queries, kv_heads, head_dim, elem_bytes, profile)
         tile = self._tile(group)
         if self.kv_chunk_size is not None:
-            chunks = [self.kv_chunk_size] * self.num_segments
+            chunks = np.full(len(caps), self.kv_chunk_size, dtype=np.int64)
         else:
-            chunks = [default_kv_chunk(n) for n in counts]
+            chunks = default_kv_chunks(counts)
             if kind == "fused":
-                tiles = [0 if d or n == 0 else -(-n // tile) for d, n in zip(direct, counts)]
+                tiles = np.where(direct | (counts == 0), 0, -(-counts // tile))
                 chunks = fill_grid_chunks(chunks, caps, tiles, kv_heads, profile)
-        return layout_arrays(self.seg_pages_host, caps, self.seg_queries_host, direct, chunks, tile, self.num_queries,
-                             self.capacity)
+        return direct, chunks, tile
 
-    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
-        return materialize(*self._arrays(*self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)), self.seg_lens)
+    def _arrays(self, kind, path, group, kv_heads, head_dim, elem_bytes, window):
+        """layout_arrays of the layout with this key (see _layout_key) for the current tree (ValueError when it
+        does not fit the capacity)."""
+        segs = self._windowed(window)
+        direct, chunks, tile = self._paths(segs, kind, path, group, kv_heads, head_dim, elem_bytes)
+        return layout_arrays(segs, direct, chunks, tile, self.num_queries, self.capacity,
+                             external_pages=self.page_table is not None)
+
+    def needs(self, kind: str = "split", num_q_heads: int | None = None, num_kv_heads: int | None = None,
+              head_dim: int | None = None, elem_bytes: int = 2, window: int | None = None) -> dict:
+        """What the layout of `kind` (see layout()) needs of a PlanCapacity, counted without building it."""
+        if num_q_heads is None:
+            num_q_heads, num_kv_heads = self.num_heads or (DEFAULT_GQA_GROUP * DEFAULT_KV_HEADS, DEFAULT_KV_HEADS)
+        key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim or self.head_dim or 128,
+                               elem_bytes, window)
+        segs = self._windowed(window)
+        direct, chunks, tile = self._paths(segs, *key[:-1])
+        return layout_needs(segs, direct, chunks, tile)
+
+    def _build(self, key: tuple) -> PlanLayout:
+        window = key[-1]
+        if window is not None and not self.causal:
+            raise ValueError("a sliding window needs a plan built with positions= (TreeAttentionPlan(..., positions=))")
+        return materialize(*self._arrays(*key), self.seg_lens, q_pos=self.q_pos if self.causal else None,
+                           window=window, page_table=self.page_table)
 
     def set_lengths(self, lengths) -> None:
         """Set the current segment lengths in place (the plan's structure is unchanged).
@@ -719,20 +972,22 @@ class TreeAttentionPlan(AttentionPlan):
             check_tensor("lengths", lengths, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
             check_shape("lengths", lengths, (self.num_segments,))
             if lengths.device.type == "cpu":
-                self._check_lengths(lengths.tolist())
+                self._check_lengths(lengths.numpy())
             self.seg_lens[:self.num_segments].copy_(lengths)
             return
         refuse_host_values_in_capture(self.device, "lengths")
-        values = _int_list("lengths", lengths)
+        values = np.array(_int_list("lengths", lengths), dtype=np.int64)
         if len(values) != self.num_segments:
             raise ValueError(f"lengths must have num_segments={self.num_segments} entries, got {len(values)}")
         self._check_lengths(values)
         self.seg_lens[:self.num_segments].copy_(int32_on(self.device, values))
 
-    def _check_lengths(self, values: list[int]) -> None:
-        for s, (n, cap) in enumerate(zip(values, self.seg_capacity_host)):
-            if not 0 <= n <= cap:
-                raise ValueError(f"lengths[{s}] must be in [0, {cap}] (capacity of segment {s}), got {n}")
+    def _check_lengths(self, values: np.ndarray) -> None:
+        bad = np.flatnonzero((values < 0) | (values > self.segs.capacity))
+        if len(bad):
+            s = int(bad[0])
+            raise ValueError(f"lengths[{s}] must be in [0, {int(self.segs.capacity[s])}] (capacity of segment {s}), "
+                             f"got {int(values[s])}")
 
     def __repr__(self) -> str:
         return (f"TreeAttentionPlan(num_segments={self.num_segments}, num_queries={self.num_queries}, "
@@ -842,10 +1097,13 @@ class SharedPrefixPlan(AttentionPlan):
                                                      device_profile(self.device))
         return prefix_direct, suffix_direct
 
-    def _build(self, kind, group, kv_heads, head_dim, elem_bytes) -> PlanLayout:
+    def _build(self, key: tuple) -> PlanLayout:
         """Regular structure on the device: page_table = [0..G) ++ [0..B) (prompt g is page g of source 0,
         suffix b page b of source 1; each source counts its own page-table entries and segments); prefix
         tiles over branches sorted by prompt; suffix items per branch."""
+        kind, _, group, kv_heads, head_dim, elem_bytes, window = key
+        if window is not None:
+            raise ValueError("shared_prefix_attention has no positions: it does not take a sliding window")
         dev = self.device
         b, g, p, s = self.num_branches, self.num_prefixes, self.prefix_capacity, self.suffix_capacity
         prefix_direct, suffix_direct = self._paths(kind, group, kv_heads, head_dim, elem_bytes)
@@ -907,7 +1165,7 @@ class SharedPrefixPlan(AttentionPlan):
             slot_indptr=slot_indptr, slots=slots.view(-1), direct=direct,
             num_direct=b * (int(direct[0] is not None) + int(direct[1] is not None)), num_slots=b * slots_per_branch)
         meta = (tile, num_tiles, ncp, slots_per_branch)
-        self._layout_meta[self._layout_key(kind, group, kv_heads, head_dim, elem_bytes)] = meta
+        self._layout_meta[key] = meta
         self._fill_groups(lay, *meta)
         return lay
 

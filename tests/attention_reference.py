@@ -145,3 +145,72 @@ def backends_on(device: str) -> list[str]:
 def random_values(shape, dtype, device="cpu"):
     """Uniform values in [-1, 1) in `dtype` (never zeros: every test input is random)."""
     return (torch.rand(shape, device=device) * 2 - 1).to(dtype)
+
+
+def positioned_attention_f64(q, k_cache, v_cache, segments, page_size, lengths, positions, sm_scale, *, window=None,
+                             softcap=None, sinks=None):
+    """float64 attention of query rows with positions over segments (pages, length, queries, start): row i sees
+    token t of a segment listing it iff start + t <= positions[i] and (window) positions[i] - start - t < window;
+    scores capped by softcap * tanh(s / softcap); sinks [Hq] join each softmax denominator.
+    Returns (o [NQ, Hq, D], lse [NQ, Hq]) (lse includes the sink)."""
+    num_q, hq, d = q.shape
+    group = hq // k_cache.shape[2]
+    outs, lses = [], []
+    for i in range(num_q):
+        ks, vs = [], []
+        for (pages, _, queries, start), length in zip(segments, lengths):
+            if i not in list(queries):
+                continue
+            for t in range(length):
+                dist = positions[i] - (start + t)
+                if dist < 0 or (window is not None and dist >= window):
+                    continue
+                ks.append(k_cache[pages[t // page_size], t % page_size])
+                vs.append(v_cache[pages[t // page_size], t % page_size])
+        scores = torch.zeros(hq, 0, dtype=torch.float64)
+        vd = torch.zeros(0, hq, d, dtype=torch.float64)
+        if ks:
+            kd = torch.stack(ks).double().repeat_interleave(group, dim=1)
+            vd = torch.stack(vs).double().repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,thd->ht", q[i].double(), kd) * sm_scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.double()[:, None]], dim=1)
+            vd = torch.cat([vd, torch.zeros(1, hq, d, dtype=torch.float64)])
+        if scores.shape[1] == 0:
+            outs.append(torch.zeros(hq, d, dtype=torch.float64))
+            lses.append(torch.full((hq,), -math.inf, dtype=torch.float64))
+            continue
+        lses.append(torch.logsumexp(scores, dim=1))
+        outs.append(torch.einsum("ht,thd->hd", torch.softmax(scores, dim=1), vd))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def positioned_tree(nodes, leaves, page_size, rng, *, max_new: int = 1):
+    """A random tree laid out in pages with positions: each node's segment starts where its parent's tokens end; each
+    leaf has 1..max_new query rows, the last ones of its own tokens (a chunk: causal inside the leaf). Returns
+    (segments (pages, length, queries, start), positions, num_pages)."""
+    start = {}
+    for n, (length, parent) in enumerate(nodes):
+        start[n] = 0 if parent == -1 else start[parent] + nodes[parent][0]
+    rows_of_leaf, positions = {}, []
+    for leaf in leaves:
+        end = start[leaf] + nodes[leaf][0]
+        t = rng.randint(1, max_new)
+        rows_of_leaf[leaf] = list(range(len(positions), len(positions) + t))
+        positions += [max(0, end - t + j) for j in range(t)]
+    below = {i: [] for i in range(len(nodes))}
+    for leaf in leaves:
+        node = leaf
+        while node != -1:
+            below[node] += rows_of_leaf[leaf]
+            node = nodes[node][1]
+    counts = [-(-length // page_size) + rng.randint(0, 1) for length, _ in nodes]
+    perm = list(range(sum(counts) + 2))
+    rng.shuffle(perm)
+    segments, used = [], 0
+    for n, ((length, _), count) in enumerate(zip(nodes, counts)):
+        segments.append((perm[used:used + count], length, below[n], start[n]))
+        used += count
+    return segments, positions, len(perm)

@@ -61,7 +61,7 @@ def test_graph_mode_control_flow_with_a_stand_in_graph(monkeypatch):
     for temperature, top_p in ((0.0, 1.0), (0.9, 0.8)):
         assert_same_search(run_search(dec, prompt, temperature=temperature, top_p=top_p, steps=2),
                            run_search(naive, prompt, temperature=temperature, top_p=top_p, steps=2))
-        plans.add(id(dec.runner._buckets[4].plan))
+        plans.add(id(dec.runner._buckets[4].attn.plan_obj))
     assert len(plans) == 1 and list(dec.runner._buckets) == [4] and dec.stats["decode_plans"] == 1
     assert dec.stats["graph_captures"] == 2  # bucket 4: greedy and top_p, over 4 steps with different trees
     dec.pool.release(dec.pool.alloc(dec.pool.free_pages + 1))  # the pool grows: new K/V tensors
@@ -133,7 +133,7 @@ def test_plan_updated_in_place_until_the_tree_outgrows_it(backend):
             for b in keep:
                 d.release(b)
         assert outs[dec].new_tokens == outs[naive].new_tokens
-        plan = dec.runner._buckets[4].plan
+        plan = dec.runner._buckets[4].attn.plan_obj
         plans.append(plan)
         buffers.append(plan.seg_lens.data_ptr())
     rebuilt = [i for i in range(1, len(plans)) if plans[i] is not plans[i - 1]]
@@ -148,8 +148,10 @@ def test_padding_scratch_page_is_not_kv():
     root = dec.add_prompt([1, 2, 3, 4, 5])
     kids = dec.fork(root, 3)
     dec.generate_step(kids, max_new_tokens=4, stop_ids=set())
-    assert dec.pool.pages_in_use == 1 + 2 + 3  # scratch, prompt, one page per child
-    assert dec.kv_bytes() == (2 + 3) * dec.pool.bytes_per_page
+    # scratch; the prompt's full page (shared) and the root's partial one; per child its copy of that partial page
+    # and one more for its 4 new tokens (positions 5-8)
+    assert dec.pool.pages_in_use == 1 + 2 + 3 * 2
+    assert dec.kv_bytes() == (2 + 3 * 2) * dec.pool.bytes_per_page
     for b in [root, *kids]:
         dec.release(b)
     assert dec.kv_bytes() == 0 and dec.pool.pages_in_use == 1

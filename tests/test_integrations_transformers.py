@@ -159,8 +159,9 @@ def test_triton_backend_matches_stock():
 
 
 def test_prompt_held_once():
-    """N rows of one prompt: the prompt (all but its last token) once + per row its last prompt token and the
-    generated tokens but the last, each in whole pages; transformers' DynamicCache holds N full copies."""
+    """N rows of one prompt: the prompt's full pages (all but its last token) once + per row a copy of its partial last
+    page, its last prompt token and the generated tokens but the last, in whole pages: within one page per row of
+    the ideal; transformers' DynamicCache holds N full copies."""
     stock, ours = stock_and_ours("llama")
     p, n, new, page = 45, 16, 12, 8
     ids, mask = prompts([p])
@@ -172,9 +173,12 @@ def test_prompt_held_once():
     out = generate_branches(ours, ids, cache=cache, do_sample=True, num_return_sequences=n, max_new_tokens=new)
     assert torch.equal(out, stock_out.sequences)
     per_row = 1 + (new - 1)
-    pages = -(-(p - 1) // page) + n * -(-per_row // page)
+    shared, partial = divmod(p - 1, page)
+    pages = shared + n * -(-(partial + per_row) // page)
     assert cache.pool.pages_in_use == pages
     assert cache.kv_bytes() == pages * page * cache.pool.bytes_per_token
+    ideal = (p - 1 + n * per_row) * cache.pool.bytes_per_token
+    assert ideal <= cache.kv_bytes() <= ideal + n * page * cache.pool.bytes_per_token
     assert all(cache.branch_length(b) == p + new - 1 for b in cache.rows)
     stock_cache = stock_out.past_key_values
     stock_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in stock_cache.layers)
@@ -242,12 +246,8 @@ def test_errors():
     stock, ours = stock_and_ours("llama")
     with pytest.raises(ValueError, match="attn_implementation 'sdpa'.*needs 'o1kernels'"):
         TreeCache(stock)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen2"):
-        TreeCache(gpt2)
-    sliding = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    with pytest.raises(ValueError, match="only full attention"):
-        TreeCache(sliding)
+    with pytest.raises(TypeError, match="model must be a transformers model"):
+        TreeCache(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
         TreeCache(ours, backend="cuda")
 
@@ -272,7 +272,9 @@ def test_errors():
     with pytest.raises(ValueError, match="cache must be empty"):
         generate_branches(ours, torch.randint(3, VOCAB, (1, 5)), cache=cache)
 
-    for bad in (TreeCache(ours, dtype=torch.float64), TreeCache(ours, device="meta")):
+    with pytest.raises(TypeError, match="dtype must be one of .*got torch.float64"):
+        TreeCache(ours, dtype=torch.float64)
+    for bad in (TreeCache(ours, dtype=torch.float16), TreeCache(ours, device="meta")):
         with pytest.raises(TypeError, match="key_states are torch.float32 on cpu but the TreeCache pool is"):
             ours(torch.randint(3, VOCAB, (1, 4)), **{cache_argument(ours): bad})
 
@@ -364,8 +366,22 @@ def test_score_steps_errors():
     with pytest.raises(ValueError, match="input_ids must be on meta"):
         score_steps(model.to("meta"), ids, STEP_ID, torch.nn.Linear(64, 1))
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="prm_model: model_type 'gpt2' is not supported"):
+    with pytest.raises(ValueError, match="backbone GPT2Model has no final RMSNorm `norm`"):
         score_steps(gpt2, ids, STEP_ID, TokenPairHead(3, 4))
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="final norm CohereLayerNorm does not compute weight \\* x / rms"):
+        score_steps(cohere, ids, STEP_ID, torch.nn.Linear(64, 1))  # a LayerNorm: mean-centred
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        head_dim=16, final_logit_softcapping=30.0))
+    with torch.no_grad():
+        gemma2.model.norm.weight.fill_(0.5)  # Gemma's norm scales by (1 + weight)
+    with pytest.raises(ValueError, match="final norm Gemma2RMSNorm does not compute"):
+        score_steps(gemma2, ids, STEP_ID, TokenPairHead(3, 4))
+    capped = tiny_model("llama", final_logit_softcapping=30.0)  # the field is read, whichever model sets it
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        score_steps(capped, ids, STEP_ID, TokenPairHead(3, 4))
 
 
 # ---- README ---------------------------------------------------------------------------------------------------
@@ -382,7 +398,8 @@ def test_readme_use_it_in_your_decoder_examples_run():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[:3] == ["torch.Size([16, 1088])", "4194304 4194304", "35618816"], proc.stdout
+    assert lines[:3] == ["torch.Size([16, 1088])", "4685824 4194304", "35618816"], proc.stdout
+    assert 4685824 - 4194304 <= 16 * 16 * 2048  # within one page (16 tokens of 2048 B) per branch of the ideal
     assert lines[3].startswith("tensor([") and "KV cache: peak" in proc.stdout and "\ufffd" not in proc.stdout
 
 

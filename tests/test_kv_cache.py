@@ -1,4 +1,5 @@
-"""Paged KV pool and branch tree: refcounts, sharing, release without leaks, exhaustion, byte accounting."""
+"""Paged KV pool and branch tree (o1kernels.paged): refcounts, sharing, dense rows (a fork copies the partial last
+page), release without leaks, exhaustion, byte accounting, atomicity."""
 from __future__ import annotations
 
 import random
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from o1kernels.decoder import KVPoolExhausted, ModelConfig, NaiveDecoder, PagedKVPool, Transformer, TreeDecoder
-from o1kernels.decoder.kv_cache import KVTree
+from o1kernels.paged import KVTree
 
 
 def small_pool(**kw) -> PagedKVPool:
@@ -16,12 +17,11 @@ def small_pool(**kw) -> PagedKVPool:
 
 
 def expected_refcounts(tree: KVTree) -> np.ndarray:
-    """Independent count: for each page, the number of live branches whose chain holds it."""
+    """Independent count: for each page, the number of live branches whose row holds it."""
     counts = np.zeros(tree.pool.num_pages, dtype=np.int64)
     for br in tree.branches.values():
-        pages = [p for seg in br.chain() for p in seg.pages]
-        assert len(pages) == len(set(pages)), "a branch holds a page twice"
-        counts[pages] += 1
+        assert len(br.pages) == len(set(br.pages)), "a branch holds a page twice"
+        counts[br.pages] += 1
     return counts
 
 
@@ -90,37 +90,45 @@ def test_random_forks_and_releases_do_not_leak(seed):
         np.testing.assert_array_equal(tree.pool.refcount, expected_refcounts(tree))
         used = int((tree.pool.refcount > 0).sum())
         assert tree.pool.pages_in_use == used
-    # every live branch reads exactly its own tokens from its chain's pages (no branch overwrote a shared page)
+    # every live branch reads exactly its own tokens from its row's pages (no branch overwrote a shared page; the
+    # forks' copies of partial pages hold the parent's tokens)
     for b in live:
-        stored = [tree.pool.k[0][seg.pages[t // 4], t % 4, 0, 0].item() for seg in tree.branches[b].chain()
-                  for t in range(seg.length)]
-        assert stored == tree.tokens(b) and len(stored) == tree.branches[b].length
+        br = tree.branches[b]
+        stored = [tree.pool.k[0][br.pages[t // 4], t % 4, 0, 0].item() for t in range(br.length)]
+        assert stored == tree.tokens(b) and len(stored) == br.length
     for b in live:
         tree.release(b)
     assert tree.pool.pages_in_use == 0 and not tree.pool.refcount.any()
     assert sorted(tree.pool._free) == list(range(tree.pool.num_pages))
 
 
-def test_fork_shares_pages_and_children_write_fresh_pages():
+def test_fork_shares_full_pages_and_copies_the_partial_one():
     tree = KVTree(small_pool(num_pages=32))
     root = tree.new_branch()
-    tree.append(root, list(range(10)))  # 3 pages, last one half full
-    prompt_pages = list(tree.branches[root].tail.pages)
+    slots = tree.append(root, list(range(10)))  # 3 pages, the last one half full
+    k = torch.arange(10, dtype=torch.float32)[:, None, None].expand(-1, 2, 4)
+    for layer in (0, 1):
+        tree.pool.write(layer, torch.tensor(slots), k + layer, -k)
+    full, partial = tree.branches[root].pages[:2], tree.branches[root].pages[2]
     kids = tree.fork(root, 3)
-    assert tree.pool.refcount[prompt_pages].tolist() == [4, 4, 4]
+    assert tree.pool.refcount[full].tolist() == [4, 4] and tree.pool.refcount[partial] == 1
     written = set()
     for i, c in enumerate(kids):
-        assert tree.tokens(c) == list(range(10))
-        slots = tree.append(c, [100 + i] * 3)
-        pages = {s // 4 for s in slots}
-        assert not pages & set(prompt_pages), "a child wrote into a shared page"
+        br = tree.branches[c]
+        assert tree.tokens(c) == list(range(10)) and br.pages[:2] == full and br.pages[2] != partial
+        for layer in (0, 1):  # the copy holds the parent's 2 tokens of the partial page, every layer, K and V
+            torch.testing.assert_close(tree.pool.k[layer][br.pages[2], :2], k[8:] + layer, rtol=0, atol=0)
+            torch.testing.assert_close(tree.pool.v[layer][br.pages[2], :2], -k[8:], rtol=0, atol=0)
+        pages = {s // 4 for s in tree.append(c, [100 + i] * 3)}
+        assert not pages & set(full), "a child wrote into a shared page"
         assert not pages & written
         written |= pages
         assert tree.tokens(c) == list(range(10)) + [100 + i] * 3
-    # the parent also continues in a fresh tail
-    assert not {s // 4 for s in tree.append(root, [7])} & set(prompt_pages)
+    # the parent continues in its own partial page; a fork of a branch on a page boundary copies nothing
+    assert {s // 4 for s in tree.append(root, [7, 8])} == {partial}
+    assert tree.branches[tree.fork(root, 1)[0]].pages == tree.branches[root].pages
     tree.release(root)
-    assert tree.pool.refcount[prompt_pages].tolist() == [3, 3, 3]
+    assert tree.pool.refcount[full].tolist() == [4, 4]
 
 
 def tiny_model() -> Transformer:
@@ -143,10 +151,11 @@ def test_decoder_kv_bytes_sharing_and_release():
         assert dec.kv_bytes_naive() == (37 + 6 * 47) * per_token
         dec.release(root)
         assert dec.kv_bytes_naive() == 6 * 47 * per_token
-    # prompt: 5 pages shared by all; each child: 10 tokens in 2 pages of its own
-    assert fast.kv_bytes() == (5 + 6 * 2) * 8 * per_token
+    # prompt: 4 full pages shared by all (the root's partial fifth released with it); each child: a copy of that
+    # partial page (5 prompt tokens) and its 10 tokens in it and one more page
+    assert fast.kv_bytes() == (4 + 6 * 2) * 8 * per_token
     assert naive.kv_bytes() == 6 * 47 * per_token
-    assert fast.stats["peak_kv_bytes"] == fast.kv_bytes()
+    assert fast.stats["peak_kv_bytes"] == fast.kv_bytes() + 8 * per_token  # the root's partial page, at the peak
     for b in list(fast.tree.branches):
         fast.release(b)
     assert fast.kv_bytes() == 0 and fast.pool.pages_in_use == 0
@@ -195,12 +204,16 @@ def test_bad_branch_and_pool_arguments():
 
 # ---------------------------------------------------------------- atomicity and size limits (issue 13)
 
+def branch_rows(tree: KVTree) -> dict:
+    """Each branch's row: (identity, pages, length, tokens)."""
+    return {b: (id(br), list(br.pages), br.length, br.tokens()) for b, br in tree.branches.items()}
+
+
 def decoder_state(dec) -> dict:
     """Everything a failed call must leave unchanged: pool refcounts and free list (in order), the branch table with
-    each branch's chain (segments by identity, pages, lengths, tokens), and each branch's last hidden state."""
+    each branch's row (identity, pages, length, tokens), and each branch's last hidden state."""
     if isinstance(dec, TreeDecoder):
-        branches = {b: [(id(seg), list(seg.pages), seg.length, list(seg.tokens)) for seg in br.chain()]
-                    for b, br in dec.tree.branches.items()}
+        branches = branch_rows(dec.tree)
         store = (dec.pool.refcount.tolist(), list(dec.pool._free), dec.pool.num_pages)
     else:
         branches = {b: (br.length, list(br.tokens), [t.data_ptr() for t in br.k + br.v])
@@ -232,10 +245,10 @@ def test_failed_add_prompt_registers_no_branch():
 
 def test_failed_generate_step_frees_its_reservation():
     """generate_step that runs out of pages used to keep the pages it had reserved for the first branches."""
-    dec = TreeDecoder(tiny_model(), backend="torch", page_size=4, num_pages=3)
-    kids = dec.fork(dec.add_prompt([1, 5, 5]), 2)
+    dec = TreeDecoder(tiny_model(), backend="torch", page_size=4, num_pages=5)
+    kids = dec.fork(dec.add_prompt([1, 5, 5]), 2)  # the prompt's partial page, and a copy of it per child
     before = decoder_state(dec)
-    with pytest.raises(KVPoolExhausted, match="needs 4 free pages, has 2 of 3"):
+    with pytest.raises(KVPoolExhausted, match="needs 4 free pages, has 2 of 5"):
         dec.generate_step(kids, max_new_tokens=8)
     assert_same_state(before, decoder_state(dec))
     out = dec.generate_step(kids, max_new_tokens=4, stop_ids=set())  # fits: one page each
@@ -329,15 +342,14 @@ def test_sizes_beyond_memory_are_value_errors(kind):
 
 
 def test_atomic_undoes_growth_forks_and_releases():
-    """KVTree.atomic restores a pool that grew, branches forked and released, and tails appended to."""
+    """KVTree.atomic restores a pool that grew, branches forked and released, and rows appended to."""
     tree = KVTree(small_pool(initial_pages=2))
     root = tree.new_branch()
     tree.append(root, [1, 2, 3, 4, 5])
     kids = tree.fork(root, 2)
     tree.append(kids[0], [6])
     pool = tree.pool
-    before = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k],
-              {b: [(id(s), list(s.pages), s.length, list(s.tokens)) for s in br.chain()] for b, br in tree.branches.items()})
+    before = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k], branch_rows(tree))
     with pytest.raises(ModelFailure):
         with tree.atomic([root, kids[0]]):
             tree.append(kids[0], list(range(30)))  # grows the pool
@@ -345,8 +357,45 @@ def test_atomic_undoes_growth_forks_and_releases():
             tree.release(kids[1])
             tree.trim(kids[0])
             raise ModelFailure("injected")
-    after = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k],
-             {b: [(id(s), list(s.pages), s.length, list(s.tokens)) for s in br.chain()] for b, br in tree.branches.items()})
+    after = (pool.refcount.tolist(), list(pool._free), pool.num_pages, [t.shape for t in pool.k], branch_rows(tree))
     assert after == before
     tree.append(kids[0], list(range(30)))  # the pool grows again from the restored state
     np.testing.assert_array_equal(pool.refcount, expected_refcounts(tree))
+
+
+def test_beam_search_kv_within_one_page_per_branch_of_the_ideal():
+    """Beam-search forks and releases on the reference decoder: the pages held are at most the ideal (every fork
+    lineage node's tokens once, in whole pages) plus one page per live branch (its copy of a partial page)."""
+    model = tiny_model()
+    dec = TreeDecoder(model, backend="torch", page_size=4)
+    gen = torch.Generator().manual_seed(0)
+    node_len, lineage = {}, {}  # node id -> tokens; branch -> its nodes, root first
+
+    def new_node(branch, parents):
+        node_len[len(node_len)] = 0
+        lineage[branch] = parents + [len(node_len) - 1]
+
+    root = dec.add_prompt([1, 2, 3, 4, 5, 6, 7])
+    new_node(root, [])
+    node_len[lineage[root][-1]] = 7
+    beams = dec.fork(root, 4)
+    for b in beams:
+        new_node(b, lineage[root])
+    for step in range(5):
+        out = dec.generate_step(beams, max_new_tokens=(3, 6, 2, 9, 5)[step], stop_ids={7}, temperature=1.0, generator=gen)
+        for b, toks in zip(beams, out.new_tokens):
+            node_len[lineage[b][-1]] += len(toks)
+        keep = beams[:2]
+        for b in beams[2:]:
+            dec.release(b)
+            del lineage[b]
+        beams = []
+        for b in keep:
+            for c in dec.fork(b, 2):
+                new_node(c, lineage[b])
+                beams.append(c)
+        live_nodes = {n for b in lineage for n in lineage[b]}
+        ideal = sum(-(-node_len[n] // 4) for n in live_nodes)
+        assert dec.pool.pages_in_use <= ideal + len(lineage), (step, dec.pool.pages_in_use, ideal, len(lineage))
+        np.testing.assert_array_equal(dec.pool.refcount, expected_refcounts(dec.tree))
+

@@ -234,8 +234,12 @@ def test_strategy_on_tiny_model(tiny, strategy, decoder_kind):
     dec = _decoder(decoder_kind, tiny)
     results, stats = search(dec, TOK, prompts, strategy, cfg)
     assert dec.kv_bytes() == 0, "KV pages leaked after the search released every branch"
-    assert stats["peak_kv_bytes"] > 0 and stats["peak_kv_bytes_naive"] >= stats["peak_kv_bytes"] * (
-        decoder_kind == "tree")
+    # dense rows (a fork copies the partial last page) hold the ideal within one page per live branch, the prompts
+    # here being shorter than a page: at most n branches per prompt live at once (twice while a step forks them)
+    assert stats["peak_kv_bytes"] > 0
+    if decoder_kind == "tree":
+        slack = 2 * cfg.n * len(prompts) * dec.pool.bytes_per_page
+        assert stats["peak_kv_bytes"] <= stats["peak_kv_bytes_naive"] + slack
     expected = {"dvts": 2, "beam_search": 4}.get(strategy, 4)
     total = 0
     for p, r in zip(problems, results):

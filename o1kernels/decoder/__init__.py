@@ -1,19 +1,19 @@
-"""Reference decoder: a Llama/Qwen2 model on our kernels, a paged KV cache shared across search branches,
-and PRM-guided search over candidate branches.
+"""Reference decoder: a Llama/Qwen2 model on our kernels, a paged KV cache shared across search branches
+(o1kernels.paged), and PRM-guided search over candidate branches.
 
   model.py       ModelConfig, Transformer (HF parameter names, optional PRM reward head)
   checkpoint.py  save_checkpoint / load_checkpoint (HF directory: config.json + safetensors, sharded or not)
-  kv_cache.py    PagedKVPool (refcounted pages, vLLM layout) and KVTree (branches sharing pages)
-  engine.py      TreeDecoder: batched branch decoding on tree_attention / merge_states / step_rewards
+  engine.py      TreeDecoder: batched branch decoding on PagedAttention / step_rewards
   runner.py      DecodeRunner: TreeDecoder's decode step on the device (batch buckets, static buffers, CUDA graphs)
   sampling.py    greedy / seeded sampling shared by both decoders (uniforms hashed from seed, row, token index)
   naive.py       NaiveDecoder: dense KV copy per branch, per-branch attention, unfused scoring (the baseline)
   tokenizers.py  HFTokenizer: a Hugging Face tokenizer with the step_id / eos_id / decode that search() reads
   prm.py         PRMScoredDecoder: a PRM in its own checkpoint, decoding beside the policy, scoring its steps
 """
+from o1kernels.paged import KVPoolExhausted, PagedKVPool
+
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import StepOutput, TreeDecoder
-from .kv_cache import KVPoolExhausted, PagedKVPool
 from .model import ModelConfig, Transformer
 from .naive import NaiveDecoder
 

@@ -1,14 +1,15 @@
 """TreeDecoder: batched decoding of search branches over a shared paged KV cache, on our kernels.
 
+Every attention runs through o1kernels.paged.PagedAttention over the branches' block tables (KVTree rows: a fork
+shares the full pages and copies the partial last one), which finds the shared pages itself.
 Decode (generate_step): o1kernels/decoder/runner.py runs the step on the device -- per token, sampling (greedy or
 seeded, o1kernels/decoder/sampling.py), Transformer.run_layers with an attention callback that writes each layer's
-k/v into the pool at device-provided slots and runs tree_attention on a capture-stable TreeAttentionPlan (segments
-= the distinct Segments of the branches' chains; the shared prompt is one segment read by every branch; updated in
-place once per step, lengths grown on the device), and stop detection on the device; on a GPU as the replay of a
-CUDA graph per batch bucket. The host reads the stop flag every `tokens_per_check` tokens and the step's tokens
-once at its end.
-Prefill: causal SDPA over the prompt, its k/v written to pages. teacher_force: tree_attention over the branch's
-segments (return_lse=True) + causal attention inside the chunk, merged with o1kernels.merge_states.
+k/v into the pool at device-provided slots and runs the bucket's capture-stable PagedAttention (laid out in place
+once per step, lengths grown on the device), and stop detection on the device; on a GPU as the replay of a CUDA
+graph per batch bucket. The host reads the stop flag every `tokens_per_check` tokens and the step's tokens once at
+its end.
+Prefill and teacher_force: one chunk of new tokens on one branch, causal inside the chunk and over what the branch
+held before, in one PagedAttention call.
 Rewards: the reward head at each step's last token via o1kernels.step_rewards on the pre-norm hidden states of the
 decode forward (no second forward).
 """
@@ -18,17 +19,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_fits_memory
-from o1kernels.merge_states import merge_states
-from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
+from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
+from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
-from .kv_cache import KVTree, PagedKVPool
 from .model import Transformer
-from .runner import DEFAULT_BUCKETS, DecodeRunner, plan_segments
+from .runner import DEFAULT_BUCKETS, DecodeRunner
 from .sampling import draw_step_seed
 
 
@@ -37,20 +37,6 @@ class StepOutput:
     new_tokens: list[list[int]]  # per branch, this step's tokens
     step_scores: list[float | None]  # per branch, PRM reward of the step (None without a reward head)
     finished: list[bool]  # per branch, emitted eos_id
-
-
-def causal_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
-    """Causal attention inside one chunk: q [T, Hq, D], k, v [T, Hkv, D] -> (o [T, Hq, D] q.dtype, lse [T, Hq] f32)."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.float(), kf) * sm_scale
-    t = q.shape[0]
-    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [Hq, T], finite: every row sees its own token
-    o = torch.einsum("hts,shd->thd", torch.exp(scores - lse[..., None]), vf)
-    return o.to(q.dtype), lse.transpose(0, 1).contiguous()
 
 
 def _check_token_ids(name: str, tokens, vocab_size: int, *, allow_empty: bool = False) -> list[int]:
@@ -270,6 +256,8 @@ class TreeDecoder(SearchDecoder):
                                 num_pages=num_pages, dtype=model.dtype, device=device)
         self.tree = KVTree(self.pool)
         self.sm_scale = cfg.head_dim ** -0.5
+        self._chunk_attn = PagedAttention(page_size, (cfg.num_attention_heads, cfg.num_key_value_heads), cfg.head_dim,
+                                          device=device, backend=backend, dtype=model.dtype)
         self._scratch_pages = self.pool.alloc(1) if cuda_graphs or batch_buckets is not None else []
         self.runner = DecodeRunner(model, self.pool, attention, cuda_graphs=cuda_graphs, buckets=batch_buckets,
                                    tokens_per_check=tokens_per_check,
@@ -294,21 +282,7 @@ class TreeDecoder(SearchDecoder):
 
     def _prefill(self, ids: list[int]):
         branch = self.tree.new_branch()
-        slots = torch.tensor(self.tree.append(branch, ids), device=self.model.device)
-        t = len(ids)
-
-        def attend(layer, q, k, v):
-            self.pool.write(layer, slots, k, v)
-            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return o.squeeze(0).transpose(0, 1)
-
-        dev = self.model.device
-        hidden = self.model.run_layers(torch.tensor(ids, device=dev), torch.arange(t, device=dev), attend)
-        return branch, hidden[-1]
-
-    def _segments_of(self, branches: list[int], rows_per_branch: int = 1):
-        return plan_segments(self.tree, branches, rows_per_branch)
+        return branch, self._forward_chunk(branch, ids)[-1]
 
     def _generate_step(self, branches, max_new_tokens, stop, eos_id, temperature, top_p, generator) -> StepOutput:
         """Reserve the step's pages, run it on the device (runner), then append its tokens to the tree (their K/V
@@ -328,20 +302,22 @@ class TreeDecoder(SearchDecoder):
         return self._step_output(t0, result.tokens, result.scores, eos_id)
 
     def _teacher_force(self, branch: int, ids: list[int]) -> torch.Tensor:
+        return self._forward_chunk(branch, ids)
+
+    def _forward_chunk(self, branch: int, ids: list[int]) -> torch.Tensor:
+        """Append `ids` to the branch and run them through the model in one forward (causal inside the chunk, over
+        what the branch held before too); returns their pre-norm hidden states [T, H]."""
         dev = self.model.device
         start = self.tree.get(branch).length
-        segs, _ = self._segments_of([branch], rows_per_branch=len(ids))
-        plan = TreeAttentionPlan(segs, len(ids), self.pool.page_size, device=dev)  # context only: before the append
-        self.stats["plans_built"] += 1
         slots = torch.tensor(self.tree.append(branch, ids), device=dev)
         self.tree.trim(branch)
+        table, num_pages = self.tree.block_table([branch])
+        self._chunk_attn.plan(table, np.array([start + len(ids)]), query_lens=[len(ids)], num_pages=num_pages)
+        self.stats["plans_built"] += 1
 
         def attend(layer, q, k, v):
             self.pool.write(layer, slots, k, v)
-            o_ctx, lse_ctx = tree_attention(q, self.pool.k[layer], self.pool.v[layer], plan, sm_scale=self.sm_scale,
-                                            return_lse=True, backend=self.backend)
-            o_new, lse_new = causal_attention_with_lse(q, k, v, self.sm_scale)
-            return merge_states(o_ctx, lse_ctx, o_new, lse_new, backend=self.backend)[0]
+            return self._chunk_attn.run(q, self.pool.k[layer], self.pool.v[layer], sm_scale=self.sm_scale)
 
         return self.model.run_layers(torch.tensor(ids, device=dev), torch.arange(start, start + len(ids), device=dev),
                                      attend)

@@ -1,18 +1,19 @@
 """DecodeRunner: TreeDecoder's generate_step on the device. One decode iteration (sample -> embedding -> layers
-with K/V written into the pool and tree_attention on a capture-stable plan -> stop bookkeeping) runs on static
+with K/V written into the pool and PagedAttention on a capture-stable plan -> stop bookkeeping) runs on static
 buffers per batch bucket, eagerly or as the replay of a CUDA graph captured once per (bucket, sampling mode).
 
 Per step (n branches, at most M new tokens each; the caller has reserved the pages for M tokens per branch):
-  host, once: pad n up to a bucket of B rows; lay the step's tree out into the bucket's TreeAttentionPlan in place
-  (plan.update: same tensors, so the graphs stay valid) or, when it outgrew the plan's capacity, into a new plan
-  twice the size (and capture again); upload the step's inputs in one host-to-device copy: positions, the
-  segments' base lengths and which row grows each, the stop-token mask, and the K/V slot of every (token, row).
+  host, once: pad n up to a bucket of B rows; hand the rows' block tables (their pages, the reservation included)
+  to the bucket's PagedAttention, which finds the sharing and lays it out in place (same tensors, so the graphs
+  stay valid) or, when the batch outgrew them, into new ones twice the size (and the graphs are captured again);
+  upload the step's inputs in one host-to-device copy: positions, the rows' lengths before the step, the stop-token
+  mask, and the K/V slot of every (token, row).
   per token: copy the token's slots into the slot buffer, run the iteration (or replay its graph), copy the
   sampled tokens out. Every `tokens_per_check` tokens the host reads one flag (all rows done?): with stop tokens
   these are the step's only host syncs before the final read of tokens, counts and step scores (one sync);
   without stop tokens the step has that one sync alone.
-Rows 0..n-1 are the branches, rows n..B-1 padding: listed by no plan segment (attention gives them 0) and writing
-their K/V into a scratch page nobody reads. A row is done after a stop token or M tokens; done rows keep computing
+Rows 0..n-1 are the branches, rows n..B-1 padding: rows of one token in a scratch page (their own K/V slot) that
+no branch reads. A row is done after a stop token or M tokens; done rows keep computing
 (the batch has one shape) but change nothing anyone reads: their hidden state, count and segment length are frozen,
 and their K/V lands in their own reserved slots past their final length, which no plan reads and the next step
 overwrites before its attention reads them.
@@ -24,13 +25,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
-from o1kernels.plan import PlanCapacity, TreeAttentionPlan
-from o1kernels.tree_attention import RUNNERS
-from o1kernels.tree_attention import check_inputs as validate_tree_attention
+from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
 
-from .kv_cache import KVTree, PagedKVPool
 from .model import DecoderLayer, Transformer
 from .sampling import host_to_device, row_uniforms, sample_tokens
 
@@ -49,25 +48,6 @@ def pad_rows(n: int, buckets: tuple[int, ...] | None) -> int:
         if size >= n:
             return size
     return -(-n // buckets[-1]) * buckets[-1]
-
-
-def plan_segments(tree: KVTree, branches: list[int], rows_per_branch: int = 1):
-    """TreeAttentionPlan segments for query rows laid out branch by branch (`rows_per_branch` consecutive rows per
-    branch): (segments, [the tree's Segment behind each plan segment]). A Segment shared by several branches is one
-    plan segment listing all their rows; segments without pages are left out."""
-    index: dict[int, int] = {}
-    segs, owners = [], []
-    for qi, b in enumerate(branches):
-        rows = range(qi * rows_per_branch, (qi + 1) * rows_per_branch)
-        for seg in tree.get(b).chain():
-            if not seg.pages:
-                continue
-            s = index.setdefault(id(seg), len(segs))
-            if s == len(segs):
-                segs.append((seg.pages, seg.length, []))
-                owners.append(seg)
-            segs[s][2].extend(rows)
-    return segs, owners
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,33 +91,28 @@ class StepResult:
 
 @dataclass(eq=False)
 class Bucket:
-    """Static buffers of one padded batch size and the capture-stable plan its graphs read.
+    """Static buffers of one padded batch size and the capture-stable PagedAttention its graphs read.
 
     tokens, positions, count [B] int64; done [B] bool; hidden [B, H] (model dtype); slots [B] int64 (this token's
-    K/V slots); seg_base, seg_row [capacity.segments] int64 (segment s has length seg_base[s] + the growth of row
-    seg_row[s]; row B = no_growth [1], a zero); stop_mask [V] bool; max_new [1] int64; seed [1] int64;
-    temperature, top_p [1] float32; row_ids [B] = arange(B) (sampling's row index); q_probe [B, Hq, D]: an input
-    signature to validate the plan against once per plan change."""
+    K/V slots); base [B] int64 (each row's length before the step: row i holds base[i] + count[i] tokens, + 1 while
+    it is active, the token being fed); stop_mask [V] bool; max_new [1] int64; seed [1] int64; temperature, top_p
+    [1] float32; row_ids [B] = arange(B) (sampling's row index)."""
 
     rows: int
-    plan: TreeAttentionPlan
-    run: Callable  # the attention backend's run function, resolved once per plan
+    attn: PagedAttention
     tokens: torch.Tensor
     positions: torch.Tensor
     count: torch.Tensor
     done: torch.Tensor
     hidden: torch.Tensor
     slots: torch.Tensor
-    seg_base: torch.Tensor
-    seg_row: torch.Tensor
+    base: torch.Tensor
     stop_mask: torch.Tensor
     max_new: torch.Tensor
     seed: torch.Tensor
     temperature: torch.Tensor
     top_p: torch.Tensor
     row_ids: torch.Tensor
-    no_growth: torch.Tensor
-    q_probe: torch.Tensor
     graphs: dict = field(default_factory=dict)  # mode -> torch.cuda.CUDAGraph
     pool_key: tuple = ()  # the pool tensors the graphs were captured over
 
@@ -148,8 +123,8 @@ class DecodeRunner:
     cuda_graphs: capture one graph per (bucket, mode) and replay it (CUDA, a backend other than torch);
     buckets: batch sizes rows are padded to (None: no padding); tokens_per_check: tokens between host reads of the
     stop flag; scratch_slot: a pool slot padding rows write to (needed when buckets pad); stats: the decoder's
-    stats dict (host_syncs, graph_captures, plans_built and decode_plans -- the bucket plans among them --,
-    decode_iterations are counted into it);
+    stats dict (host_syncs, graph_captures, plans_built and decode_plans -- the bucket plans (new plan tensors)
+    among them --, decode_iterations are counted into it);
     on_capture(message): called before a graph is captured (progress for a first run);
     compile_layers: run each layer's halves around its attention (norms, projections, RoPE, MLP) and the logits
     through torch.compile (one compilation serves every layer and batch size; attention stays our kernel).
@@ -185,10 +160,9 @@ class DecodeRunner:
         tokens to the tree."""
         n = len(branches)
         rows = pad_rows(n, self.buckets)
-        segs, owners = plan_segments(tree, branches)
-        bucket = self._bucket(rows, segs)
+        bucket = self._bucket(rows, tree, branches)
         mode = "greedy" if temperature == 0 else "top_p" if top_p < 1 else "sample"
-        upload, slot_table = self._inputs(tree, branches, owners, bucket, max_new_tokens, stop)
+        upload, slot_table = self._inputs(tree, branches, bucket, max_new_tokens, stop)
         if self.cuda_graphs and mode not in bucket.graphs:
             self._capture(bucket, mode, upload)
         self._load(bucket, upload, hidden, max_new_tokens, seed, temperature, top_p)
@@ -231,43 +205,37 @@ class DecodeRunner:
             start += 0 if t is None else t.numel()
         return out
 
-    def _inputs(self, tree: KVTree, branches, owners, bucket: Bucket, max_new_tokens: int, stop: set[int]):
+    def _inputs(self, tree: KVTree, branches, bucket: Bucket, max_new_tokens: int, stop: set[int]):
         """The step's inputs as one device tensor (one host-to-device copy; views by _load) and the K/V slot table
-        [M, B] int64 (row i's token j goes to its tail's position base_i + j; padding rows: the scratch slot)."""
+        [M, B] int64 (row i's token j goes to its position base_i + j; padding rows: the scratch slot)."""
         n, rows, ps = len(branches), bucket.rows, self.pool.page_size
-        tails = [tree.get(b).tail for b in branches]
-        base = torch.tensor([t.length for t in tails], dtype=torch.long)
-        width = max(len(t.pages) for t in tails)
-        pages = torch.tensor([t.pages + [0] * (width - len(t.pages)) for t in tails], dtype=torch.long)
-        pos = base[:, None] + torch.arange(max_new_tokens)  # within the reservation made for this step
+        lengths = torch.from_numpy(tree.lengths(branches))
+        width = max(len(tree.get(b).pages) for b in branches)
+        pages = torch.tensor([tree.get(b).pages + [0] * (width - len(tree.get(b).pages)) for b in branches],
+                             dtype=torch.long)
+        pos = lengths[:, None] + torch.arange(max_new_tokens)  # within the reservation made for this step
         table = torch.full((max_new_tokens, rows), -1 if self.scratch_slot is None else self.scratch_slot,
                            dtype=torch.long)
         table[:, :n] = (pages.gather(1, pos // ps) * ps + pos % ps).t()
         positions = torch.zeros(rows, dtype=torch.long)
-        positions[:n] = torch.tensor([tree.get(b).length for b in branches])
+        positions[:n] = lengths
+        base = torch.ones(rows, dtype=torch.long)  # padding: one token (the scratch slot)
+        base[:n] = lengths
         done = torch.arange(rows) >= n
-        seg_cap = bucket.seg_base.shape[0]
-        seg_base = torch.zeros(seg_cap, dtype=torch.long)
-        seg_base[:len(owners)] = torch.tensor([s.length for s in owners])
-        seg_row = torch.full((seg_cap,), rows, dtype=torch.long)
-        where = {id(s): i for i, s in enumerate(owners)}
-        seg_row[[where[id(t)] for t in tails]] = torch.arange(n)
         stop_mask = torch.zeros(self.model.config.vocab_size, dtype=torch.long)
         stop_mask[sorted(stop)] = 1
-        flat = torch.cat([positions, done.long(), seg_base, seg_row, stop_mask, table.view(-1)])
+        flat = torch.cat([positions, done.long(), base, stop_mask, table.view(-1)])
         flat = host_to_device(flat, self.device)
         return flat[:-table.numel()], flat[-table.numel():].view(max_new_tokens, rows)
 
     def _load(self, b: Bucket, upload: torch.Tensor, hidden: torch.Tensor, max_new_tokens: int,
               seed: torch.Tensor | None, temperature: float, top_p: float) -> None:
         """Fill the bucket's static buffers with the step's state (device copies only)."""
-        rows, seg_cap, n = b.rows, b.seg_base.shape[0], hidden.shape[0]
-        positions, done, seg_base, seg_row, stop_mask = upload.split([rows, rows, seg_cap, seg_cap,
-                                                                      b.stop_mask.shape[0]])
+        rows, n = b.rows, hidden.shape[0]
+        positions, done, base, stop_mask = upload.split([rows, rows, rows, b.stop_mask.shape[0]])
         b.positions.copy_(positions)
         b.done.copy_(done)
-        b.seg_base.copy_(seg_base)
-        b.seg_row.copy_(seg_row)
+        b.base.copy_(base)
         b.stop_mask.copy_(stop_mask)
         b.hidden[:n].copy_(hidden)
         b.hidden[n:].zero_()
@@ -291,8 +259,7 @@ class DecodeRunner:
             token = sample_tokens(logits, uniforms, b.temperature, b.top_p if mode == "top_p" else None)
         active = ~b.done
         b.tokens.copy_(token)
-        grown = torch.cat([b.count + active, b.no_growth])  # tail lengths include the new token
-        b.plan.seg_lens.copy_(b.seg_base + grown[b.seg_row])
+        b.attn.set_lengths(b.base + b.count + active)  # the rows' lengths include the token being fed
         hidden = self.model.run_layers(b.tokens, b.positions, lambda layer, q, k, v: self._attend(b, layer, q, k, v),
                                        **self._layer_fns)
         b.hidden.copy_(torch.where(active[:, None], hidden, b.hidden))
@@ -303,7 +270,7 @@ class DecodeRunner:
     def _attend(self, b: Bucket, layer: int, q, k, v):
         pool = self.pool
         pool.write(layer, b.slots, k, v)
-        return b.run(b.plan, q, ((pool.k[layer], pool.v[layer]),), self.sm_scale)[0]
+        return b.attn.run(q, pool.k[layer], pool.v[layer], sm_scale=self.sm_scale)
 
     def _capture(self, b: Bucket, mode: str, upload: torch.Tensor) -> None:
         """Capture one iteration of `mode` on bucket b. The warm-up run before it (Triton compilation, the plan's
@@ -318,56 +285,42 @@ class DecodeRunner:
         self.stats["graph_captures"] += 1
 
     # ---- buckets and plans -----------------------------------------------------------------------------------
-    def _bucket(self, rows: int, segs) -> Bucket:
-        """The bucket of `rows` rows with the step's tree laid out in its plan (in place when it fits)."""
+    def _bucket(self, rows: int, tree: KVTree, branches: list[int]) -> Bucket:
+        """The bucket of `rows` rows with the step's block tables laid out in its PagedAttention (in place when they
+        fit its tensors; new tensors clear the bucket's graphs)."""
         b = self._buckets.get(rows)
-        if b is not None:
-            try:
-                b.plan.update(segs)
-            except ValueError:  # the tree outgrew the plan's capacity (update changed nothing)
-                b = None
         if b is None:
-            b = self._new_bucket(rows, segs)
+            b = self._new_bucket(rows)
             self._buckets[rows] = b
         self._buckets.move_to_end(rows)
         if not self.cuda_graphs and len(self._buckets) > EAGER_BUCKETS_KEPT:
             self._buckets.popitem(last=False)
+        n = len(branches)
+        scratch = [] if self.scratch_slot is None else [self.scratch_slot // self.pool.page_size]
+        table, num_pages = tree.block_table(branches, [scratch] * (rows - n))
+        seq = np.ones(rows, dtype=np.int64)  # the first token of the step (padding: its scratch slot)
+        seq[:n] = tree.lengths(branches) + 1
+        if b.attn.plan(table, seq, num_pages=num_pages):
+            b.graphs.clear()
+            self.stats["decode_plans"] += 1
+        self.stats["plans_built"] += 1
         pool_key = (self.pool.k[0].data_ptr(), self.pool.num_pages)
         if pool_key != b.pool_key:  # a pool that grew has new tensors: graphs over the old ones are stale
             b.graphs.clear()
             b.pool_key = pool_key
-        validate_tree_attention(b.q_probe, self.pool.k[0], self.pool.v[0], b.plan)
         return b
 
-    def _new_bucket(self, rows: int, segs) -> Bucket:
+    def _new_bucket(self, rows: int) -> Bucket:
         cfg, dev = self.model.config, self.device
-        plan = TreeAttentionPlan(segs, rows, self.pool.page_size, device=dev, capacity=self._capacity(rows, segs))
-        self.stats["plans_built"] += 1
-        self.stats["decode_plans"] += 1
+        attn = PagedAttention(self.pool.page_size, (cfg.num_attention_heads, cfg.num_key_value_heads), cfg.head_dim,
+                              device=dev, backend=self.backend, capture_stable=True, dtype=self.model.dtype)
         long = dict(dtype=torch.long, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
         return Bucket(
-            rows=rows, plan=plan, run=plan.runner(self.backend, RUNNERS)[1],
-            tokens=torch.zeros(rows, **long), positions=torch.zeros(rows, **long), count=torch.zeros(rows, **long),
-            done=torch.ones(rows, dtype=torch.bool, device=dev),
+            rows=rows, attn=attn, tokens=torch.zeros(rows, **long), positions=torch.zeros(rows, **long),
+            count=torch.zeros(rows, **long), done=torch.ones(rows, dtype=torch.bool, device=dev),
             hidden=torch.zeros(rows, cfg.hidden_size, dtype=self.model.dtype, device=dev),
-            slots=torch.zeros(rows, **long), seg_base=torch.zeros(plan.capacity.segments, **long),
-            seg_row=torch.full((plan.capacity.segments,), rows, **long),
+            slots=torch.zeros(rows, **long), base=torch.ones(rows, **long),
             stop_mask=torch.zeros(cfg.vocab_size, dtype=torch.bool, device=dev), max_new=torch.ones(1, **long),
             seed=torch.zeros(1, **long), temperature=torch.ones(1, **f32), top_p=torch.ones(1, **f32),
-            row_ids=torch.arange(rows, **long), no_growth=torch.zeros(1, **long),
-            q_probe=torch.empty(rows, cfg.num_attention_heads, cfg.head_dim, dtype=self.model.dtype, device=dev))
-
-    def _capacity(self, rows: int, segs) -> PlanCapacity:
-        """Twice what this tree needs in both layouts (split: the compiled backends; fused: Triton), so forks and
-        releases of later steps fit and a plan is rebuilt (and its graphs captured again) only when a tree
-        outgrows it."""
-        cfg = self.model.config
-        probe = TreeAttentionPlan(segs, rows, self.pool.page_size, device=self.device)
-        layouts = (probe.layout("split"), probe.layout("fused", cfg.num_attention_heads, cfg.num_key_value_heads,
-                                                       cfg.head_dim, self.model.dtype.itemsize))
-        need = dict(segments=len(segs), pages=max(lay.page_table.numel() for lay in layouts),
-                    query_refs=max(lay.seg_queries.numel() for lay in layouts),
-                    work=max(lay.num_work for lay in layouts), partials=max(lay.num_partials for lay in layouts),
-                    direct=max(lay.num_direct for lay in layouts))
-        return PlanCapacity(**{k: 2 * v + 8 for k, v in need.items()})
+            row_ids=torch.arange(rows, **long))

@@ -1,44 +1,57 @@
 """Hugging Face transformers integration: many branches of a prompt over one paged KV pool, and PRM step scores.
 
-Decoding (model_type llama / qwen2, full attention):
+Decoding (any decoder-only model whose attention o1kernels supports; see attention_specs / check_model):
 
     from o1kernels.integrations.transformers import TreeCache, generate_branches
     model.set_attn_implementation("o1kernels")     # registered with transformers' AttentionInterface on import
     cache = TreeCache(model)
     out = generate_branches(model, input_ids, cache=cache, do_sample=True, num_return_sequences=16, max_new_tokens=64)
 
-TreeCache is a transformers `Cache`. Each batch row of a forward is a branch of a KVTree (o1kernels.decoder.kv_cache)
-over a PagedKVPool: per layer, K/V pages [num_pages, page_size, Hkv, D] with one reference count per page. `update`
-writes the rows' new K/V into their own pages and returns the layer's page pools; the "o1kernels" attention function
-then runs, per layer:
-  one new token per row (decode):  tree_attention over the rows' segments (a prompt shared by N rows is one segment,
-                                   read once per kv chunk for all of them); the plan is rebuilt only when pages or
-                                   rows change and grown with plan.set_lengths otherwise;
-  several new tokens per row:      causal attention inside the chunk merged (merge_states) with tree_attention over
-                                   what each row held before, as TreeDecoder.teacher_force does; plain causal SDPA
-                                   when no row held anything (a prefill).
-A forward of a model set to "o1kernels" without a TreeCache (no cache, or a DynamicCache) runs transformers' own SDPA
-attention, so such a model still works everywhere else.
+Which models: accepted by capability, not by name. attention_specs derives each layer's AttentionSpec
+(o1kernels.capabilities) from the config and the attention modules: heads, head_dim, sliding window per layer,
+logit soft-cap, attention sinks, causality, cross-attention, ALiBi, MLA; the scaling a layer passes is used as
+sm_scale. TreeCache refuses (ValueError, one line) what capabilities.unsupported_features names, layers whose attention
+does not go through transformers' AttentionInterface and layer types other than full/sliding attention; at run time
+each attention call is checked against its layer's spec (the window its mask carries, softcap, sinks, is_causal,
+position_bias).
+
+TreeCache is a transformers `Cache`. Each batch row of a forward is a branch of a KVTree (o1kernels.paged: a dense
+block-table row) over a PagedKVPool: per layer, K/V pages [num_pages, page_size, Hkv, D] with one reference count per
+page. `update` writes the rows' new K/V into their own pages and returns the layer's page pools; the "o1kernels"
+attention function then runs o1kernels.paged.PagedAttention over the rows' block tables, which finds the pages rows
+share (a prompt shared by N rows is read once per kv chunk for all of them):
+  one new token per row (decode):  planned when the rows or their pages change, moved on with set_lengths otherwise;
+  several new tokens per row:      one call, causal by query position over each row's tokens, the new ones included;
+  a prefill (the rows held nothing, or TreeCache.prefill): the model's stock attention over the new tokens.
+The layer's window, soft-cap, sinks and scaling go to PagedAttention.run as run-time arguments. A forward of a model set to
+"o1kernels" without a TreeCache (no cache, or a DynamicCache) runs the attention transformers would run for the model
+by default (stock_attention: SDPA, or the modeling file's eager attention where the model does not support SDPA, as
+GPT-OSS's sinks and Gemma2's soft-cap need), so such a model still works everywhere else.
 
 Rows are branches. transformers moves them itself: `batch_repeat_interleave(n)` forks every row into n rows (no copy),
 `reorder_cache(beam_idx)` (beam search) and `batch_select_indices` fork the rows chosen several times and release the
-rows not chosen. Callers can also `fork`, `release`, `new_branch` and `set_rows` directly. A fork starts every child on
-a fresh page (KVTree's rule), so reordering beams at every token costs up to one page per beam and step: use a small
-page_size for transformers' beam search (the reference decoder's step-level search forks once per step).
+rows not chosen. Callers can also `fork`, `release`, `new_branch` and `set_rows` directly. A fork shares the row's full
+pages and gives each child a copy of its partial last page (at most page_size - 1 tokens per child, KVTree's rule), so
+reordering beams at every token copies up to a page per beam and step: use a small page_size for transformers' beam
+search (the reference decoder's step-level search forks once per step).
 
 A row's cache length, as transformers sees it (`get_seq_length`), counts the left padding its prompt had; the padding
 itself is never stored (`prefill` strips it) and a forward whose new tokens include padding is refused.
 
-generate_branches(model, input_ids, ...) prefills each prompt but its last token once (one row per prompt), forks it
-into the rows generate expands the batch to (max(num_beams, num_return_sequences)) and calls model.generate, which
-feeds every row's last prompt token and decodes. KV held: the prompt once (all but its last token) + per row its last
+generate_branches(model, input_ids, ...) prefills each prompt but its last token once (one row per prompt; the prefill
+forward runs the whole prompt, as stock generate's first forward does, so RoPE whose frequencies depend on the
+forward's length, dynamic and longrope, sees the same length), forks it into the rows generate expands the batch to
+(max(num_beams, num_return_sequences)) and calls model.generate (with use_cache=True), which feeds every row's last
+prompt token and decodes. A forward whose position_ids do not continue its rows (tokens fed twice, as generate with
+use_cache=False would) is refused. KV held: the prompt once (all but its last token) + per row its last
 prompt token and the generated tokens but the last (transformers never runs the last sampled token), each rounded
 up to whole pages.
 
 PRM scoring: score_steps(prm_model, input_ids, step_token_id, head) runs the PRM's backbone once (no LM head), takes
-the hidden states at the input of its final RMSNorm (transformers' last_hidden_state is already normed) and calls
-o1kernels.step_rewards with that norm fused, for the three PRM styles: TokenPairHead (Math-Shepherd, two rows of the
-LM head), a classifier Linear(H, 2) or Sequential(Linear(H, Hm), ReLU, Linear(Hm, 2)) (Qwen2.5-Math-PRM), and a
+the hidden states at the input of its final RMSNorm (checked to compute one: transformers' last_hidden_state is
+already normed) and calls o1kernels.step_rewards with that norm fused, for the three PRM styles: TokenPairHead
+(Math-Shepherd, two rows of the LM head; a model's logits_scaling / logit_scale folded in, a final logit soft-cap
+refused), a classifier Linear(H, 2) or Sequential(Linear(H, Hm), ReLU, Linear(Hm, 2)) (Qwen2.5-Math-PRM), and a
 value head Linear(H, 1) (sigmoid).
 
 Checked with transformers 5.0, 5.17 and 5.24 (the `cache` / `past_key_values` argument name is taken from the
@@ -46,58 +59,138 @@ model's signature).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
     import transformers
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface, PreTrainedModel
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("o1kernels.integrations.transformers needs transformers >= 5.0 "
                       f"(pip install 'o1kernels[hf]'): {exc}") from exc
 
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_tensor
-from o1kernels.decoder.engine import causal_attention_with_lse, plan_segments
-from o1kernels.decoder.kv_cache import KVTree, PagedKVPool
-from o1kernels.merge_states import merge_states
+from o1kernels.capabilities import AttentionSpec, backend_unsupported_reason, unsupported_features
+from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
 from o1kernels.step_rewards import step_rewards
-from o1kernels.tree_attention import SUPPORTED_BACKENDS, TreeAttentionPlan, tree_attention
+from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
 if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover - depends on the environment
     raise ImportError("o1kernels.integrations.transformers needs transformers >= 5.0, found "
                       f"{transformers.__version__}")
 
 ATTN_IMPLEMENTATION = "o1kernels"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 UNKNOWN_TOKEN = -1  # the cache sees K/V, not token ids: KVTree's per-segment token lists hold this placeholder
 
 # TreeCache.update hands (cache, layer, new keys, new values) to the attention call that follows it in the same layer.
 _handoff = threading.local()
 
 
-def check_model_config(config, what: str = "model") -> None:
-    """ValueError unless `config` is a model family and attention layout the integration supports."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{what}: model_type {model_type!r} is not supported by o1kernels' transformers integration "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}: full causal attention with RoPE applied "
-                         "before the cache update)")
-    layer_types = getattr(config, "layer_types", None) or ()
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other or getattr(config, "use_sliding_window", False):
-        raise ValueError(f"{what}: only full attention is supported, the config has layer types "
-                         f"{other or ['sliding_attention']} (use_sliding_window="
-                         f"{getattr(config, 'use_sliding_window', False)})")
+# ---- what a model's attention needs ---------------------------------------------------------------------------
+def _calls_attention_interface(module: nn.Module) -> bool:
+    """Whether the module's forward looks its attention function up in transformers' AttentionInterface (the only
+    attention o1kernels can replace)."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def _layer_list(layers: list[int], num_layers: int) -> str:
+    if len(layers) == num_layers:
+        return "every layer"
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+
+
+def attention_specs(model) -> list[AttentionSpec]:
+    """The AttentionSpec of each decoder layer of a transformers model, derived from its config and attention modules
+    (no model names): heads and head_dim from the config; sliding_window per layer from config.layer_types
+    ("sliding_attention" layers take config.sliding_window; without layer_types a set sliding_window applies to every
+    layer, as transformers' masks do); softcap from attn_logit_softcapping; sinks from a `sinks` tensor on the
+    attention module; non-causal from is_causal (config or module); cross-attention from is_encoder_decoder /
+    add_cross_attention / is_cross_attention modules; ALiBi from alibi / position_embedding_type; MLA from
+    kv_lora_rank. The scaling a layer passes to its attention function (Gemma's query_pre_attn_scalar, Granite's
+    attention_multiplier) is taken at run time: every backend takes any sm_scale."""
+    return _analyse(model)[0]
+
+
+def _analyse(model) -> tuple[list[AttentionSpec], dict[str, list[int]]]:
+    """(attention_specs, {what no AttentionSpec describes: the layers it concerns}): layers whose attention does not
+    go through transformers' AttentionInterface, layer types other than full and sliding attention."""
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (an nn.Module with a config), got {type(model).__name__}")
+    num_layers = config.num_hidden_layers
+    modules: dict[int, list[nn.Module]] = defaultdict(list)
+    for m in model.modules():
+        if _calls_attention_interface(m) and _is_int(getattr(m, "layer_idx", None)):
+            modules[m.layer_idx].append(m)
+    problems: dict[str, list[int]] = defaultdict(list)
+    for i in range(num_layers):
+        if not modules[i]:
+            problems["attention computed outside transformers' AttentionInterface (which o1kernels cannot see or "
+                     "replace)"].append(i)
+    window = getattr(config, "sliding_window", None) or None  # 0 means none (Qwen2-MoE without sliding layers)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention" if window is None else
+                                                           "sliding_attention"] * num_layers
+    for i, kind in enumerate(layer_types):
+        if kind not in ("full_attention", "sliding_attention"):
+            problems[f"{kind} layers"].append(i)
+    heads = config.num_attention_heads
+    common = dict(
+        num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        dtype=next(model.parameters()).dtype, softcap=getattr(config, "attn_logit_softcapping", None),
+        alibi=bool(getattr(config, "alibi", False)) or getattr(config, "position_embedding_type", None) == "alibi",
+        latent=getattr(config, "kv_lora_rank", None) is not None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False)
+                           or getattr(config, "add_cross_attention", False))
+    specs = []
+    for i in range(num_layers):
+        cross = [m for m in modules[i] if getattr(m, "is_cross_attention", False)]
+        own = [m for m in modules[i] if m not in cross]
+        specs.append(AttentionSpec(
+            **common, sliding_window=window if layer_types[i] == "sliding_attention" else None,
+            sinks=any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in own),
+            non_causal=not getattr(config, "is_causal", True) or not all(getattr(m, "is_causal", True) for m in own),
+            cross_attention=encoder_decoder or bool(cross)))
+    return specs, problems
+
+
+def check_model(model, what: str = "model", backend: str = "auto") -> list[AttentionSpec]:
+    """attention_specs(model), or ValueError (one line) naming everything o1kernels cannot run and in which layers
+    (capabilities.unsupported_features of each layer's spec, and what no spec describes), or what `backend`, when not
+    "auto", does not implement."""
+    specs, problems = _analyse(model)
+    by_position = _attends_by_position(specs)
+    calls = [dataclasses.replace(spec, positions=by_position) for spec in specs]
+    for i, spec in enumerate(calls):
+        for problem in unsupported_features(spec):
+            problems[problem].append(i)
+    if problems:
+        raise ValueError(f"{what}: o1kernels does not support " + "; ".join(
+            f"{p} ({_layer_list(layers, len(specs))})" for p, layers in problems.items()))
+    if backend != "auto":
+        for i, spec in enumerate(calls):
+            reason = backend_unsupported_reason(backend, spec)
+            if reason:
+                raise ValueError(f"{what}: {reason} (needed by {_layer_list([i], len(specs))}); use backend='auto'")
+    return specs
+
+
+def _attends_by_position(specs: list[AttentionSpec]) -> bool:
+    """Whether TreeCache's decode plans carry query positions for this model: yes when a layer has a sliding window
+    (measured from each query's position); full attention over whole segments needs none."""
+    return any(spec.sliding_window is not None for spec in specs)
 
 
 def cache_argument(model) -> str:
@@ -112,22 +205,60 @@ def _is_int(x) -> bool:
 
 @dataclass
 class _Forward:
-    """The forward pass in progress: its rows, new tokens per row, their pool slots and attention plan."""
+    """The forward pass in progress: its rows, new tokens per row, their pool slots and whether the cache attends."""
 
     rows: list[int]
     num_tokens: int  # T, new tokens per row
-    slots: torch.Tensor  # [R * T] flat pool slots, row-major
-    plan: TreeAttentionPlan | None  # T == 1: over the rows' chains including the new token; T > 1: the context
+    slots: torch.Tensor  # pool slots of the stored tokens, row-major
+    planned: bool  # the cache's PagedAttention is laid out over the rows (new tokens included); False: the rows held
+    #                nothing before (a prefill: the model's own attention over the new tokens)
+    stored: torch.Tensor | None = None  # flat indices into the [R * T] new tokens of those stored (None: all)
+    positions: list[int] | None = None  # first new token's position in each row (= tokens the row held before)
     next_layer: int = 0
 
 
-@dataclass(frozen=True)
 class _Masks:
-    """What the "o1kernels" mask function hands to the attention function: the 2-D padding mask [B, kv] (bool,
-    False at padding; None without one) and transformers' own SDPA mask for forwards without a TreeCache."""
+    """What the "o1kernels" mask function hands to the attention function: the arguments of transformers' mask call
+    (the mask a stock attention implementation needs is built from them on first use), the 2-D padding mask
+    (bool [B, kv], False at padding; None without one), the window the mask carries (`local_size`: sliding window or
+    chunk) and whether it adds a custom pattern (or/and mask functions)."""
 
-    padding: torch.Tensor | None
-    sdpa: object
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
+        padding = kwargs.get("attention_mask")
+        self.padding = padding if isinstance(padding, torch.Tensor) and padding.dim() == 2 else None
+        self.local_size = kwargs.get("local_size")
+        self.custom = bool(kwargs.get("use_vmap", False))
+        self._built: dict = {}
+
+    def build(self, implementation: str):
+        if implementation not in self._built:
+            self._built[implementation] = ALL_MASK_ATTENTION_FUNCTIONS[implementation](**self.kwargs)
+        return self._built[implementation]
+
+
+_stock_attention_of: dict[type, tuple] = {}
+
+
+def stock_attention(module: nn.Module):
+    """(name, function) of the attention transformers runs `module`'s model with by default: "sdpa" where the
+    model's modeling file declares SDPA support, else "eager", that file's own eager_attention_forward (which
+    implements everything the model needs: GPT-OSS's sinks, Gemma2's soft-cap). RuntimeError when neither exists."""
+    cls = type(module)
+    if cls not in _stock_attention_of:
+        modeling = sys.modules[cls.__module__]
+        models = [c for c in vars(modeling).values()
+                  if isinstance(c, type) and issubclass(c, PreTrainedModel) and c.__module__ == modeling.__name__]
+        eager = getattr(modeling, "eager_attention_forward", None)
+        if models and all(c._supports_sdpa for c in models):
+            _stock_attention_of[cls] = ("sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+        elif callable(eager):
+            _stock_attention_of[cls] = ("eager", eager)
+        else:
+            raise RuntimeError(f"{cls.__name__} (in {modeling.__name__}) needs an attention other than SDPA and its "
+                               "modeling file has no eager_attention_forward: o1kernels cannot run it without a "
+                               "TreeCache")
+    return _stock_attention_of[cls]
 
 
 class _TreeCacheLayer(CacheLayerMixin):
@@ -168,41 +299,48 @@ class _TreeCacheLayer(CacheLayerMixin):
 class TreeCache(Cache):
     """transformers Cache holding every row (branch) of a batch in one paged, reference-counted KV pool.
 
-    model: a transformers Llama/Qwen2 model set to attn_implementation "o1kernels". page_size: tokens per page;
-    num_pages: fixed pool size (None: grow on demand, KVPoolExhausted when fixed and full); backend: of
-    tree_attention / merge_states ("auto", "torch", "triton", "cpu", "cuda"); dtype, device: of the pool (default:
-    the model's).
+    model: a transformers model set to attn_implementation "o1kernels" whose attention o1kernels supports
+    (check_model: ValueError naming what is missing otherwise). page_size: tokens per page; num_pages: fixed pool size
+    (None: grow on demand, KVPoolExhausted when fixed and full); backend: of tree_attention ("auto", "torch",
+    "triton", "cpu", "cuda"; "auto" picks per call one that implements what the layer needs; an explicit one is
+    checked against the model's decode steps here, and a forward of several tokens per row after context, which
+    attends by query position, needs a backend implementing positions); dtype, device: of the pool (default: the
+    model's).
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, backend: str = "auto",
                  dtype: torch.dtype | None = None, device=None):
-        config = getattr(model, "config", None)
-        if config is None or not isinstance(model, nn.Module):
-            raise TypeError("model must be a transformers model (an nn.Module with a config), got "
-                            f"{type(model).__name__}")
-        check_model_config(config)
+        self.specs = check_model(model, backend=backend)
+        param = next(model.parameters())
+        dtype = param.dtype if dtype is None else dtype
+        device = param.device if device is None else torch.device(device)
+        resolve_backend(backend, device, SUPPORTED_BACKENDS)  # a bad or unavailable backend fails here
+        config = model.config
         if config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(f"model uses attn_implementation {config._attn_implementation!r}; TreeCache needs "
                              f"{ATTN_IMPLEMENTATION!r}: model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) or "
                              f"from_pretrained(..., attn_implementation={ATTN_IMPLEMENTATION!r})")
-        param = next(model.parameters())
-        dtype = param.dtype if dtype is None else dtype
-        device = param.device if device is None else torch.device(device)
+        shapes = sorted({(spec.num_kv_heads, spec.head_dim) for spec in self.specs})
+        if len(shapes) > 1:
+            raise ValueError(f"model: layers differ in (kv heads, head_dim): {shapes}; TreeCache's pool holds one "
+                             "shape")
         self.backend = backend
-        resolve_backend(backend, device, SUPPORTED_BACKENDS)  # a bad or unavailable backend fails here
-        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads, self.head_dim = shapes[0]
+        self.num_layers = len(self.specs)
+        num_heads = sorted({spec.num_heads for spec in self.specs})
+        if len(num_heads) > 1:
+            raise ValueError(f"model: layers differ in query heads: {num_heads}; TreeCache plans one shape")
         self.pool = PagedKVPool(self.num_layers, self.num_kv_heads, self.head_dim, page_size=page_size,
                                 num_pages=num_pages, dtype=dtype, device=device)
+        self.attn = PagedAttention(page_size, (num_heads[0], self.num_kv_heads), self.head_dim, device=device,
+                                   backend=backend, dtype=dtype)
         self.tree = KVTree(self.pool)
         self._config = config
         self._rows: list[int] = []
         self._offset: dict[int, int] = {}  # branch -> left padding stripped from its prompt (transformers' positions)
         self._forward: _Forward | None = None
-        self._plan: TreeAttentionPlan | None = None
-        self._plan_key = None
-        self._plan_owners: list = []
+        self._prefill_stored: torch.Tensor | None = None  # bool [R, T]: the tokens TreeCache.prefill's forward stores
+        self._plan_key = None  # (rows, tree version) of a one-token plan that set_lengths can move on
         super().__init__(layers=[_TreeCacheLayer(self, i) for i in range(self.num_layers)])
 
     # ---- branches -------------------------------------------------------------------------------------------
@@ -280,8 +418,10 @@ class TreeCache(Cache):
                 raise ValueError(f"{name} of layer {layer_idx} must have shape "
                                  f"{[r, self.num_kv_heads, t, self.head_dim]} like layer 0's, got {list(x.shape)}")
         flat = (r * t, self.num_kv_heads, self.head_dim)
-        self.pool.write(layer_idx, fwd.slots, key_states.transpose(1, 2).reshape(flat),
-                        value_states.transpose(1, 2).reshape(flat))
+        k, v = key_states.transpose(1, 2).reshape(flat), value_states.transpose(1, 2).reshape(flat)
+        if fwd.stored is not None:
+            k, v = k[fwd.stored], v[fwd.stored]
+        self.pool.write(layer_idx, fwd.slots, k, v)
         fwd.next_layer += 1
         _handoff.state = (self, layer_idx, key_states, value_states)
         return self.pool.k[layer_idx], self.pool.v[layer_idx]
@@ -312,56 +452,100 @@ class TreeCache(Cache):
                              f"several rows per prompt, fork the prompts' rows first (batch_repeat_interleave, or "
                              "generate_branches, which does it)")
         rows = self._rows
-        plan = None
-        if t > 1 and any(self.tree.get(b).length for b in rows):
-            segs, _ = plan_segments(self.tree, rows, t)  # the context, before this chunk is appended
-            plan = TreeAttentionPlan(segs, r * t, pool.page_size, device=pool.k[0].device)
-        slots = [s for b in rows for s in self.tree.append(b, [UNKNOWN_TOKEN] * t)]
-        if t == 1:
-            plan = self._decode_plan(rows)
-        self._forward = _Forward(list(rows), t, torch.tensor(slots, device=pool.k[0].device), plan)
-
-    def _decode_plan(self, rows: list[int]) -> TreeAttentionPlan:
-        key = (tuple(rows), self.tree.version)
-        if key != self._plan_key:
-            segs, self._plan_owners = plan_segments(self.tree, rows)
-            self._plan = TreeAttentionPlan(segs, len(rows), self.pool.page_size, device=self.pool.k[0].device)
-            self._plan_key = key
+        device = pool.k[0].device
+        positions = [self.tree.get(b).length for b in rows]
+        stored, planned = None, False
+        keep = self._prefill_stored
+        if keep is not None:  # TreeCache.prefill: store the real tokens it keeps, attend as the model does
+            if tuple(keep.shape) != (r, t):
+                raise ValueError(f"TreeCache.prefill's forward must have its {list(keep.shape)} tokens, got {[r, t]}")
+            counts = keep.sum(1).tolist()
+            slots = [s for b, n in zip(rows, counts) for s in self.tree.append(b, [UNKNOWN_TOKEN] * n)]
+            stored = keep.reshape(-1).nonzero().squeeze(1).to(device)
         else:
-            self._plan.set_lengths([seg.length for seg in self._plan_owners])
-        return self._plan
+            slots = [s for b in rows for s in self.tree.append(b, [UNKNOWN_TOKEN] * t)]
+            if any(positions):
+                self._plan_rows(rows, t)
+                planned = True
+        self._forward = _Forward(list(rows), t, torch.tensor(slots, dtype=torch.long, device=device), planned, stored,
+                                 positions)
 
-    def attend(self, layer_idx: int, query: torch.Tensor, key_new: torch.Tensor, value_new: torch.Tensor,
-               padding: torch.Tensor | None, sm_scale: float | None) -> torch.Tensor:
-        """Attention of the rows' new queries [R, Hq, T, D] over their branches -> [R, T, Hq, D] (query's dtype).
+    def _plan_rows(self, rows: list[int], t: int) -> None:
+        """Lay the rows' block tables out in the cache's PagedAttention (their new tokens appended); a one-token
+        step whose rows and pages are those of the last one only moves the lengths on."""
+        lengths = self.tree.lengths(rows)
+        key = (tuple(rows), self.tree.version) if t == 1 else None
+        if key is not None and key == self._plan_key:
+            self.attn.set_lengths(lengths)
+            return
+        table, num_pages = self.tree.block_table(rows)
+        self.attn.plan(table, lengths, query_lens=[t] * len(rows), num_pages=num_pages)
+        self._plan_key = key
 
-        key_new/value_new [R, Hkv, T, D]: this forward's keys/values (already in the pool); padding: the 2-D mask
-        [R, kv] of the forward (checked at layer 0: new tokens must not be padding)."""
+    @property
+    def prefilling(self) -> bool:
+        """Whether the forward in progress runs the model's own attention over its new tokens (the rows held nothing
+        before it, or TreeCache.prefill runs it)."""
+        return self._forward is not None and not self._forward.planned
+
+    def check_call(self, layer_idx: int, masks: _Masks, dropout: float, kwargs: dict) -> None:
+        """ValueError/RuntimeError (one line) when a layer's attention call asks for something its AttentionSpec
+        (which TreeCache was checked against) does not say, or, at layer 0, when the forward's position_ids do not
+        continue the rows (a forward feeding tokens the rows already hold: generate with use_cache=False)."""
+        spec = self.specs[layer_idx]
+        where = f"layer {layer_idx}"
+        if dropout:
+            raise ValueError(f"attention dropout must be 0 with TreeCache (put the model in eval mode), got {dropout}")
+        if masks.custom:
+            raise ValueError(f"{where}: the model's attention mask adds a custom pattern (or/and mask functions); "
+                             "TreeCache attends causally over each row's branch")
+        window = kwargs.get("sliding_window")
+        if window not in (None, spec.sliding_window) or masks.local_size != spec.sliding_window:
+            raise RuntimeError(f"{where}: the model's attention uses a window of {window} (its mask: "
+                               f"{masks.local_size}), its config says {spec.sliding_window}")
+        if kwargs.get("softcap") is not None and kwargs["softcap"] != spec.softcap:
+            raise RuntimeError(f"{where}: the model's attention passes softcap={kwargs['softcap']}, its config says "
+                               f"{spec.softcap}")
+        if kwargs.get("s_aux") is not None and not spec.sinks:
+            raise RuntimeError(f"{where}: the model's attention passes sinks (s_aux) its module does not hold")
+        if kwargs.get("is_causal") is False:
+            raise ValueError(f"{where}: TreeCache runs causal attention only, the model passes is_causal=False")
+        if kwargs.get("position_bias") is not None:
+            raise ValueError(f"{where}: TreeCache does not take an additive position_bias (ALiBi / relative bias)")
+        fwd = self._forward
+        if layer_idx or self._prefill_stored is not None:
+            return
+        t = fwd.num_tokens
+        if masks.padding is not None and not bool(masks.padding[:, -t:].all()):
+            raise ValueError("the forward's new tokens include padding (attention_mask 0): TreeCache stores only real "
+                             "tokens; strip left padding with TreeCache.prefill (generate_branches does it)")
+        position_ids = kwargs.get("position_ids")
+        if not isinstance(position_ids, torch.Tensor):
+            return
+        if position_ids.dim() != 2 or position_ids.shape[1] != t or position_ids.shape[0] not in (1, len(fwd.rows)):
+            raise ValueError(f"position_ids must be [rows, {t}] (one position per new token), got shape "
+                             f"{list(position_ids.shape)}")
+        expected = torch.tensor(fwd.positions, device=position_ids.device)[:, None] + torch.arange(
+            t, device=position_ids.device)
+        if not bool((position_ids == expected).all()):
+            row = int((position_ids != expected).any(1).nonzero()[0])
+            raise ValueError(f"the forward's position_ids {position_ids[row].tolist()[:8]} do not continue row {row}, "
+                             f"which holds {fwd.positions[row]} tokens: TreeCache appends every forward's tokens to "
+                             "its rows (generate with use_cache=False feeds the whole sequence again: use_cache=True)")
+
+    def attend(self, layer_idx: int, query: torch.Tensor, sm_scale: float | None = None, *, window: int | None = None,
+               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the rows' new queries [R, Hq, T, D] over their branches (which hold this forward's keys and
+        values already) -> [R, T, Hq, D] (query's dtype). sm_scale (None: D ** -0.5), window, softcap, sinks [Hq]:
+        the layer's attention variant (tree_attention's)."""
         fwd = self._forward
         r, hq, t, d = query.shape
         if (r, t) != (len(fwd.rows), fwd.num_tokens):
             raise ValueError(f"query must have {len(fwd.rows)} rows of {fwd.num_tokens} tokens like the cache update, "
                              f"got shape {list(query.shape)}")
-        if layer_idx == 0 and padding is not None and not bool(padding[:, -t:].all()):
-            raise ValueError("the forward's new tokens include padding (attention_mask 0): TreeCache stores only real "
-                             "tokens; strip left padding with TreeCache.prefill (generate_branches does it)")
-        sm_scale = d ** -0.5 if sm_scale is None else sm_scale
-        k_pages, v_pages = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        if t == 1:
-            o = tree_attention(query[:, :, 0, :].contiguous(), k_pages, v_pages, fwd.plan, sm_scale=sm_scale,
-                               backend=self.backend)
-            return o.unsqueeze(1)
-        if fwd.plan is None:  # nothing before the chunk: a prefill
-            o = F.scaled_dot_product_attention(query, key_new, value_new, is_causal=True, scale=sm_scale,
-                                               enable_gqa=True)
-            return o.transpose(1, 2)
         q = query.transpose(1, 2).reshape(r * t, hq, d)
-        o_ctx, lse_ctx = tree_attention(q, k_pages, v_pages, fwd.plan, sm_scale=sm_scale, return_lse=True,
-                                        backend=self.backend)
-        chunks = [causal_attention_with_lse(q[i * t:(i + 1) * t], key_new[i].transpose(0, 1),
-                                            value_new[i].transpose(0, 1), sm_scale) for i in range(r)]
-        o, _ = merge_states(o_ctx, lse_ctx, torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]),
-                            backend=self.backend)
+        o = self.attn.run(q, self.pool.k[layer_idx], self.pool.v[layer_idx], sm_scale=sm_scale, window=window,
+                          softcap=softcap, sinks=sinks)
         return o.view(r, t, hq, d)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -428,8 +612,7 @@ class TreeCache(Cache):
             self._drop(b)
         self._rows = []
         self._forward = None
-        self._plan = self._plan_key = None
-        self._plan_owners = []
+        self._plan_key = None
 
     def __repr__(self) -> str:
         return (f"TreeCache(rows={len(self._rows)}, branches={len(self.tree.branches)}, "
@@ -437,16 +620,21 @@ class TreeCache(Cache):
 
     # ---- prompts ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
+    def prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                drop_last: bool = False) -> list[int]:
         """Store the prompts input_ids [B, L] (left padding per attention_mask stripped) in B new root branches,
-        which become the rows; return their ids. One forward of the model's backbone per distinct padding length
-        (no LM head)."""
+        which become the rows; return their ids. drop_last: store all but each prompt's last token (generate feeds
+        it: generate_branches).
+
+        One forward of the model's backbone (no LM head) over the whole padded batch, with the positions and mask
+        stock generate's first forward has, running the model's own attention: the stored K/V are what stock
+        generate computes, also where RoPE depends on the forward's length (dynamic, longrope)."""
         if self._rows:
             raise ValueError(f"prefill needs a cache without rows, this one has {len(self._rows)}: reset() it or use a "
                              "new TreeCache")
         check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32))
         b, length = input_ids.shape
-        pads = [0] * b
+        mask = torch.ones(b, length, dtype=torch.bool)
         if attention_mask is not None:
             check_tensor("attention_mask", attention_mask, ndim=2)
             if tuple(attention_mask.shape) != (b, length):
@@ -454,33 +642,33 @@ class TreeCache(Cache):
                                  f"{list(attention_mask.shape)}")
             mask = attention_mask.to("cpu", torch.bool)
             real = mask.sum(1)
-            pads = (length - real).tolist()
             left_padded = (mask == (torch.arange(length)[None, :] >= (length - real)[:, None])).all(1)
             if not bool(left_padded.all()):
                 row = int((~left_padded).nonzero()[0])
                 raise ValueError(f"attention_mask row {row} is not left padding (zeros, then ones): decoder-only "
                                  "prompts must be padded on the left")
-        device = self.pool.k[0].device
+        keep = mask.clone()
+        if drop_last:
+            keep[:, -1] = False
         roots = [self.new_branch() for _ in range(b)]
-        by_pad: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(pads):
-            self._offset[roots[i]] = p
-            by_pad[p].append(i)
-        base = getattr(model, "base_model", model)
-        cache_arg = cache_argument(base)
-        try:
-            for p, group in by_pad.items():
-                if p == length:
-                    continue
-                self._rows = [roots[i] for i in group]
-                ids = input_ids[group, p:].to(device)
-                positions = torch.arange(length - p, device=device).expand(len(group), -1)
-                base(input_ids=ids, position_ids=positions, use_cache=True, **{cache_arg: self})
-        except BaseException:  # leave the cache as it was: no rows, no half-written branches
-            self._rows, self._forward, _handoff.state = [], None, None
-            for r in roots:
-                self._drop(r)
-            raise
+        if keep.any():
+            device = self.pool.k[0].device
+            base = getattr(model, "base_model", model)
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # as generate sets them
+            padded = None if bool(mask.all()) else mask.long().to(device)
+            self._rows, self._prefill_stored = roots, keep
+            try:
+                base(input_ids=input_ids.to(device), attention_mask=padded, position_ids=positions.to(device),
+                     use_cache=True, **{cache_argument(base): self})
+            except BaseException:  # leave the cache as it was: no rows, no half-written branches
+                self._rows, self._forward, _handoff.state = [], None, None
+                for r in roots:
+                    self._drop(r)
+                raise
+            finally:
+                self._prefill_stored = None
+        for r, pad in zip(roots, (length - mask.sum(1)).tolist()):
+            self._offset[r] = pad
         self._rows = roots
         return list(roots)
 
@@ -489,10 +677,12 @@ def generate_branches(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       cache: TreeCache | None = None, **generate_kwargs):
     """model.generate over a TreeCache that holds each prompt's KV once for all its rows.
 
-    input_ids [B, L] (left-padded per attention_mask). Prefills every prompt but its last token once, forks it into
-    the max(num_beams, num_return_sequences) rows generate expands it to, then returns
-    model.generate(input_ids, attention_mask=attention_mask, <cache>=cache, **generate_kwargs) (sampling, greedy and
-    beam search work as in generate). cache: an empty TreeCache (default: a new TreeCache(model)).
+    input_ids [B, L] (left-padded per attention_mask). Prefills every prompt but its last token once
+    (TreeCache.prefill(..., drop_last=True)), forks it into the max(num_beams, num_return_sequences) rows generate
+    expands it to, then returns model.generate(input_ids, attention_mask=attention_mask, <cache>=cache,
+    use_cache=True, **generate_kwargs) (sampling, greedy and beam search work as in generate; a checkpoint saved with
+    use_cache false decodes with the cache all the same, as stock generate's tokens do not depend on it). cache: an
+    empty TreeCache (default: a new TreeCache(model)).
     """
     if cache is None:
         cache = TreeCache(model)
@@ -505,41 +695,47 @@ def generate_branches(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     config = generate_kwargs.get("generation_config") or model.generation_config
     expand = max(int(generate_kwargs.get("num_beams", config.num_beams) or 1),
                  int(generate_kwargs.get("num_return_sequences", config.num_return_sequences) or 1))
+    if generate_kwargs.get("use_cache", True) is False:
+        raise ValueError("use_cache=False: generate would feed the whole sequence at every step; generate_branches "
+                         "decodes through a TreeCache (leave use_cache unset)")
     if input_ids.shape[1] > 1:
-        cache.prefill(model, input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1])
+        cache.prefill(model, input_ids, attention_mask, drop_last=True)
         cache.batch_repeat_interleave(expand)
     cache_arg = cache_argument(model)
-    return model.generate(input_ids, attention_mask=attention_mask, **{cache_arg: cache}, **generate_kwargs)
+    return model.generate(input_ids, attention_mask=attention_mask, **{cache_arg: cache},
+                          **{**generate_kwargs, "use_cache": True})
 
 
-def _mask_for_tree_cache(*args, attention_mask=None, **kwargs) -> _Masks:
-    """transformers mask function of the "o1kernels" implementation: keeps the 2-D padding mask (TreeCache checks
-    that no new token is padding) and builds transformers' SDPA mask for forwards without a TreeCache."""
-    padding = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-    return _Masks(padding, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, attention_mask=attention_mask, **kwargs))
+def _mask_for_tree_cache(**kwargs) -> _Masks:
+    """transformers mask function of the "o1kernels" implementation: hands its arguments on (see _Masks)."""
+    return _Masks(kwargs)
 
 
 def tree_cache_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     """The "o1kernels" attention function (transformers AttentionInterface): query [R, Hq, T, D] -> ([R, T, Hq, D],
-    None). After a TreeCache.update it attends over the cache's branches; otherwise it is transformers' SDPA."""
+    weights or None). After a TreeCache.update it attends over the cache's branches (a prefill runs the model's stock
+    attention over the new tokens); otherwise it is the model's stock attention (stock_attention: SDPA, or eager
+    where the model needs it)."""
     state = getattr(_handoff, "state", None)
     _handoff.state = None
-    masks = attention_mask if isinstance(attention_mask, _Masks) else _Masks(None, attention_mask)
     if state is None:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, masks.sdpa, scaling=scaling,
-                                               dropout=dropout, **kwargs)
+        name, stock = stock_attention(module)
+        mask = attention_mask.build(name) if isinstance(attention_mask, _Masks) else attention_mask
+        return stock(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     cache, layer_idx, key_new, value_new = state
     if getattr(module, "layer_idx", layer_idx) != layer_idx or key is not cache.pool.k[layer_idx]:
         raise RuntimeError(f"the {ATTN_IMPLEMENTATION!r} attention of layer {getattr(module, 'layer_idx', '?')} does "
                            f"not follow its TreeCache.update (which was for layer {layer_idx})")
     if isinstance(attention_mask, torch.Tensor):
         raise ValueError("TreeCache does not take a custom 4-D attention mask: which tokens a row sees is its branch")
-    if dropout:
-        raise ValueError(f"attention dropout must be 0 with TreeCache (put the model in eval mode), got {dropout}")
-    for name in ("sliding_window", "softcap"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"TreeCache supports full attention only, got {name}={kwargs[name]!r}")
-    return cache.attend(layer_idx, query, key_new, value_new, masks.padding, scaling), None
+    masks = attention_mask if isinstance(attention_mask, _Masks) else _Masks({})
+    cache.check_call(layer_idx, masks, dropout, kwargs)
+    if cache.prefilling:
+        name, stock = stock_attention(module)
+        return stock(module, query, key_new, value_new, masks.build(name), scaling=scaling, dropout=dropout, **kwargs)
+    spec = cache.specs[layer_idx]
+    return cache.attend(layer_idx, query, scaling, window=spec.sliding_window,
+                        softcap=kwargs.get("softcap"), sinks=module.sinks if spec.sinks else None), None
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, tree_cache_attention)
@@ -557,17 +753,33 @@ class TokenPairHead:
 
 
 def _prm_backbone(prm_model):
-    """(backbone module, its final RMSNorm) of a transformers Llama/Qwen2 model (causal LM, base model or a wrapper
-    whose base_model is one)."""
-    if not isinstance(prm_model, nn.Module):
+    """(backbone module, its final norm `norm`, the norm's eps) of a transformers causal LM, base model or a wrapper
+    whose base_model is one. score_steps then checks that the norm is the RMSNorm step_rewards fuses
+    (_check_rms_norm: a LayerNorm or Gemma's (1 + weight) norm is refused)."""
+    if not isinstance(prm_model, nn.Module) or getattr(prm_model, "config", None) is None:
         raise TypeError(f"prm_model must be a transformers model, got {type(prm_model).__name__}")
-    check_model_config(getattr(prm_model, "config", None), "prm_model")
     base = getattr(prm_model, "base_model", prm_model)
     norm = getattr(base, "norm", None)
-    if not isinstance(getattr(norm, "weight", None), torch.Tensor) or not hasattr(norm, "variance_epsilon"):
-        raise ValueError(f"prm_model's backbone {type(base).__name__} has no final RMSNorm `norm` (weight, "
-                         "variance_epsilon) to read pre-norm hidden states from")
-    return base, norm
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        raise ValueError(f"prm_model's backbone {type(base).__name__} has no final RMSNorm `norm` (weight, eps) to "
+                         "read pre-norm hidden states from")
+    return base, norm, eps
+
+
+def _check_rms_norm(norm: nn.Module, eps: float) -> None:
+    """ValueError unless norm(x) = weight * x / sqrt(mean(x^2) + eps) on a fixed probe."""
+    weight = norm.weight
+    h = weight.shape[0]
+    steps = torch.arange(h, dtype=torch.float32, device=weight.device)
+    probe = torch.stack([torch.linspace(-2.0, 3.0, h, device=weight.device), torch.cos(steps) + 0.5])
+    expected = probe * torch.rsqrt(probe.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    with torch.no_grad():
+        got = norm(probe.to(weight.dtype)).float()
+    if not torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
+        raise ValueError(f"prm_model's final norm {type(norm).__name__} does not compute weight * x / rms(x) (an "
+                         "RMSNorm), which step_rewards fuses")
 
 
 def _head_tensors(prm_model, head, positive_index: int) -> dict:
@@ -581,7 +793,15 @@ def _head_tensors(prm_model, head, positive_index: int) -> dict:
         vocab = lm_head.weight.shape[0]
         if not all(_is_int(i) and 0 <= i < vocab for i in ids):
             raise ValueError(f"TokenPairHead ids must be token ids in [0, {vocab}), got {ids}")
-        return {"weight": lm_head.weight[ids], "bias": None if lm_head.bias is None else lm_head.bias[ids],
+        config = prm_model.config
+        if getattr(config, "final_logit_softcapping", None) is not None:
+            raise ValueError("TokenPairHead: the model soft-caps its logits (final_logit_softcapping), which two "
+                             "LM-head rows cannot reproduce")
+        # logits = lm_head(h) / logits_scaling (Granite) * logit_scale (Cohere): fold both into the two rows
+        factor = getattr(config, "logit_scale", None) or 1.0
+        factor /= getattr(config, "logits_scaling", None) or 1.0
+        return {"weight": lm_head.weight[ids] * factor,
+                "bias": None if lm_head.bias is None else lm_head.bias[ids] * factor,
                 "mlp_weight": None, "mlp_bias": None, "activation": "softmax", "positive_index": 0}
     mlp = None
     out = head
@@ -606,7 +826,8 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
                 positive_index: int = 1, aggregate: str = "min", backend: str = "auto"):
     """PRM step scores of sequences, from one backbone pass and the fused step_rewards kernel.
 
-    prm_model: transformers Llama/Qwen2 model (…ForCausalLM, base model, or a PRM wrapper whose base_model is one).
+    prm_model: a transformers model with a final RMSNorm `norm` (…ForCausalLM, base model, or a PRM wrapper whose
+      base_model is one).
     input_ids [B, L] int64 (on the model's device); attention_mask [B, L] or None (padding is never a step).
     step_token_id: int or ints, the token(s) ending a step, where the PRM scores.
     head: TokenPairHead(positive_id, negative_id) (Math-Shepherd) | nn.Linear(H, C) | nn.Sequential(nn.Linear(H, Hm),
@@ -614,7 +835,7 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     Returns (step_scores [B, L] float32, NaN off steps; chain_scores [B] float32, `aggregate` over each row's steps).
     The hidden states are taken at the input of the backbone's final RMSNorm, which step_rewards applies (fp32).
     """
-    base, norm = _prm_backbone(prm_model)
+    base, norm, eps = _prm_backbone(prm_model)
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64, torch.int32), device=norm.weight.device)
     if attention_mask is not None:
         check_tensor("attention_mask", attention_mask, ndim=2, device=input_ids.device)
@@ -626,6 +847,7 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     vocab = base.get_input_embeddings().num_embeddings
     if not step_ids or not all(_is_int(i) and 0 <= i < vocab for i in step_ids):
         raise ValueError(f"step_token_id must be a token id (or ids) in [0, {vocab}), got {step_token_id!r}")
+    _check_rms_norm(norm, eps)
     head_args = _head_tensors(prm_model, head, positive_index)
 
     captured = []
@@ -638,5 +860,5 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     if attention_mask is not None:
         step_mask &= attention_mask.bool()
     return step_rewards(captured[-1], step_mask, head_args.pop("weight"), head_args.pop("bias"),
-                        norm_weight=norm.weight, norm_eps=float(norm.variance_epsilon), aggregate=aggregate,
+                        norm_weight=norm.weight, norm_eps=eps, aggregate=aggregate,
                         backend=backend, **head_args)

@@ -1,0 +1,344 @@
+"""PagedAttention: random forests given as plain block tables (the sharing found from page ids) against a float64
+per-row reference; the sharing planner (compiled and numpy) against a brute-force one; lifecycle and bad input."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from o1kernels.capabilities import backend_unsupported_reason, spec_of
+from o1kernels.paged import PagedAttention, find_runs
+from o1kernels.paged.sharing import find_runs_numpy
+from attention_reference import LSE_TOLERANCES, TOLERANCES, backends_on, random_values, report_mismatch
+
+BACKENDS = backends_on("cpu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def random_forest(rng: random.Random, page_size: int, prompts: int, branches: int, levels: int, max_new: int):
+    """Block tables of a search forest: `prompts` prompts, each forked into up to `branches` rows through `levels`
+    step levels; forks share full pages and copy a partial last page (dense rows); pages numbered in a random order.
+    Returns (table [R, W], seq_lens [R], query_lens [R], num_pool_pages)."""
+    next_page = [0]
+
+    def new_pages(n):
+        out = list(range(next_page[0], next_page[0] + n))
+        next_page[0] += n
+        return out
+
+    def grow(row, length, extra):
+        """Append `extra` tokens to a row of `length` tokens (new pages as needed)."""
+        need = -(-(length + extra) // page_size) - len(row)
+        return row + new_pages(need), length + extra
+
+    rows = []
+    for _ in range(prompts):
+        frontier = [grow([], 0, rng.randint(1, 70))]
+        for _ in range(levels):
+            nxt = []
+            for pages, length in frontier:
+                for _ in range(rng.randint(1, 3)):
+                    full = length // page_size
+                    child = pages[:full] + (new_pages(1) if length % page_size else [])
+                    nxt.append(grow(child, length, rng.randint(1, 40)))
+            frontier = nxt[:branches]
+        while len(frontier) < branches and rng.random() < 0.7:  # more leaves forked from the last level's nodes
+            pages, length = rng.choice(frontier)
+            full = length // page_size
+            frontier.append(grow(pages[:full] + (new_pages(1) if length % page_size else []), length,
+                                 rng.randint(1, 30)))
+        rows += frontier
+    rng.shuffle(rows)
+    perm = list(range(next_page[0] + 3))
+    rng.shuffle(perm)
+    width = max(len(p) for p, _ in rows) + rng.randint(0, 2)
+    table = np.full((len(rows), width), 7_777_777, dtype=np.int64)  # entries past a row's pages: never read
+    for i, (pages, _) in enumerate(rows):
+        table[i, :len(pages)] = [perm[p] for p in pages]
+    seq = np.array([length for _, length in rows])
+    qlen = np.array([rng.randint(1, min(max_new, length)) for length in seq])
+    return table, seq, qlen, len(perm)
+
+
+def paged_reference_f64(q, k_cache, v_cache, table, seq, qlen, page_size, sm_scale, window=None, softcap=None,
+                        sinks=None):
+    """float64: each row's queries over its own tokens read from its pages, causal by position."""
+    outs, lses = [], []
+    start = 0
+    hq, d = q.shape[1:]
+    group = hq // k_cache.shape[2]
+    for r in range(len(seq)):
+        tokens = np.arange(seq[r])
+        pages = torch.as_tensor(table[r, tokens // page_size])
+        slots = torch.as_tensor(tokens % page_size)
+        k = k_cache[pages, slots].double().repeat_interleave(group, dim=1)
+        v = v_cache[pages, slots].double().repeat_interleave(group, dim=1)
+        qr = q[start:start + qlen[r]].double()
+        scores = torch.einsum("qhd,thd->qht", qr, k) * sm_scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        pos = torch.arange(seq[r] - qlen[r], seq[r])[:, None]
+        dist = pos - torch.as_tensor(tokens)[None, :]
+        visible = (dist >= 0) & ((dist < window) if window is not None else True)
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.double()[None, :, None].expand(len(qr), -1, 1)], dim=2)
+            v = torch.cat([v, torch.zeros(1, hq, d, dtype=torch.float64)])
+        lses.append(torch.logsumexp(scores, dim=2))
+        outs.append(torch.einsum("qht,thd->qhd", torch.softmax(scores, dim=2), v))
+        start += qlen[r]
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _refused(backend, attn, q, k, **features) -> bool:
+    """True when `backend` does not implement the planned call with these features (position masks when the plan
+    needs them: chunks; a window always)."""
+    masks = attn.plan_obj.masks or features.get("sliding_window") is not None
+    return backend_unsupported_reason(backend, spec_of(q, k, positions=masks, **features)) is not None
+
+
+# (prompts, branches, levels, page_size, Hq, Hkv, D, max new tokens per row)
+FORESTS = [
+    (1, 8, 2, 16, 8, 2, 32, 1),     # one prompt, decode rows, GQA 4
+    (3, 6, 3, 4, 4, 1, 16, 5),      # a forest of 3 prompts, short chunks, MQA
+    (8, 2, 0, 1, 4, 4, 24, 3),      # 8 prompts of 1-2 rows, page size 1, head_dim not a power of two
+    (2, 64, 1, 32, 4, 2, 16, 1),    # 64 branches per prompt, page size 32
+    (1, 3, 1, 16, 4, 2, 16, 512),   # rows with hundreds of new tokens (a prefill chunk) next to decode rows
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("forest", FORESTS, ids=lambda f: f"p{f[0]}-b{f[1]}-l{f[2]}-ps{f[3]}-hkv{f[5]}-new{f[7]}")
+def test_random_forest_block_tables_match_float64(forest, backend, dtype):
+    prompts, branches, levels, page_size, hq, hkv, d, max_new = forest
+    rng = random.Random(str(forest))
+    if max_new > 100:  # long chunks: prompts long enough to hold them
+        table, seq, qlen, num_pages = random_forest(rng, page_size, prompts, branches, levels, 1)
+        seq = seq + 600
+        width = -(-int(seq.max()) // page_size)
+        table = np.concatenate([table, np.zeros((len(seq), width), np.int64)], axis=1)
+        for r in range(len(seq)):  # each row's extra tokens on fresh pages of its own
+            have = int(np.sum(table[r] != 7_777_777) - width)
+            need = -(-int(seq[r]) // page_size) - have
+            table[r, have:have + need] = np.arange(num_pages, num_pages + need)
+            num_pages += need
+        qlen = np.array([rng.choice([1, 512, rng.randint(2, 300)]) for _ in seq])
+    else:
+        table, seq, qlen, num_pages = random_forest(rng, page_size, prompts, branches, levels, max_new)
+    k = (torch.randn(num_pages, page_size, hkv, d) * 1.5).to(dtype)
+    v = random_values((num_pages, page_size, hkv, d), dtype)
+    q = (torch.randn(int(qlen.sum()), hq, d) * 2).to(dtype)
+    attn = PagedAttention(page_size, (hq, hkv), d, backend=backend, dtype=dtype)
+    attn.plan(table, seq, query_lens=qlen)
+    assert attn.plan_obj.masks == bool((qlen > 1).any())  # decode rows over whole segments need no masks
+    if _refused(backend, attn, q, k):
+        with pytest.raises(ValueError, match="does not implement"):
+            attn.run(q, k, v)
+        return
+    o, lse = attn.run(q, k, v, return_lse=True)
+    o_ref, lse_ref = paged_reference_f64(q, k, v, table, seq, qlen, page_size, d ** -0.5)
+    report_mismatch(f"o ({backend})", o, o_ref, *TOLERANCES[dtype])
+    report_mismatch(f"lse ({backend})", lse, lse_ref, *LSE_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_variants_through_the_wrapper(backend):
+    rng = random.Random(11)
+    table, seq, qlen, num_pages = random_forest(rng, 8, 2, 5, 2, 4)
+    hq, hkv, d = 4, 2, 16
+    k = torch.randn(num_pages, 8, hkv, d)
+    v = random_values(k.shape, torch.float32)
+    q = torch.randn(int(qlen.sum()), hq, d)
+    sinks = torch.randn(hq)
+    attn = PagedAttention(8, (hq, hkv), d, backend=backend, dtype=torch.float32)
+    attn.plan(table, seq, query_lens=qlen)
+    for kw in (dict(window=7), dict(softcap=3.0, sm_scale=0.4), dict(sinks=sinks, window=20)):
+        feats = dict(sliding_window=kw.get("window"), softcap=kw.get("softcap"), sinks="sinks" in kw)
+        if _refused(backend, attn, q, k, **feats):
+            with pytest.raises(ValueError, match="does not implement"):
+                attn.run(q, k, v, **kw)
+            continue
+        o = attn.run(q, k, v, **kw)
+        o_ref, _ = paged_reference_f64(q, k, v, table, seq, qlen, 8, kw.get("sm_scale", d ** -0.5),
+                                       kw.get("window"), kw.get("softcap"), kw.get("sinks"))
+        report_mismatch(f"o ({backend}, {sorted(kw)})", o, o_ref, *TOLERANCES[torch.float32])
+
+
+def test_shared_pages_are_read_once():
+    """With every shared segment on the shared path and one query tile per segment, the layout's programs read
+    exactly the distinct pages' tokens: the prompt once for all rows, not once per row."""
+    rng = random.Random(2)
+    for forest in [(1, 16, 2, 16), (4, 8, 3, 4), (2, 30, 1, 1)]:
+        table, seq, qlen, _ = random_forest(rng, forest[3], *forest[:3], 1)
+        attn = PagedAttention(forest[3], (4, 2), 16, path="cascade", queries_per_tile=1024)
+        attn.plan(table, seq)
+        distinct = {(int(table[r, t // forest[3]]), t % forest[3]) for r in range(len(seq)) for t in range(seq[r])}
+        assert attn.unique_kv_tokens() == len(distinct)
+        assert attn.kv_tokens_read("split") == len(distinct)
+        per_row = int(seq.sum())
+        assert len(distinct) < per_row  # the forest shares something, so reading it once saves reads
+        decode = PagedAttention(forest[3], (4, 2), 16, path="decode")
+        decode.plan(table, seq)
+        assert decode.kv_tokens_read("fused") == per_row  # plain per-row decode reads each row's tokens
+
+
+def test_indptr_form_and_set_lengths_equal_a_new_plan():
+    rng = random.Random(4)
+    table, seq, _, num_pages = random_forest(rng, 4, 2, 4, 2, 1)
+    npages = -(-seq // 4)
+    k = torch.randn(num_pages, 4, 2, 8)
+    v = random_values(k.shape, torch.float32)
+    q = torch.randn(len(seq), 4, 8)
+    a = PagedAttention(4, (4, 2), 8, backend="torch")
+    a.plan(table, seq)
+    indptr = np.concatenate([[0], np.cumsum(npages)])
+    indices = np.concatenate([table[r, :npages[r]] for r in range(len(seq))])
+    b = PagedAttention(4, (4, 2), 8, backend="torch")
+    b.plan(kv_indptr=indptr, kv_indices=indices, seq_lens=seq)
+    torch.testing.assert_close(a.run(q, k, v), b.run(q, k, v), rtol=0, atol=0)
+    # rows shrink by up to 3 tokens within their pages: set_lengths (host and device) == a fresh plan
+    shorter = np.maximum(seq - np.array([rng.randint(0, 3) for _ in seq]), 1)
+    fresh = PagedAttention(4, (4, 2), 8, backend="torch")
+    fresh.plan(table, shorter, num_pages=npages)
+    a.set_lengths(torch.from_numpy(shorter))
+    torch.testing.assert_close(a.run(q, k, v), fresh.run(q, k, v), rtol=0, atol=0)
+    a.set_lengths(shorter.tolist())
+    torch.testing.assert_close(a.run(q, k, v), fresh.run(q, k, v), rtol=0, atol=0)
+
+
+def test_capture_stable_plans_update_in_place():
+    rng = random.Random(9)
+    table, seq, _, num_pages = random_forest(rng, 4, 2, 4, 2, 1)
+    k = torch.randn(num_pages + 50, 4, 2, 8)
+    v = random_values(k.shape, torch.float32)
+    attn = PagedAttention(4, (4, 2), 8, backend="torch", capture_stable=True)
+    assert attn.plan(table, seq) is True
+    tensors = (attn.plan_obj.seg_lens.data_ptr(), attn.plan_obj.q_pos.data_ptr(), attn._table.data_ptr())
+    # drop a row, fork another (its full pages shared, a fresh page): same row count, laid out in place
+    table2, seq2 = table.copy(), seq.copy()
+    full = seq[0] // 4
+    table2[-1, :full + 1] = np.concatenate([table[0, :full], [num_pages + 1]])
+    seq2[-1] = seq[0] + 1
+    assert attn.plan(table2, seq2) is False
+    assert (attn.plan_obj.seg_lens.data_ptr(), attn.plan_obj.q_pos.data_ptr(), attn._table.data_ptr()) == tensors
+    q = torch.randn(len(seq), 4, 8)
+    fresh = PagedAttention(4, (4, 2), 8, backend="torch")
+    fresh.plan(table2, seq2)
+    torch.testing.assert_close(attn.run(q, k, v), fresh.run(q, k, v), rtol=0, atol=0)
+    # many more rows than the capacity: new tensors, the caller must capture again
+    big = np.concatenate([table2] * 8)
+    assert attn.plan(big, np.concatenate([seq2] * 8), query_lens=np.ones(8 * len(seq), int)) is True
+
+
+def brute_force_runs(table, npages):
+    """Each row's pages cut where the set of rows holding the page (same page id) changes."""
+    readers = {}
+    for r in range(len(npages)):
+        for j in range(npages[r]):
+            readers.setdefault(int(table[r, j]), set()).add(r)
+    out = []
+    for r in range(len(npages)):
+        runs, j = [], 0
+        while j < npages[r]:
+            e = j + 1
+            while e < npages[r] and readers[int(table[r, e])] == readers[int(table[r, j])]:
+                e += 1
+            runs.append((tuple(table[r, j:e]), frozenset(readers[int(table[r, j])])))
+            j = e
+        out.append(runs)
+    return out
+
+
+def _as_runs(result, table):
+    segs = result.segments
+    out = []
+    for r in range(len(result.row_run_ptr) - 1):
+        runs = []
+        for s in result.row_runs[result.row_run_ptr[r]:result.row_run_ptr[r + 1]]:
+            rep, col, n, _ = segs[s]
+            runs.append(tuple(table[rep, col:col + n]))
+        out.append(runs)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planner_matches_brute_force(seed):
+    rng = random.Random(seed)
+    table, seq, _, _ = random_forest(rng, rng.choice([1, 2, 4]), rng.randint(1, 4), rng.randint(1, 12),
+                                     rng.randint(0, 3), 1)
+    table = table.astype(np.int32)
+    npages = (-(-seq // 4) if False else np.array([int(np.sum(row != 7_777_777)) for row in table])).astype(np.int32)
+    expected = brute_force_runs(table, npages)
+    for impl in (find_runs, find_runs_numpy):
+        got = impl(table, npages)
+        runs = _as_runs(got, table)
+        assert runs == [[pages for pages, _ in row] for row in expected], impl.__name__
+        readers = {}
+        for row_runs in expected:
+            for pages, rows in row_runs:
+                readers[pages] = len(rows)
+        assert [int(c) for c in got.segments[:, 3]] == [readers[tuple(table[s[0], s[1]:s[1] + s[2]])]
+                                                       for s in got.segments]
+    np.testing.assert_array_equal(find_runs(table, npages).segments, find_runs_numpy(table, npages).segments)
+
+
+def test_planner_on_tables_that_are_not_a_forest():
+    """A page after different pages in two rows: still exact (one segment per page)."""
+    table = np.array([[0, 1, 2], [3, 1, 2], [0, 1, 4]], dtype=np.int32)
+    npages = np.array([3, 3, 3], dtype=np.int32)
+    expected = brute_force_runs(table, npages)
+    for impl in (find_runs, find_runs_numpy):
+        assert _as_runs(impl(table, npages), table) == [[p for p, _ in row] for row in expected]
+
+
+def test_bad_block_tables_and_lengths_raise_before_planning():
+    attn = PagedAttention(4, (4, 2), 8)
+    table = np.array([[0, 1], [0, 2]])
+    for kwargs, match in [
+        (dict(block_table=np.array([[0, 1], [1, 0]]), seq_lens=[8, 8]), "page 1 is at column 0"),
+        (dict(block_table=np.array([[0, -1]]), seq_lens=[8]), "is not a page id"),
+        (dict(block_table=table, seq_lens=[8]), "seq_lens must have 2 entries"),
+        (dict(block_table=table, seq_lens=[8, 9]), "num_pages\\[1\\] = 3 is more than the block table's 2 columns"),
+        (dict(block_table=table, seq_lens=[8, 8], query_lens=[1, 9]), "query_lens\\[1\\] = 9 exceeds seq_lens"),
+        (dict(block_table=table, seq_lens=[8, 8], num_pages=[1, 2]), "num_pages\\[0\\] = 1 pages cannot hold"),
+        (dict(block_table=table, seq_lens=[-1, 8]), "seq_lens must be in"),
+        (dict(block_table=np.zeros((2, 2, 2), int), seq_lens=[1, 1]), "block_table must be a 2-D integer"),
+        (dict(block_table=table.astype(float), seq_lens=[1, 1]), "block_table must be a 2-D integer"),
+        (dict(block_table=table, seq_lens=[1.5, 2]), "seq_lens must be a 1-D sequence of ints"),
+        (dict(kv_indptr=[0, 3], kv_indices=[0, 1], seq_lens=[8]), "kv_indptr must start at 0"),
+        (dict(seq_lens=[8]), "give either block_table or kv_indptr"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            attn.plan(**kwargs)
+    with pytest.raises(ValueError, match="num_heads must be"):
+        PagedAttention(4, (3, 2), 8)
+    with pytest.raises(RuntimeError, match="before plan"):
+        attn.run(torch.randn(1, 4, 8), torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8))
+    attn.plan(table, [8, 8])
+    with pytest.raises(ValueError, match="plan uses page 2 but k_cache has only 2 pages"):
+        attn.run(torch.randn(2, 4, 8), torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8))
+    with pytest.raises(ValueError, match="q must have shape \\[2, 4, 8\\]"):
+        attn.run(torch.randn(2, 2, 8), torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8))
+    with pytest.raises(ValueError, match="seq_lens\\[0\\] = 9 must be in \\[1, 8\\]"):
+        attn.set_lengths([9, 8])
+
+
+def test_auto_falls_back_for_head_dim_512():
+    """head_dim 512: no compiled or Triton kernel takes it; auto runs the torch reference instead of raising, an
+    explicit backend names why it cannot."""
+    attn = PagedAttention(4, (2, 1), 512, dtype=torch.float32)
+    attn.plan(np.array([[0, 1]]), [6])
+    q, k = torch.randn(1, 2, 512), torch.randn(2, 4, 1, 512)
+    v = random_values(k.shape, torch.float32)
+    o = attn.run(q, k, v)
+    o_ref, _ = paged_reference_f64(q, k, v, np.array([[0, 1]]), np.array([6]), np.array([1]), 4, 512 ** -0.5)
+    report_mismatch("o (auto, D=512)", o, o_ref, *TOLERANCES[torch.float32])
+    for backend in ("cpu", "triton"):
+        if backend in BACKENDS:
+            explicit = PagedAttention(4, (2, 1), 512, backend=backend)
+            explicit.plan(np.array([[0, 1]]), [6])
+            with pytest.raises(ValueError, match=f"backend '{backend}'"):
+                explicit.run(q, k, v)
