@@ -310,10 +310,10 @@ class _Launch:
         for src, source in enumerate(layout.sources):
             if not source.num_work:
                 continue
-            rows = source.max_work_queries * group
+            rows = int(source.max_work_queries) * group  # plain ints in grids and constexprs, not numpy scalars
             cfg = partial_config(target, kind, rows, d, config)
             m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
-            self.partials.append((src, (source.num_work * m_tiles, hkv),
+            self.partials.append((src, (int(source.num_work) * m_tiles, hkv),
                                   (*layout.source_views(source), layout.seg_queries, *source.work),
                                   max(pools[src][0].shape[1], 1),
                                   dict(GROUP=group, M_TILES=m_tiles, BLOCK_D=bd, **cfg, **common)))
@@ -327,7 +327,7 @@ class _Launch:
         self.decode_source = [(tables[min(i, len(tables) - 1)], *(direct[i] if direct[i] is not None else (dummy, dummy)))
                               for i in (0, 1)]
         self.decode_consts = dict(GROUP=group, BLOCK_D=bd, PART_D=bd, DIRECT0=direct[0] is not None,
-                                  DIRECT1=direct[1] is not None, PARTIALS=layout.num_partials > 0, **cfg, **common)
+                                  DIRECT1=direct[1] is not None, PARTIALS=bool(layout.num_partials > 0), **cfg, **common)
 
 
 def run_plan(plan, q, pools, sm_scale: float):
