@@ -250,7 +250,9 @@ def main() -> None:
     def ours(prompt_len, n, s, **options):
         # the warm-up's tree: prompt + n tails of s tokens, one of them a token longer; + the padding's scratch page
         pages = -(-prompt_len // ps) + n * -(-s // ps) + 3
-        return lambda: TreeDecoder(model, backend=backend, page_size=ps, num_pages=pages, **options)
+        # args.backend, not the resolved name: with "auto" each call picks a backend that implements it (the
+        # prompt's causal chunk needs position masks, which only the torch reference implements so far)
+        return lambda: TreeDecoder(model, backend=args.backend, page_size=ps, num_pages=pages, **options)
 
     # allocator and library warm-up on a small problem (ours compiles per row in its own warm_up)
     run_decoder(lambda: NaiveDecoder(model), model, list(range(64)), 2, 4, warm=False)
@@ -319,7 +321,8 @@ def main() -> None:
         f"model: random-weight Llama, {params / 1e6:.1f}M parameters, hidden {cfg.hidden_size}, "
         f"{cfg.num_hidden_layers} layers, Hq={cfg.num_attention_heads}, Hkv={cfg.num_key_value_heads}, "
         f"D={cfg.head_dim}, vocab {cfg.vocab_size}, {str(model.dtype).replace('torch.', '')}, on {device_name(device)}",
-        f"ours: TreeDecoder, tree_attention backend {backend!r}, page_size {ps}, warmed up on each row's tree; "
+        f"ours: TreeDecoder, backend {args.backend!r} ({backend} on this device where it implements the call), "
+        f"page_size {ps}, warmed up on each row's tree; "
         "graph: CUDA-graph replay per token, compiled: the same with torch.compile'd layers, eager: the same "
         "iteration op by op",
         "decode tok/s = N*S / decode seconds of one generate_step (greedy, no stop tokens; sampling and Python "
