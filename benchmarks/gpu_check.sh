@@ -35,7 +35,7 @@ log="$out/gpu_check_$part.log"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 unset TRITON_INTERPRET  # compiled Triton kernels: what ships
 export O1K_REQUIRE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the GPU image's torch is under python3
 
 # pytest: parallel workers when pytest-xdist is there (Triton compiles dominate), a per-test limit with pytest-timeout
 pytest_opts="-m cuda -p no:cacheprovider -v -rfE"
