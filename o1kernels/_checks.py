@@ -45,6 +45,13 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
         raise ValueError(f"{name} must have shape {exp}, got {list(shape)}")
 
 
+def check_count(name: str, value, *, minimum: int = 0) -> int:
+    """`value` as a count/size: an int (not a bool) in [minimum, 2**31 - 1], else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT32_MAX:
+        raise ValueError(f"{name} must be an int in [{minimum}, 2**31 - 1], got {value!r}")
+    return value
+
+
 def check_fits_int32(name: str, value: int, what: str, why: str = "") -> None:
     """ValueError naming `name` when `value` (a size or index) exceeds INT32_MAX."""
     if value > INT32_MAX:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_shape, check_tensor
+from ._checks import check_count, check_shape, check_tensor
 from .capabilities import spec_of
 
 INT32_MAX = 2**31 - 1
@@ -229,10 +229,10 @@ def int32_on(device: torch.device, values) -> torch.Tensor:
     return host.to(device, copy=True)
 
 
-def _pack(device: torch.device, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """One host buffer, one host-to-device copy, then a view per array."""
+def _pack(device: torch.device, arrays: dict[str, np.ndarray], flat: np.ndarray) -> dict[str, torch.Tensor]:
+    """One host buffer (`flat`: the arrays one after another), one host-to-device copy, then a view per array."""
     sizes = [len(values) for values in arrays.values()]
-    buf = int32_on(device, np.concatenate(list(arrays.values())) if arrays else np.zeros(0, np.int32))
+    buf = int32_on(device, flat)
     offsets = np.cumsum([0] + sizes)
     return {"buffer": buf, **{name: buf[int(o):int(o) + n] for name, o, n in zip(arrays, offsets, sizes)}}
 
@@ -252,10 +252,21 @@ class PlanCapacity:
 
     def __post_init__(self):
         for name in ("segments", "pages", "query_refs", "work", "partials", "direct"):
-            _check_count(f"capacity.{name}", getattr(self, name))
+            check_count(f"capacity.{name}", getattr(self, name))
 
 
 _WORK_KEYS = ("seg", "kv_start", "kv_end", "q_start", "q_end", "out")
+# A layout's arrays, in the order its buffer holds them (layout_arrays' dict order; plan_layout writes the same)
+_LAYOUT_ARRAYS = ("page_table", "seg_page_start", "seg_capacity", "seg_start", "seg_queries",
+                  *(f"work_{k}" for k in _WORK_KEYS), "slot_indptr", "slots", "direct_indptr", "direct_segs")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_layout_available() -> bool:
+    """Whether the compiled host layout (o1kernels._C's plan_layout) can lay plans out (else numpy does)."""
+    from ._ext import unavailable_reason
+
+    return unavailable_reason("cpu") is None
 
 
 @dataclass
@@ -352,12 +363,12 @@ def layout_arrays(segs: SegmentArrays, direct: np.ndarray, chunks: np.ndarray, q
         sizes = {"seg_page_start": capacity.segments, "seg_capacity": capacity.segments, "seg_start": capacity.segments,
                  "seg_queries": capacity.query_refs, "slots": capacity.partials, "direct_segs": capacity.direct,
                  **{f"work_{k}": capacity.work for k in _WORK_KEYS}}
-        needs = {"segments": num_segs, "query_refs": len(segs.queries), "work": num_work, "partials": num_partials,
-                 "direct": num_direct}
+        needs = {"segments": num_segs, "pages": len(segs.pages), "query_refs": len(segs.queries), "work": num_work,
+                 "partials": num_partials, "direct": num_direct}
         if not external_pages:
             sizes["page_table"] = capacity.pages
-            needs["pages"] = len(segs.pages)
-        over = [f"{k} {v} > {getattr(capacity, k)}" for k, v in needs.items() if v > getattr(capacity, k)]
+        over = [f"{k} {v} > {getattr(capacity, k)}" for k, v in needs.items() if v > getattr(capacity, k)
+                and not (k == "pages" and external_pages)]
         if over:
             raise ValueError(f"the plan does not fit its capacity ({', '.join(over)}): build a new plan (and capture "
                              "a new graph) with a larger PlanCapacity")
@@ -387,11 +398,14 @@ def materialize(arrays: dict, meta: dict, seg_lens: torch.Tensor, into: PlanLayo
     of the same capacity, rewritten in place (its tensors, and so every graph captured over them, stay).
     q_pos: the plan's query positions (a plan with positions: the layout masks by position), window: its window;
     page_table: the device page table when it is not part of the arrays (block-table plans)."""
+    flat = meta.get("flat")
+    if flat is None:
+        flat = np.concatenate(list(arrays.values()))
     if into is not None:
-        into.buffer.copy_(int32_on(into.buffer.device, np.concatenate(list(arrays.values()))))
+        into.buffer.copy_(int32_on(into.buffer.device, flat))
         into.num_direct, into.num_slots = meta["num_direct"], meta["num_slots"]
         return into
-    t = _pack(seg_lens.device, arrays)
+    t = _pack(seg_lens.device, arrays, flat)
     table = page_table if page_table is not None else t["page_table"]
     return PlanLayout(
         table, t["seg_page_start"], t["seg_capacity"], seg_lens, t["seg_queries"],
@@ -423,12 +437,6 @@ def _int_list(name: str, value) -> list[int]:
             raise TypeError(f"{name}[{j}] must be an int, got {type(v).__name__}")
         out.append(v)
     return out
-
-
-def _check_count(name: str, value, *, minimum: int = 0) -> int:
-    if not _is_int(value) or not minimum <= value <= INT32_MAX:
-        raise ValueError(f"{name} must be an int in [{minimum}, 2**31 - 1], got {value!r}")
-    return value
 
 
 def plan_device(device) -> torch.device:
@@ -699,12 +707,12 @@ class TreeAttentionPlan(AttentionPlan):
 
     def _setup(self, num_queries, page_size, device, kv_chunk_size, queries_per_tile, num_heads, head_dim, path,
                capacity, causal) -> None:
-        _check_count("num_queries", num_queries)
-        _check_count("page_size", page_size, minimum=1)
+        check_count("num_queries", num_queries)
+        check_count("page_size", page_size, minimum=1)
         if kv_chunk_size is not None:
-            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+            check_count("kv_chunk_size", kv_chunk_size, minimum=1)
         if queries_per_tile is not None:
-            _check_count("queries_per_tile", queries_per_tile, minimum=1)
+            check_count("queries_per_tile", queries_per_tile, minimum=1)
         if capacity is not None and not isinstance(capacity, PlanCapacity):
             raise TypeError(f"capacity must be a PlanCapacity or None, got {type(capacity).__name__}")
         super().__init__(device, path, num_heads, head_dim)
@@ -717,6 +725,8 @@ class TreeAttentionPlan(AttentionPlan):
         self.capacity = capacity
         self.causal = causal
         self.masks = causal
+        self._layout_out = np.empty(0, dtype=np.int32)  # the compiled layout's host output, grown as needed
+        self._layout_params: dict = {}  # layout key -> plan_layout's parameter tensors
         self.page_table = None  # device page table kept by the caller (block-table plans); None: in the layouts
 
     def _set_tree(self, segs: SegmentArrays, lengths: np.ndarray, positions: np.ndarray) -> None:
@@ -937,11 +947,60 @@ class TreeAttentionPlan(AttentionPlan):
 
     def _arrays(self, kind, path, group, kv_heads, head_dim, elem_bytes, window):
         """layout_arrays of the layout with this key (see _layout_key) for the current tree (ValueError when it
-        does not fit the capacity)."""
+        does not fit the capacity): the compiled host layout (csrc/cpu/plan_layout.cpp) when o1kernels._C is built,
+        these numpy functions otherwise."""
+        if compiled_layout_available():
+            return self._compiled_arrays(kind, path, group, kv_heads, head_dim, elem_bytes, window)
         segs = self._windowed(window)
         direct, chunks, tile = self._paths(segs, kind, path, group, kv_heads, head_dim, elem_bytes)
         return layout_arrays(segs, direct, chunks, tile, self.num_queries, self.capacity,
                              external_pages=self.page_table is not None)
+
+    def _compiled_arrays(self, kind, path, group, kv_heads, head_dim, elem_bytes, window, *, count_only=False):
+        """_arrays through torch.ops.o1kernels.plan_layout (the same layout; count_only: its needs, nothing
+        written)."""
+        segs, cap = self.segs, self.capacity
+        params = self._layout_params.get((kind, path, group, kv_heads, head_dim, elem_bytes, window, count_only))
+        if params is None:  # the key's parameters, as plan_layout takes them (fixed for the plan's lifetime)
+            profile = device_profile(self.device)
+            caps = (-1,) * 6 if cap is None or count_only else (cap.segments, cap.pages, cap.query_refs, cap.work,
+                                                                cap.partials, cap.direct)
+            ints = np.array([self.num_queries, kind == "split", PATHS.index(path or "auto"), group, kv_heads,
+                             head_dim, elem_bytes, -1 if window is None or not self.causal else window,
+                             self._tile(group), self.kv_chunk_size or 0, profile.num_sms, self.page_table is not None,
+                             *caps, MIN_KV_CHUNK, MAX_KV_CHUNK, TOKENS_PER_QUERY], dtype=np.int64)
+            floats = np.array([profile.l2_bytes, profile.gbps, L2_FRACTION, L2_SPEEDUP, DIRECT_REREAD_US,
+                               SPLIT_FACTOR, MIN_SPLIT_TOKENS], dtype=np.float64)
+            sizes = np.empty(len(_LAYOUT_ARRAYS), dtype=np.int64)
+            params = self._layout_params[(kind, path, group, kv_heads, head_dim, elem_bytes, window, count_only)] = (
+                torch.from_numpy(ints), torch.from_numpy(floats), sizes, torch.from_numpy(sizes))
+        ints, floats, sizes, sizes_t = params
+        args = [torch.from_numpy(a) for a in (segs.pages, segs.page_start, segs.capacity, segs.start, segs.query_ptr,
+                                              segs.queries, self.positions_host)] + [ints, floats]
+        buffer = self._layout_out if not count_only else np.zeros(0, dtype=np.int32)
+        while True:
+            res = torch.ops.o1kernels.plan_layout(*args, torch.from_numpy(buffer), sizes_t)
+            total, num_work, num_partials, max_q, num_direct, has_direct, num_slots = res[:7]
+            needs = dict(segments=segs.num_segments, pages=len(segs.pages), query_refs=res[10], work=res[7],
+                         partials=res[8], direct=res[9])
+            if count_only:
+                return needs
+            if total < 0:
+                over = [f"{k} {v} > {getattr(cap, k)}" for k, v in needs.items() if v > getattr(cap, k)
+                        and not (k == "pages" and self.page_table is not None)]
+                raise ValueError(f"the plan does not fit its capacity ({', '.join(over)}): build a new plan (and "
+                                 "capture a new graph) with a larger PlanCapacity")
+            if total <= len(buffer):
+                break
+            buffer = self._layout_out = np.empty(2 * total, dtype=np.int32)
+        arrays, offset = {}, 0
+        for name, n in zip(_LAYOUT_ARRAYS, sizes.tolist()):
+            if n >= 0:
+                arrays[name] = buffer[offset:offset + n]
+                offset += n
+        meta = dict(num_work=num_work, num_partials=num_partials, max_q=max_q, num_direct=num_direct,
+                    has_direct=bool(has_direct), num_slots=num_slots, flat=buffer[:offset])
+        return arrays, meta
 
     def needs(self, kind: str = "split", num_q_heads: int | None = None, num_kv_heads: int | None = None,
               head_dim: int | None = None, elem_bytes: int = 2, window: int | None = None) -> dict:
@@ -950,6 +1009,8 @@ class TreeAttentionPlan(AttentionPlan):
             num_q_heads, num_kv_heads = self.num_heads or (DEFAULT_GQA_GROUP * DEFAULT_KV_HEADS, DEFAULT_KV_HEADS)
         key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim or self.head_dim or 128,
                                elem_bytes, window)
+        if compiled_layout_available():
+            return self._compiled_arrays(*key, count_only=True)
         segs = self._windowed(window)
         direct, chunks, tile = self._paths(segs, *key[:-1])
         return layout_needs(segs, direct, chunks, tile)
@@ -1007,12 +1068,12 @@ class SharedPrefixPlan(AttentionPlan):
     def __init__(self, num_branches: int, prefix_capacity: int, suffix_capacity: int, *, num_prefixes: int = 1,
                  branch_group=None, device=None, num_heads=None, head_dim: int | None = None, path: str = "auto",
                  kv_chunk_size: int | None = None):
-        b = _check_count("num_branches", num_branches)
-        p = _check_count("prefix_capacity", prefix_capacity)
-        s = _check_count("suffix_capacity", suffix_capacity)
-        g = _check_count("num_prefixes", num_prefixes, minimum=1)
+        b = check_count("num_branches", num_branches)
+        p = check_count("prefix_capacity", prefix_capacity)
+        s = check_count("suffix_capacity", suffix_capacity)
+        g = check_count("num_prefixes", num_prefixes, minimum=1)
         if kv_chunk_size is not None:
-            _check_count("kv_chunk_size", kv_chunk_size, minimum=1)
+            check_count("kv_chunk_size", kv_chunk_size, minimum=1)
         super().__init__(device, path, num_heads, head_dim)
         if -(-p // (kv_chunk_size or MIN_KV_CHUNK)) * (b + g) + -(-s // (kv_chunk_size or MIN_KV_CHUNK)) * b > MAX_WORK_ITEMS:
             raise ValueError(f"the plan would hold more than {MAX_WORK_ITEMS} work items: use a larger kv_chunk_size")

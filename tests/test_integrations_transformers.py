@@ -387,20 +387,22 @@ def test_score_steps_errors():
 # ---- README ---------------------------------------------------------------------------------------------------
 def test_readme_use_it_in_your_decoder_examples_run():
     """The README section's Python blocks, run as one fresh script from the repository root, print what the README
-    says: the generate example's shape and exact KV bytes, four step rewards, the CLI report."""
+    says: the paged wrapper's output shape and the rows reading each segment found from the block table, the
+    generate example's shape and exact KV bytes, four step rewards, the CLI report."""
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     section = readme[readme.index("## Use it in your decoder"):readme.index("## Benchmarks")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[:3] == ["torch.Size([16, 1088])", "4685824 4194304", "35618816"], proc.stdout
+    assert lines[:4] == ["torch.Size([8, 8, 64]) [2, 1, 1, 1, 1]", "torch.Size([16, 1088])", "4685824 4194304",
+                         "35618816"], proc.stdout
     assert 4685824 - 4194304 <= 16 * 16 * 2048  # within one page (16 tokens of 2048 B) per branch of the ideal
-    assert lines[3].startswith("tensor([") and "KV cache: peak" in proc.stdout and "\ufffd" not in proc.stdout
+    assert lines[4].startswith("tensor([") and "KV cache: peak" in proc.stdout and "\ufffd" not in proc.stdout
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------

@@ -342,3 +342,104 @@ def test_auto_falls_back_for_head_dim_512():
             explicit.plan(np.array([[0, 1]]), [6])
             with pytest.raises(ValueError, match=f"backend '{backend}'"):
                 explicit.run(q, k, v)
+
+
+def _row_runs(attn):
+    """Each row's runs as tuples of page ids read from the wrapper's device table (slot-independent)."""
+    table, runs = attn._table.cpu().numpy(), attn.batch
+    plan = attn.plan_obj
+    width = table.shape[1]
+    out = []
+    for r in range(runs.rows):
+        segs = [s for s in range(plan.num_segments) if r in set(plan.queries_of(s).tolist())]
+        out.append(sorted(tuple(table.reshape(-1)[plan.segs.page_start[s]:plan.segs.page_start[s]
+                                                  + plan.segs.capacity[s] // attn.page_size]) for s in segs))
+    del width
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_plans_equal_full_plans(seed):
+    """A search's steps (forks sharing full pages + a copied page, releases, rows growing by pages, trims) planned
+    with `continues` hints: the same segments per row and the same attention as a plan of each table from scratch."""
+    rng = random.Random(seed)
+    page = 4
+    branches = {0: list(range(6))}  # branch -> its pages
+    next_page = [6]
+
+    def fresh(n):
+        next_page[0] += n
+        return list(range(next_page[0] - n, next_page[0]))
+
+    incremental = PagedAttention(page, (4, 2), 8, backend="torch", capture_stable=True)
+    prev_order = None
+    k = torch.randn(4096, page, 2, 8)
+    v = random_values(k.shape, torch.float32)
+    for step in range(12):
+        op = rng.random()
+        ids = sorted(branches)
+        if op < 0.35 and len(branches) < 24:  # fork a branch: children share its full pages, copy its last one
+            parent = rng.choice(ids)
+            for _ in range(rng.randint(1, 4)):
+                branches[max(branches) + 1] = branches[parent][:-1] + fresh(1)
+        elif op < 0.55 and len(branches) > 1:
+            del branches[rng.choice(ids)]
+        else:  # every branch grows by 0-2 pages, some trim one
+            for b in ids:
+                grow = rng.randint(0, 2)
+                branches[b] = (branches[b][:-1] if grow == 0 and len(branches[b]) > 2 else branches[b]) + fresh(grow)
+        order = sorted(branches)
+        rng.shuffle(order)
+        table = np.zeros((len(order), max(len(branches[b]) for b in order)), dtype=np.int64)
+        for i, b in enumerate(order):
+            table[i, :len(branches[b])] = branches[b]
+        npages = np.array([len(branches[b]) for b in order])
+        seq = npages * page - np.array([rng.randint(0, page - 1) for _ in order])
+        continues = None if prev_order is None else [prev_order.index(b) if b in prev_order else -1 for b in order]
+        incremental.plan(table, seq, num_pages=npages, continues=continues)
+        full = PagedAttention(page, (4, 2), 8, backend="torch")
+        full.plan(table, seq, num_pages=npages)
+        assert _row_runs(incremental) == _row_runs(full), step
+        q = torch.randn(len(order), 4, 8)
+        torch.testing.assert_close(incremental.run(q, k, v), full.run(q, k, v), rtol=0, atol=0)
+        prev_order = order
+
+
+def test_wrong_continues_hints_are_errors_and_the_next_plan_starts_over():
+    attn = PagedAttention(4, (4, 2), 8, backend="torch")
+    attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12])
+    with pytest.raises(ValueError, match="continues a row of the previous plan but its page at column 2 is 5"):
+        attn.plan(np.array([[0, 1, 5], [0, 1, 3]]), [12, 12], continues=[0, 1])
+    with pytest.raises(ValueError, match="continues values must be -1 or rows of the previous plan"):
+        attn.plan(np.array([[0, 1, 2]]), [12], continues=[7])
+    with pytest.raises(ValueError, match="continued by at most one row"):
+        attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12], continues=[0, 0])
+    with pytest.raises(ValueError, match="continues must have 2 entries"):
+        attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12], continues=[0])
+    attn.plan(np.array([[0, 1, 5], [0, 1, 3]]), [12, 12], continues=[0, 1])  # after a failure: planned in full
+    assert [tuple(r) for r in _row_runs(attn)] == [((0, 1), (5,)), ((0, 1), (3,))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_segments_compiled_equals_numpy(seed):
+    from o1kernels.paged.attention import batch_segments
+    from o1kernels.paged.sharing import SharingPlanner
+
+    if not SharingPlanner().compiled:
+        pytest.skip("o1kernels._C is not built")
+    rng = random.Random(seed)
+    table, seq, qlen, _ = random_forest(rng, rng.choice([1, 4, 16]), rng.randint(1, 4), rng.randint(1, 9),
+                                        rng.randint(0, 3), rng.choice([1, 5]))
+    npages = np.array([int(np.sum(row != 7_777_777)) for row in table], dtype=np.int32)
+    runs = find_runs(table.astype(np.int32) % 7_777_777, npages)
+    for compiled in (True, False):
+        got = batch_segments(runs, seq.astype(np.int64), qlen.astype(np.int64), 40, 4, compiled)
+        if compiled:
+            ref = got
+            continue
+        segs, ref_segs = got[0], ref[0]
+        for name in ("page_start", "capacity", "start", "query_ptr", "queries"):
+            np.testing.assert_array_equal(getattr(segs, name), getattr(ref_segs, name), err_msg=name)
+        for a, b in zip(got[1:6], ref[1:6]):
+            np.testing.assert_array_equal(a, b)
+        assert got[6] == ref[6]

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_tensor
-from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, _check_count, plan_device
+from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_count, check_tensor
+from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, plan_device
 from o1kernels.tree_attention import tree_attention
 
-from .sharing import find_runs
+from .sharing import SharingPlanner
 
 
 def _host_ints(name: str, value, length: int | None = None) -> np.ndarray:
@@ -84,19 +84,73 @@ def table_from_indptr(kv_indptr, kv_indices) -> tuple[np.ndarray, np.ndarray]:
     return table, counts.astype(np.int32)
 
 
+def batch_segments(runs, seq: np.ndarray, qlen: np.ndarray, table_width: int, page_size: int, compiled: bool):
+    """The plan's side of a batch from its runs: (SegmentArrays over the device table of `table_width` columns,
+    each segment's current length and longest reader, each query's position, row and offset (position =
+    seq_lens[row] + offset), whether position masks change what some query sees). The compiled host pass
+    (csrc/cpu/paged_runs.cpp: paged_segments) or the same in numpy."""
+    num_segs, rows = len(runs.segments), len(seq)
+    if compiled:
+        refs = int((qlen * np.diff(runs.row_run_ptr)).sum())
+        nq = int(qlen.sum())
+        out = [np.empty(n, dtype=np.int64) for n in (num_segs, num_segs, num_segs, num_segs, num_segs, num_segs + 1,
+                                                     refs, nq, nq, nq)]
+        masks = torch.ops.o1kernels.paged_segments(
+            torch.from_numpy(runs.segments), torch.from_numpy(runs.row_runs), torch.from_numpy(runs.row_run_ptr),
+            torch.from_numpy(seq), torch.from_numpy(qlen), table_width, page_size, *map(torch.from_numpy, out))
+        page_start, cap, start, lengths, longest, query_ptr, queries, positions, query_row, query_offset = out
+        segs = SegmentArrays(np.zeros(0, dtype=np.int32), page_start, cap, start, query_ptr, queries)
+        return segs, lengths, positions, longest, query_row, query_offset, bool(masks)
+    segs_raw = runs.segments.astype(np.int64)
+    pair_row = np.repeat(np.arange(rows), np.diff(runs.row_run_ptr))
+    pair_seg = runs.row_runs.astype(np.int64)
+    order = np.argsort(pair_seg, kind="stable")  # pairs by segment, rows ascending
+    pair_row, pair_seg = pair_row[order], pair_seg[order]
+    col, npg = segs_raw[:, 1], segs_raw[:, 2]
+    start, cap = col * page_size, npg * page_size
+    # each segment's query rows: every pair's row expands into its query_lens[r] consecutive queries
+    q_off = np.cumsum(qlen) - qlen
+    pair_q = qlen[pair_row]
+    queries = np.repeat(q_off[pair_row] - (np.cumsum(pair_q) - pair_q), pair_q) + np.arange(int(pair_q.sum()))
+    query_ptr = np.zeros(num_segs + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pair_seg, weights=pair_q, minlength=num_segs).astype(np.int64), out=query_ptr[1:])
+    pair_len = np.clip(seq[pair_row] - start[pair_seg], 0, cap[pair_seg])
+    lengths = np.zeros(num_segs, dtype=np.int64)
+    np.maximum.at(lengths, pair_seg, pair_len)
+    # Decode rows whose segments they read whole need no position masks (every backend runs them); chunks and rows
+    # that end inside a page others read on do.
+    masks = bool((qlen > 1).any() or (pair_len < lengths[pair_seg]).any())
+    query_row = np.repeat(np.arange(rows), qlen)
+    query_offset = np.arange(int(qlen.sum())) - np.repeat(q_off + qlen, qlen)
+    by_length = np.lexsort((-pair_len, pair_seg))  # pairs by segment, longest first
+    longest = pair_row[by_length[np.searchsorted(pair_seg, np.arange(num_segs))]]  # pair_seg is sorted
+    segs = SegmentArrays(np.zeros(0, dtype=np.int32), segs_raw[:, 0] * table_width + col, cap, start, query_ptr,
+                         queries)
+    return segs, lengths, seq[query_row] + query_offset, longest, query_row, query_offset, masks
+
+
 @dataclass
 class _Lengths:
     """Device tensors that turn row lengths into segment lengths and query positions (set_lengths):
-    seg_lens[s] = max over pairs (s, r) of clamp(seq_lens[r] - start[s], 0, capacity[s]);
-    q_pos[i] = seq_lens[query_row[i]] + query_offset[i]. Pair arrays padded to a capacity point at segment 0
-    with start = capacity = 0 (a zero that changes no max)."""
+    seg_lens[s] = clamp(seq_lens[seg_row[s]] - start[s], 0, capacity[s]), seg_row[s] being the segment's longest
+    reader at plan time (rows grow only in pages of their own: the longest stays the longest; a shared segment
+    every reader runs past has its capacity whichever it is); q_pos[i] = seq_lens[query_row[i]] + query_offset[i].
+    index int64 = [seg_row (segment capacity), query_row], values int32 = [start, capacity, query_offset]; padding
+    segments read row 0 with start = capacity = 0."""
 
-    pair_seg: torch.Tensor
-    pair_row: torch.Tensor
-    pair_start: torch.Tensor
-    pair_cap: torch.Tensor
-    query_row: torch.Tensor
-    query_offset: torch.Tensor
+    index: torch.Tensor
+    values: torch.Tensor
+    num_segments: int
+    seg_row: torch.Tensor = None
+    query_row: torch.Tensor = None
+    start: torch.Tensor = None
+    cap: torch.Tensor = None
+    query_offset: torch.Tensor = None
+
+    def __post_init__(self):
+        s = self.num_segments
+        self.seg_row, self.query_row = self.index[:s], self.index[s:]
+        self.start, self.cap, self.query_offset = self.values[:s], self.values[s:2 * s], self.values[2 * s:]
 
 
 @dataclass(frozen=True)
@@ -124,13 +178,13 @@ class PagedAttention:
     def __init__(self, page_size: int, num_heads, head_dim: int, *, device=None, backend: str = "auto",
                  capture_stable: bool = False, path: str = "auto", kv_chunk_size: int | None = None,
                  queries_per_tile: int | None = None, dtype: torch.dtype = torch.float16):
-        _check_count("page_size", page_size, minimum=1)
+        check_count("page_size", page_size, minimum=1)
         if (not isinstance(num_heads, (tuple, list)) or len(num_heads) != 2
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in num_heads)
                 or num_heads[0] % num_heads[1]):
             raise ValueError(f"num_heads must be (num_q_heads, num_kv_heads) with num_q_heads a positive multiple of "
                              f"num_kv_heads, got {num_heads!r}")
-        _check_count("head_dim", head_dim, minimum=1)
+        check_count("head_dim", head_dim, minimum=1)
         if not isinstance(capture_stable, bool):
             raise TypeError(f"capture_stable must be a bool, got {type(capture_stable).__name__}")
         if dtype not in FLOAT_DTYPES:
@@ -143,19 +197,22 @@ class PagedAttention:
         self._options = dict(path=path, kv_chunk_size=kv_chunk_size, queries_per_tile=queries_per_tile)
         self.plan_obj: TreeAttentionPlan | None = None  # the TreeAttentionPlan of the current batch
         self.batch: Batch | None = None
-        self._table: torch.Tensor | None = None  # device block table [rows capacity, width capacity] int32
-        self._copied = (0, 0)  # rows, width of the table last copied in (entries beyond are 0)
+        self._table: torch.Tensor | None = None  # device block table [row slots, width capacity] int32
+        self._planner = SharingPlanner()  # the rows' slots in it and the per-page state between plans
         self._lengths: _Lengths | None = None
         self.plans_built = 0  # TreeAttentionPlans constructed (tensors allocated): a capture_stable owner recaptures
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def plan(self, block_table=None, seq_lens=None, *, query_lens=None, num_pages=None, kv_indptr=None,
-             kv_indices=None) -> bool:
+             kv_indices=None, continues=None) -> bool:
         """Lay a batch out. block_table [R, W] int (host: CPU tensor, numpy or lists) or kv_indptr [R+1] + kv_indices;
         seq_lens [R]: each row's KV tokens, this call's new ones included; query_lens [R] (default 1): new query
         tokens per row (q rows, packed in row order); num_pages [R] (default ceil(seq_lens / page_size)): the row's
-        valid pages (more give room for set_lengths to grow into). Returns True when the plan's device tensors are
-        new (a CUDA graph captured over the previous ones must be captured again)."""
+        valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
+        of the previous plan() it continues -- the same sequence, its leading pages unchanged, pages only appended
+        or trimmed at the end since -- or -1 for a new row: only changed pages are read (without it, or after a
+        failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
+        over the previous ones must be captured again)."""
         if (block_table is None) == (kv_indptr is None):
             raise ValueError("give either block_table or kv_indptr + kv_indices")
         if kv_indptr is not None:
@@ -173,8 +230,17 @@ class PagedAttention:
         else:
             npages = need if given_pages is None else given_pages.astype(np.int64)
         self._check_rows(seq, qlen, npages, need, width)
-        runs = find_runs(table, npages.astype(np.int32))
-        return self._lay_out(table, seq, qlen, npages, runs)
+        new = self._fit_table(rows, width)
+        if self.device.type == "cuda" and self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous upload has read the staging copy the planner writes
+        try:  # the planner checks the table and writes the kernels' copy of it (0 past each row's pages) as it reads
+            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table,
+                                      None if continues is None else _host_ints("continues", continues, rows))
+        except ValueError:
+            self.plan_obj, self.batch = None, None  # the table buffer is half written: no plan until the next one
+            raise
+        self._upload_table()
+        return self._lay_out(rows, seq, qlen, npages, runs, new)
 
     def _check_rows(self, seq, qlen, npages, need, width) -> None:
         for name, arr in (("seq_lens", seq), ("query_lens", qlen), ("num_pages", npages)):
@@ -195,97 +261,53 @@ class PagedAttention:
         if int(qlen.sum()) > INT32_MAX:
             raise ValueError(f"sum(query_lens) = {int(qlen.sum())} query rows: at most 2**31 - 1")
 
-    def _lay_out(self, table, seq, qlen, npages, runs) -> bool:
-        ps = self.page_size
-        rows, width = table.shape
-        segs_raw = runs.segments.astype(np.int64)
-        num_segs = len(segs_raw)
-        counts = np.diff(runs.row_run_ptr)
-        pair_row = np.repeat(np.arange(rows), counts)
-        pair_seg = runs.row_runs.astype(np.int64)
-        order = np.argsort(pair_seg, kind="stable")  # pairs by segment, rows ascending
-        pair_row, pair_seg = pair_row[order], pair_seg[order]
-        col, npg = segs_raw[:, 1], segs_raw[:, 2]
-        start_tok, cap = col * ps, npg * ps
-        # each segment's query rows: every pair's row expands into its query_lens[r] consecutive queries
-        q_off = np.cumsum(qlen) - qlen
-        pair_q = qlen[pair_row]
-        num_refs = int(pair_q.sum())
-        queries = np.repeat(q_off[pair_row] - (np.cumsum(pair_q) - pair_q), pair_q) + np.arange(num_refs)
-        query_ptr = np.zeros(num_segs + 1, dtype=np.int64)
-        np.cumsum(np.bincount(pair_seg, weights=pair_q, minlength=num_segs).astype(np.int64), out=query_ptr[1:])
-        pair_len = np.clip(seq[pair_row] - start_tok[pair_seg], 0, cap[pair_seg])
-        lengths = np.zeros(num_segs, dtype=np.int64)
-        np.maximum.at(lengths, pair_seg, pair_len)
-        # Decode rows whose segments they read whole need no position masks (every backend runs them); chunks and
-        # rows that end inside a page others read on do.
-        masks = bool((qlen > 1).any() or (pair_len < lengths[pair_seg]).any())
-        num_queries = int(qlen.sum())
-        query_row = np.repeat(np.arange(rows), qlen)
-        query_offset = np.arange(num_queries) - np.repeat(q_off + qlen, qlen)
-        positions = seq[query_row] + query_offset
-        max_page = runs.max_page
-
-        new = self._fit_table(rows, width)
-        table_width = self._table.shape[1]
-        segs = SegmentArrays(np.zeros(0, dtype=np.int32), segs_raw[:, 0] * table_width + col, cap, start_tok,
-                             query_ptr, queries)
+    def _lay_out(self, rows, seq, qlen, npages, runs, new: bool) -> bool:
+        (segs, lengths, positions, longest, query_row, query_offset,
+         masks) = batch_segments(runs, seq, qlen, self._table.shape[1], self.page_size, self._planner.compiled)
+        num_queries = len(positions)
         plan = self.plan_obj
         if not new and plan is not None and plan.num_queries == num_queries and plan.capacity is not None:
             try:
-                plan.update_arrays(segs, lengths, positions, max_page=max_page, masks=masks)
+                plan.update_arrays(segs, lengths, positions, max_page=runs.max_page, masks=masks)
             except ValueError:  # outgrew the plan's capacity: a new plan below
                 new = True
         else:
             new = True
-        self._copy_table(table, npages)
         if new:
-            plan = self._new_plan(segs, lengths, positions, num_queries, max_page, masks)
+            plan = self._new_plan(segs, lengths, positions, num_queries, runs.max_page, masks)
         self.plan_obj = plan
-        self._set_pairs(pair_seg, pair_row, start_tok, cap, query_row, query_offset, new)
+        self._set_lengths_tensors(longest, segs.start, segs.capacity, query_row, query_offset, new)
         self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments)
         return new
 
     def _fit_table(self, rows: int, width: int) -> bool:
-        """Make the device block table hold rows x width (capture_stable: a new, twice larger one when it does not,
-        returning True; otherwise one of exactly that shape)."""
+        """Make the device block table hold rows x width: while it does, its rows keep their slots (incremental
+        plans); else a new one, twice that for capture_stable (returns True: new tensors)."""
         t = self._table
-        if self.capture_stable:
-            if t is not None and rows <= t.shape[0] and width <= t.shape[1]:
-                return False
-            self._alloc_table(2 * rows + 8, 2 * width)
-            return True
-        if t is None or tuple(t.shape) != (rows, max(1, width)):
-            self._alloc_table(rows, width)
-        return False
+        if t is not None and rows <= t.shape[0] and width <= t.shape[1]:
+            return False
+        grow = 2 if self.capture_stable else 1
+        self._alloc_table(grow * rows + (8 if self.capture_stable else 0), grow * width)
+        return self.capture_stable
 
     def _alloc_table(self, rows: int, width: int) -> None:
-        """A zero device block table; on the CPU a numpy array shares its memory (host writes without torch)."""
+        """A zero device block table and its host side: on the CPU a numpy array sharing its memory, on a GPU a
+        pinned staging copy uploaded after each plan."""
         if self.device.type == "cpu":
-            self._table_host = np.zeros((rows, max(1, width)), dtype=np.int32)
-            self._table = torch.from_numpy(self._table_host)
+            self._host_table = np.zeros((rows, max(1, width)), dtype=np.int32)
+            self._table = torch.from_numpy(self._host_table)
         else:
             self._table = torch.zeros(rows, max(1, width), dtype=torch.int32, device=self.device)
-        self._copied = (0, 0)
+            staging = torch.zeros(self._table.shape, dtype=torch.int32, pin_memory=True)
+            self._host_table, self._staging = staging.numpy(), staging
+        self._uploaded = None
 
-    def _copy_table(self, table: np.ndarray, npages: np.ndarray) -> None:
-        """The host block table into the device one (a copy the caller cannot change behind the plan's back), with
-        0 past each row's pages: every entry a kernel may be handed is a page id the planner checked (the compiled
-        ops check the whole table)."""
-        rows, width = table.shape
-        valid = np.arange(width, dtype=np.int32)[None, :] < npages.astype(np.int32)[:, None]
-        stale = self._copied
-        self._copied = (rows, width)
-        if self.device.type == "cpu":
-            dst = self._table_host
-            np.multiply(table, valid, out=dst[:rows, :width])  # (torch's strided int32 copy_ is ~50x slower here)
-        else:
-            dst = self._table
-            dst[:rows, :width].copy_(torch.from_numpy(table * valid).pin_memory(), non_blocking=True)
-        if stale[0] > rows:
-            dst[rows:stale[0]] = 0
-        if stale[1] > width:
-            dst[:rows, width:stale[1]] = 0
+    def _upload_table(self) -> None:
+        """The staged table to the device (a GPU: one asynchronous copy from pinned memory; the CPU: in place)."""
+        if self.device.type == "cuda":
+            self._table.copy_(self._staging, non_blocking=True)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
 
     def _new_plan(self, segs, lengths, positions, num_queries, max_page, masks) -> TreeAttentionPlan:
         common = dict(device=self.device, **self._options)
@@ -302,23 +324,19 @@ class PagedAttention:
                                              max_page=max_page, capacity=capacity, num_heads=self.num_heads,
                                              head_dim=self.head_dim, masks=masks, **common)
 
-    def _set_pairs(self, pair_seg, pair_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
-        host = [pair_seg, pair_row, start_tok[pair_seg], cap[pair_seg], query_row, query_offset]
+    def _set_lengths_tensors(self, seg_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
+        """Upload set_lengths' tensors (two host-to-device copies; in place while they fit the plan's capacity)."""
+        size = len(self.plan_obj.seg_lens)  # the plan's segment capacity
+        pad = np.zeros(size - len(seg_row), dtype=np.int64)
+        index = np.concatenate([seg_row, pad, query_row])
+        values = np.concatenate([start_tok, pad, cap, pad, query_offset]).astype(np.int32)
         cur = self._lengths
-        if not new and cur is not None and len(pair_seg) <= cur.pair_seg.shape[0]:
-            pad = cur.pair_seg.shape[0] - len(pair_seg)
-            flat = np.concatenate([np.concatenate([a, np.zeros(pad, np.int64)]) for a in host[:4]] + host[4:])
-            sizes = [cur.pair_seg.shape[0]] * 4 + [len(query_row)] * 2
-            src = torch.from_numpy(flat)
-            for t, part in zip((cur.pair_seg, cur.pair_row, cur.pair_start, cur.pair_cap, cur.query_row,
-                                cur.query_offset), src.split(sizes)):
-                t.copy_(part)
+        if not new and cur is not None and cur.num_segments == size and cur.index.shape[0] == len(index):
+            cur.index.copy_(torch.from_numpy(index))
+            cur.values.copy_(torch.from_numpy(values))
             return
-        size = 2 * len(pair_seg) + 8 if self.capture_stable else len(pair_seg)
-        pad = size - len(pair_seg)
-        tensors = [torch.from_numpy(np.concatenate([a, np.zeros(pad, np.int64)])).to(self.device) for a in host[:4]]
-        tensors += [torch.from_numpy(a).to(self.device) for a in host[4:]]
-        self._lengths = _Lengths(*tensors)
+        self._lengths = _Lengths(torch.from_numpy(index).to(self.device), torch.from_numpy(values).to(self.device),
+                                 size)
 
     # ---- per step ----------------------------------------------------------------------------------------------
     def set_lengths(self, seq_lens) -> None:
@@ -332,7 +350,7 @@ class PagedAttention:
             check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
             if seq_lens.shape[0] != rows:
                 raise ValueError(f"seq_lens must have {rows} entries (one per row), got {seq_lens.shape[0]}")
-            lens = seq_lens.long()
+            lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.int()
         else:
             seq = _host_ints("seq_lens", seq_lens, rows)
             bad = np.flatnonzero((seq < self.batch.query_lens) | (seq > self.batch.num_pages * self.page_size))
@@ -341,12 +359,11 @@ class PagedAttention:
                 raise ValueError(f"seq_lens[{r}] = {int(seq[r])} must be in [{int(self.batch.query_lens[r])}, "
                                  f"{int(self.batch.num_pages[r]) * self.page_size}] (query_lens .. the row's pages "
                                  "at plan time); re-plan when a row needs more pages")
-            lens = torch.from_numpy(seq).to(self.device)
-        lz = self._lengths
-        plan = self.plan_obj
-        pair = torch.minimum((lens[lz.pair_row] - lz.pair_start).clamp_(min=0), lz.pair_cap).to(torch.int32)
-        plan.seg_lens.zero_().scatter_reduce_(0, lz.pair_seg, pair, "amax")
-        plan.q_pos.copy_(lens[lz.query_row] + lz.query_offset)
+            lens = torch.from_numpy(seq.astype(np.int32)).to(self.device)
+        lz, plan = self._lengths, self.plan_obj
+        torch.sub(lens[lz.seg_row], lz.start, out=plan.seg_lens).clamp_(min=0)
+        torch.minimum(plan.seg_lens, lz.cap, out=plan.seg_lens)
+        torch.add(lens[lz.query_row], lz.query_offset, out=plan.q_pos)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float | None = None,
             window: int | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,

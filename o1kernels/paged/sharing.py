@@ -1,11 +1,14 @@
 """Which leading pages the rows of a block table share: runs of pages read by the same set of rows.
 
-find_runs(block_table, num_pages) -> Runs. The rows' pages form a forest (a page's parent is the
-page before it in any row holding it); a run is a maximal stretch of a row's pages read by the same rows, which in a
-forest is where the number of rows reading a page stays the same. Each run becomes one segment of the attention
-plan, read once for all its rows. The compiled host planner (csrc/cpu/paged_runs.cpp, one pass over the table) runs
-when o1kernels._C is built; `find_runs_numpy` is the same computation in array operations (the reference the tests
-compare it with, and the fallback).
+The rows' pages form a forest (a page's parent is the page before it in any row holding it); a run is a maximal
+stretch of a row's pages read by the same rows, which in a forest is where the number of rows reading a page stays
+the same. Each run becomes one segment of the attention plan, read once for all its rows.
+
+SharingPlanner keeps the rows in slots of the kernels' copy of the block table and, with the compiled host planner
+(csrc/cpu/paged_runs.cpp), the per-page state between plans: a plan whose rows say which row of the previous plan
+they continue (`continues`) reads and counts only the pages that changed. `find_runs_numpy` is the same
+computation in numpy array operations: the reference the tests compare the compiled planner with, and the path
+without o1kernels._C (every plan in full).
 """
 from __future__ import annotations
 
@@ -14,37 +17,151 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from o1kernels import _ext
+from o1kernels._ext import unavailable_reason
+
+STATE_FIELDS = 6  # per page id: epoch, readers, column, parent, stamp, segment (csrc/cpu/paged_runs.cpp)
 
 
 @dataclass
 class Runs:
-    """segments int32 [S, 4]: (representative row, first column, pages, rows reading it) of each run shared by its
-    rows; row_runs int32 [*] / row_run_ptr int64 [R+1]: each row's segments in order (CSR); max_page: the largest
-    page id the rows read (-1: none)."""
+    """segments int32 [S, 4]: (slot of a row reading it, first column, pages, rows reading it) of each run shared by
+    its rows; row_runs int32 [*] / row_run_ptr int64 [R+1]: each row's segments in order (CSR); max_page: the largest
+    page id the rows read (-1: none); slots int64 [R]: each row's slot in the slot table."""
 
     segments: np.ndarray
     row_runs: np.ndarray
     row_run_ptr: np.ndarray
     max_page: int
+    slots: np.ndarray
+
+
+class SharingPlanner:
+    """Runs of successive block tables, rows kept in slots of `slot_table` (int32 [slots, WC], the caller's: 0 past
+    each row's pages), incrementally where rows continue rows of the previous plan."""
+
+    def __init__(self):
+        self.compiled = unavailable_reason("cpu") is None
+        self._state = np.zeros((0, STATE_FIELDS), dtype=np.int32)
+        self._epoch = self._stamp = 0
+        self._slots: np.ndarray | None = None  # slots of the previous plan's rows (None: no plan to continue)
+        self._slot_pages = np.zeros(0, dtype=np.int32)
+        self._table_id = None
+        self._max_page = -1
+        self._prev_rows = 0  # rows of the last plan that succeeded (what `continues` may name)
+
+    def reset(self) -> None:
+        """Forget the previous plan (the next one is planned in full)."""
+        self._slots = None
+
+    def plan(self, table: np.ndarray, num_pages: np.ndarray, slot_table: np.ndarray, continues=None) -> Runs:
+        """Runs of `table` (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]), its rows
+        written into slots of slot_table. continues [R] (optional): the row of the previous plan each row continues
+        (its leading pages unchanged, pages appended or trimmed at the end since), -1 for a new row. ValueError for a
+        negative page id, a page at different columns in two rows, or a continued row whose kept pages changed;
+        IndexError-free: a table that does not fit slot_table is the caller's to size."""
+        rows, width = table.shape
+        if continues is not None:
+            continues = self._check_continues(continues, rows)
+        if not self.compiled:
+            runs = self._numpy(table, num_pages, slot_table)
+            self._prev_rows = rows
+            return runs
+        if self._table_id != id(slot_table) or len(self._slot_pages) != len(slot_table):
+            self._table_id, self._slot_pages = id(slot_table), np.zeros(len(slot_table), dtype=np.int32)
+            self._slots = None
+        incremental = continues is not None and self._slots is not None
+        if incremental:
+            slots, kept, released = self._continue(continues, num_pages, len(slot_table))
+            if slots is None:
+                incremental = False
+        if not incremental:
+            self._epoch += 1
+            self._max_page = -1
+            slots, kept, released = (np.arange(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64),
+                                     np.zeros(0, dtype=np.int64))
+        try:
+            runs = self._run(table, num_pages, slots, kept, released, slot_table)
+            if runs is None:  # an incremental plan met a row that breaks the forest: in full, from the table
+                self._epoch += 1
+                self._max_page = -1
+                slots = np.arange(rows, dtype=np.int64)
+                runs = self._run(table, num_pages, slots, np.zeros(rows, dtype=np.int64), np.zeros(0, np.int64),
+                                 slot_table)
+        except BaseException:
+            self._slots = None  # the state is half updated: the next plan starts over
+            raise
+        self._prev_rows = rows
+        return runs
+
+    def _check_continues(self, continues, rows: int) -> np.ndarray:
+        continues = np.asarray(continues)
+        if continues.shape != (rows,) or not np.issubdtype(continues.dtype, np.integer):
+            raise ValueError(f"continues must have one int per row ({rows}), got {continues.dtype} of shape "
+                             f"{list(continues.shape)}")
+        bad = continues[(continues < -1) | (continues >= self._prev_rows)]
+        if len(bad):
+            raise ValueError(f"continues values must be -1 or rows of the previous plan in [0, {self._prev_rows}), "
+                             f"got {int(bad[0])}")
+        named = continues[continues >= 0]
+        if len(named) and np.bincount(named).max() > 1:
+            raise ValueError("continues: a row of the previous plan is continued by at most one row")
+        return continues.astype(np.int64)
+
+    def _continue(self, continues: np.ndarray, num_pages: np.ndarray, num_slots: int):
+        """(slots, kept, released) of an incremental plan, or None when the rows do not fit the free slots."""
+        prev = self._slots
+        cont = continues >= 0
+        slots = np.empty(len(continues), dtype=np.int64)
+        slots[cont] = prev[continues[cont]]
+        dropped = np.ones(len(prev), dtype=bool)
+        dropped[continues[cont]] = False
+        in_use = np.zeros(num_slots, dtype=bool)
+        in_use[slots[cont]] = True
+        free = np.flatnonzero(~in_use)
+        if len(free) < int((~cont).sum()):
+            return None, None, None
+        slots[~cont] = free[:int((~cont).sum())]
+        kept = np.where(cont, np.minimum(self._slot_pages[slots], num_pages), 0).astype(np.int64)
+        return slots, kept, prev[dropped]
+
+    def _run(self, table, num_pages, slots, kept, released, slot_table) -> Runs | None:
+        entries = int(num_pages.sum())
+        segs = np.empty((entries, 4), dtype=np.int32)
+        runs = np.empty(entries, dtype=np.int32)
+        ptr = np.empty(len(num_pages) + 1, dtype=np.int64)
+        while True:
+            self._stamp += 1
+            try:
+                num_segs, num_runs, max_page, status, forest = torch.ops.o1kernels.paged_plan_rows(
+                    *(torch.from_numpy(a) for a in (table, num_pages, slots, kept, released, slot_table,
+                                                     self._slot_pages, self._state)),
+                    self._epoch, self._stamp, *(torch.from_numpy(a) for a in (segs, runs, ptr)))
+            except RuntimeError as exc:  # TORCH_CHECK_VALUE arrives as ValueError; keep torch's prefix out
+                raise ValueError(str(exc).split("\n")[0]) from None
+            if status == 1:  # the state grows past the largest page id (nothing was changed)
+                grown = np.zeros((max(2 * len(self._state), max_page + 1), STATE_FIELDS), dtype=np.int32)
+                grown[:len(self._state)] = self._state
+                self._state = grown
+                continue
+            if status == 2:
+                return None
+            break
+        self._slots = slots if forest else None  # a table that is not a forest is planned in full next time
+        self._max_page = max(self._max_page, max_page)
+        return Runs(segs[:num_segs], runs[:num_runs], ptr, self._max_page, slots)
+
+    def _numpy(self, table, num_pages, slot_table) -> Runs:
+        rows, width = table.shape
+        runs = find_runs_numpy(table, num_pages)
+        np.multiply(table, np.arange(width)[None, :] < num_pages[:, None], out=slot_table[:rows, :width])
+        slot_table[:rows, width:] = 0
+        return runs
 
 
 def find_runs(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
-    """Runs of a block table (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]).
-    ValueError for a negative page id or a page at different columns in two rows."""
-    if _ext._C is None:
-        return find_runs_numpy(block_table, num_pages)
-    entries = int(num_pages.sum())  # worst case: every page a segment and a run of its own
-    segs = np.empty((entries, 4), dtype=np.int32)
-    runs = np.empty(entries, dtype=np.int32)
-    ptr = np.empty(len(num_pages) + 1, dtype=np.int64)
-    try:
-        num_segs, num_runs, max_page = torch.ops.o1kernels.paged_runs(
-            torch.from_numpy(block_table), torch.from_numpy(num_pages), torch.from_numpy(segs),
-            torch.from_numpy(runs), torch.from_numpy(ptr))
-    except RuntimeError as exc:  # TORCH_CHECK_VALUE arrives as ValueError; keep torch's prefix out of the message
-        raise ValueError(str(exc).split("\n")[0]) from None
-    return Runs(segs[:num_segs], runs[:num_runs], ptr, max_page)
+    """Runs of one block table (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]), planned
+    in full on its own (slot r = row r). ValueError for a negative page id or a page at different columns."""
+    return SharingPlanner().plan(block_table, num_pages, np.zeros(block_table.shape, dtype=np.int32))
 
 
 def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
@@ -90,4 +207,5 @@ def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
     run_row = row[start]
     ptr = np.zeros(rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(run_row, minlength=rows), out=ptr[1:])
-    return Runs(segments.astype(np.int32).reshape(-1, 4), seg_of_run.astype(np.int32), ptr, num_ids - 1)
+    return Runs(segments.astype(np.int32).reshape(-1, 4), seg_of_run.astype(np.int32), ptr, num_ids - 1,
+                np.arange(rows, dtype=np.int64))
