@@ -1,15 +1,20 @@
 """The Triton launch tables and tuning candidates, without a GPU: candidates that could not fit a GPU's shared memory
 are never timed, fp32 has tiles of its own (TF32 only where a caller opts in), and the offline sweep's checks
-(python -m o1kernels.triton_ops.sweep, run by CI) flag what they should."""
+(python tools/triton_sweep.py, run by CI) flag what they should."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from o1kernels import TreeAttentionPlan, tree_attention
-from o1kernels.triton_ops import _target
-from o1kernels.triton_ops import step_rewards as sr
-from o1kernels.triton_ops import sweep
-from o1kernels.triton_ops import tree_attention as ta
-from attention_reference import backends_on
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ of this checkout
+
+from o1kernels import TreeAttentionPlan, tree_attention  # noqa: E402
+from o1kernels.triton_ops import _target  # noqa: E402
+from o1kernels.triton_ops import step_rewards as sr  # noqa: E402
+from o1kernels.triton_ops import tree_attention as ta  # noqa: E402
+from attention_reference import backends_on  # noqa: E402
+from tools import triton_sweep as sweep  # noqa: E402
 
 SM90 = _target.SM90
 

@@ -3,7 +3,7 @@
 gpu_target(device) -> Target | None: a CUDA device's compute capability major, the shared memory one program may
 use (the opt-in limit) and its multiprocessor count; None on the CPU, where the kernels run under Triton's
 interpreter with the small interpreter tiles. compile_for(target) makes the launchers choose the launch parameters
-of `target` for CPU tensors too: the offline resource sweep (sweep.py) records every launch that way on a machine
+of `target` for CPU tensors too: the offline resource sweep (tools/triton_sweep.py) records every launch that way on a machine
 without a GPU.
 """
 from __future__ import annotations

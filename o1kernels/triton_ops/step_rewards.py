@@ -349,7 +349,7 @@ def clear_weight_cache() -> None:
 # GPU values are starting points chosen from the shapes' arithmetic, not measured yet (no GPU was
 # available): head BLOCK_T=512 gives ~1000 programs at Bs=256, L=2048 (all SMs busy, ~2.5 steps each at
 # 10 steps per 2048 tokens); mlp 128x128x64 tiles, 4 stages, 8 warps are the usual Hopper wgmma shape.
-# The offline sweep (python -m o1kernels.triton_ops.sweep, CI) compiles every row and candidate for sm_90a: the
+# The offline sweep (python tools/triton_sweep.py, CI) compiles every row and candidate for sm_90a: the
 # rows compile without spills and every candidate within the shared-memory limit. The CPU rows keep the
 # interpreter's loops short and make the tests cross block, chunk and group boundaries.
 LAUNCH_TABLE = {

@@ -199,7 +199,7 @@ def _decode_merge_kernel(
 # (pipelined loads; 2 on older parts): starting points from the Triton fused-attention tutorial's Hopper settings.
 # Exact fp32 dots hold their operands in registers: bf16-sized tiles spilled 1.6-79 KB per thread (ptxas, sm_90a,
 # Triton 3.9), so fp32 gets 32 x 32 tiles on 8 warps, which compile without spills at head_dim 64-256. Every default
-# and candidate below is compiled by the offline sweep (python -m o1kernels.triton_ops.sweep, CI): no spills in the
+# and candidate below is compiled by the offline sweep (python tools/triton_sweep.py, CI): no spills in the
 # default tables, shared memory within the limit. Speed is unmeasured (no GPU yet): plan.tune() times the candidates.
 PARTIAL_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages) per dtype class
     "16bit": ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3)),

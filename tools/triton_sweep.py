@@ -1,7 +1,7 @@
 """Offline resource sweep of the Triton kernels: every launch the launchers can make, compiled for a GPU that is
 not here (sm_90a: H100/H200) with Triton's bundled ptxas, and what the compiler reports about it.
 
-    python -m o1kernels.triton_ops.sweep [--jobs N] [--out PREFIX]
+    python tools/triton_sweep.py [--jobs N] [--out PREFIX]
 
 How the launches are found: the launchers themselves run (tree_attention.run_plan for tree and shared-prefix
 plans, merge_states_triton, step_rewards_triton) on small CPU tensors inside `_target.compile_for(SM90)`, which
@@ -41,6 +41,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's o1kernels, installed or not
 
 FP32_SPILL_BOUND = 0  # bytes of spill stores allowed in the fp32 default tables (the 16-bit ones: none)
 _DTYPE_OF = {"*bf16": "bf16", "*fp16": "fp16", "*fp32": "fp32"}
@@ -117,7 +119,7 @@ def record(target_arch: int = 9) -> list[Launch]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
-    from . import _target
+    from o1kernels.triton_ops import _target
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("the sweep compiles the kernels: run it without TRITON_INTERPRET")
@@ -145,9 +147,9 @@ def _attention_calls():
     more nor need more shared memory than at 128, so they are swept at 128 and 256."""
     import torch
 
-    from ..plan import SharedPrefixPlan, TreeAttentionPlan
-    from . import _target
-    from . import tree_attention as ta
+    from o1kernels.plan import SharedPrefixPlan, TreeAttentionPlan
+    from o1kernels.triton_ops import _target
+    from o1kernels.triton_ops import tree_attention as ta
 
     def tree_call(dtype, precision, d, hq, hkv, num_q, tile, path, config=None):
         segments = [(list(range(4)), 64, list(range(num_q)))] + [([4 + i], 16, [i]) for i in range(num_q)]
@@ -191,7 +193,7 @@ def _attention_calls():
 def _merge_calls():
     import torch
 
-    from .merge_states import merge_states_triton
+    from o1kernels.triton_ops.merge_states import merge_states_triton
 
     def call(dtype, h, d):
         o, lse = torch.randn(3, h, d, dtype=dtype), torch.randn(3, h)
@@ -208,8 +210,8 @@ def _step_reward_calls():
     fp32 and mixed dtypes exact) with every table row and tuning candidate, aggregates and packed input."""
     import torch
 
-    from . import _target
-    from . import step_rewards as sr
+    from o1kernels.triton_ops import _target
+    from o1kernels.triton_ops import step_rewards as sr
 
     def call(dtype, hd, hm, classes, config=None, aggregate="min", packed=False, weight_dtype=None):
         bs, seq_len = 2, 64
@@ -314,8 +316,8 @@ def launch_dtype(launch: Launch) -> str:
 
 def problems(launch: Launch, smem_limit: int) -> list[str]:
     """Why a compiled launch fails the sweep's checks (empty: it passes)."""
-    from .step_rewards import mlp_shared_bytes
-    from .tree_attention import partial_shared_bytes
+    from o1kernels.triton_ops.step_rewards import mlp_shared_bytes
+    from o1kernels.triton_ops.tree_attention import partial_shared_bytes
 
     r, c = launch.report, launch.constexprs()
     out = []
@@ -354,8 +356,10 @@ def unlaunched(launches: list[Launch]) -> list[str]:
 
     seen = {(launch.module, launch.kernel) for launch in launches}
     missing = []
-    for info in pkgutil.iter_modules(sys.modules[__package__].__path__):
-        module = importlib.import_module(f"{__package__}.{info.name}")
+    import o1kernels.triton_ops as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         missing += [f"{module.__name__}.{name}" for name, obj in vars(module).items()
                     if isinstance(obj, JITFunction) and name.endswith("_kernel") and (module.__name__, name) not in seen]
     return missing
@@ -402,7 +406,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="build/triton_sweep", help="PREFIX of the .json/.md report")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    from . import _target
+    from o1kernels.triton_ops import _target
 
     t0 = time.perf_counter()
     launches = record()
@@ -410,7 +414,7 @@ def main(argv=None) -> int:
     print(f"sweep: {len(launches)} distinct launches recorded in {time.perf_counter() - t0:.1f} s; compiling for "
           f"sm_90a with {args.jobs} process(es)", flush=True)
     if missing:
-        print(f"sweep: FAILED: no call here launches {', '.join(missing)} (add one to the calls in {__name__})")
+        print(f"sweep: FAILED: no call here launches {', '.join(missing)} (add a call that launches it in tools/triton_sweep.py)")
     failed = len(missing)
     with ProcessPoolExecutor(args.jobs) as pool:
         for launch, report in zip(launches, pool.map(compile_launch, launches)):
