@@ -2,9 +2,9 @@
 
 The extension registers these torch ops (schemas in csrc/torch_bindings/registration.cpp),
 all in destination-passing style (outputs allocated here, written in place, nothing returned):
-  torch.ops.o1kernels.tree_attention_partial(q, k_cache, v_cache, <plan int32 tensors>,
-      max_work_queries, sm_scale, part_o, part_lse)
-  torch.ops.o1kernels.merge_partials(part_o, part_lse, query_slot_indptr, query_slots, o, lse)
+  torch.ops.o1kernels.tree_attention_partial(q, k_cache, v_cache, <plan int32 tensors>, seg_start?, q_pos?,
+      max_work_queries, sm_scale, window?, softcap?, part_o, part_lse)
+  torch.ops.o1kernels.merge_partials(part_o, part_lse, query_slot_indptr, query_slots, sinks?, o, lse)
   torch.ops.o1kernels.merge_states(o_a, lse_a, o_b, lse_b, o, lse)
   torch.ops.o1kernels.step_rewards(hidden, step_mask, cu_seqlens, weight, bias, norm_weight,
       norm_eps, mlp_weight, mlp_bias, activation, positive_index, aggregate, step_scores, chain_scores)
@@ -30,12 +30,13 @@ _ops = torch.ops.o1kernels
 @torch.library.register_fake("o1kernels::tree_attention_partial")
 def _tree_attention_partial_fake(q, k_cache, v_cache, page_table, seg_page_start, seg_capacity, seg_lens,
                                  seg_queries, work_seg, work_kv_start, work_kv_end, work_q_start, work_q_end,
-                                 work_out, max_work_queries, sm_scale, part_o, part_lse):
+                                 work_out, seg_start, q_pos, max_work_queries, sm_scale, window, softcap, part_o,
+                                 part_lse):
     return None
 
 
 @torch.library.register_fake("o1kernels::merge_partials")
-def _merge_partials_fake(part_o, part_lse, query_slot_indptr, query_slots, o, lse):
+def _merge_partials_fake(part_o, part_lse, query_slot_indptr, query_slots, sinks, o, lse):
     return None
 
 
@@ -55,23 +56,29 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def run_plan(plan, q, pools, sm_scale: float):
+def run_plan(plan, q, pools, sm_scale: float, *, window: int | None = None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None):
     """Compiled run of a plan's split layout (every segment through tree_attention_partial, then
     merge_partials). pools: ((k, v) of source 0[, (k, v) of source 1]), each [pages, page_size, Hkv, D].
+    Variants (validated by tree_attention): window (plans with positions: the windowed layout), softcap, sinks [Hq]
+    (folded in by the merge, in fp32). A layout with positions masks by plan.q_pos / its seg_start.
     Returns (o [NQ, Hq, D] in q's dtype, lse [NQ, Hq] fp32)."""
     q = _last_dim_contiguous(q)
     num_q, hq, d = q.shape
-    layout = plan.layout("split")
+    layout = plan.layout("split", window=window)
     part_o, part_lse = plan.workspace("compiled", layout.num_partials, hq, d)
     for (k, v), source in zip(pools, layout.sources):
         if source.num_work:
+            seg_start = layout.seg_start[source.seg_lo:source.seg_hi] if layout.causal else None
             _ops.tree_attention_partial(q, _last_dim_contiguous(k), _last_dim_contiguous(v),
-                                        *layout.source_views(source), layout.seg_queries, *source.work,
-                                        source.max_work_queries, sm_scale, part_o, part_lse)
+                                        *layout.source_views(source), layout.seg_queries, *source.work, seg_start,
+                                        layout.q_pos if layout.causal else None, source.max_work_queries, sm_scale,
+                                        layout.window, softcap, part_o, part_lse)
     o = torch.empty(num_q, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_q, hq, dtype=torch.float32, device=q.device)
     # slots[:num_slots]: the same storage (a captured graph stays valid) without a capacity's padding
-    _ops.merge_partials(part_o, part_lse, layout.slot_indptr, layout.slots[:layout.num_slots], o, lse)
+    _ops.merge_partials(part_o, part_lse, layout.slot_indptr, layout.slots[:layout.num_slots],
+                        None if sinks is None else sinks.float(), o, lse)
     return o, lse
 
 

@@ -22,10 +22,10 @@ MAX_HEAD_DIM = {"torch": 1024, "triton": 256, "cpu": 256, "cuda": 256}
 # backend implements is refused by every route with this description; "auto" picks among the backends that
 # implement all a call needs.
 FEATURES = {
-    "positions": ({"torch"}, "keys masked by query position (causal chunks, prefill rows in a paged call)"),
-    "sliding_window": ({"torch"}, "sliding-window attention"),
-    "softcap": ({"torch"}, "attention logit soft-capping"),
-    "sinks": ({"torch"}, "attention sinks (a learned per-head logit in the softmax denominator)"),
+    "positions": ({"torch", "triton", "cpu", "cuda"}, "keys masked by query position (causal chunks, prefill rows in a paged call)"),
+    "sliding_window": ({"torch", "triton", "cpu", "cuda"}, "sliding-window attention"),
+    "softcap": ({"torch", "triton", "cpu", "cuda"}, "attention logit soft-capping"),
+    "sinks": ({"torch", "triton", "cpu", "cuda"}, "attention sinks (a learned per-head logit in the softmax denominator)"),
     "alibi": (set(), "ALiBi positional biases"),
     "non_causal": (set(), "non-causal (bidirectional) self-attention"),
     "cross_attention": (set(), "cross-attention / encoder-decoder attention"),

@@ -1,12 +1,13 @@
 """Tree attention over a paged KV pool: TreeAttentionPlan (o1kernels/plan.py, built once) + tree_attention (per step).
 
-Public op: ``tree_attention(q, k_cache, v_cache, plan, *, sm_scale=None, return_lse=False, backend="auto")``.
+Public op: ``tree_attention(q, k_cache, v_cache, plan, *, sm_scale=None, window=None, softcap=None, sinks=None,
+return_lse=False, backend="auto")``.
 
-Every backend has the run signature of o1kernels/plan.py: run(plan, q, pools, sm_scale) -> (o, lse)
-with pools = ((k_cache, v_cache),); q: [num_queries, Hq, D], k_cache/v_cache: [num_pages, page_size,
-Hkv, D] (one dtype, one device), already validated; o [num_queries, Hq, D] in q's dtype, lse
-[num_queries, Hq] float32 (natural log). triton/cpu/cuda run the plan's work lists; torch is the
-readable reference over the plan's segments.
+Every backend has the run signature of o1kernels/plan.py: run(plan, q, pools, sm_scale, **variant) -> (o, lse)
+with pools = ((k_cache, v_cache),) and variant the non-default ones of window / softcap / sinks (check_variant);
+q: [num_queries, Hq, D], k_cache/v_cache: [num_pages, page_size, Hkv, D] (one dtype, one device), already
+validated; o [num_queries, Hq, D] in q's dtype, lse [num_queries, Hq] float32 (natural log). triton/cpu/cuda run
+the plan's work lists; torch is the readable reference over the plan's segments.
 
 Segment lengths are read at run time from ``plan.seg_lens`` and clamped into [0, capacity],
 so no backend needs a host-device sync and a step can be captured in a CUDA graph.

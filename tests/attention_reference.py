@@ -26,8 +26,9 @@ LSE_TOLERANCES = {
 }
 
 
-def attention_f64(q_row: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float):
-    """One query row q_row [Hq, D] over keys k, v [T, Hkv, D] in float64.
+def attention_f64(q_row: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, softcap=None):
+    """One query row q_row [Hq, D] over keys k, v [T, Hkv, D] in float64 (softcap: scores -> softcap *
+    tanh(scores / softcap)).
 
     Returns (o [Hq, D], lse [Hq]); T == 0 gives o = 0, lse = -inf.
     """
@@ -41,6 +42,8 @@ def attention_f64(q_row: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     kd = k.double().cpu().repeat_interleave(group, dim=1)
     vd = v.double().cpu().repeat_interleave(group, dim=1)
     scores = torch.einsum("hd,thd->ht", q_row.double().cpu(), kd) * sm_scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     lse = torch.logsumexp(scores, dim=1)
     o = torch.einsum("ht,thd->hd", torch.softmax(scores, dim=1), vd)
     return o, lse

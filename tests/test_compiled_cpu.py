@@ -18,8 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import o1kernels
 from o1kernels import TreeAttentionPlan, _ext
-from attention_reference import (LSE_TOLERANCES, TOLERANCES, attention_f64, random_tree, random_values, report_mismatch,
-                                 tree_segments)
+from attention_reference import (LSE_TOLERANCES, TOLERANCES, attention_f64, positioned_tree, random_tree, random_values,
+                                 report_mismatch, tree_segments)
 from step_rewards_reference import reference_step_rewards
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR} (csrc/tools/compile_check.sh fails CI on this)")
@@ -30,21 +30,23 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ops = torch.ops.o1kernels
 
 
-def split_layout(plan):
+def split_layout(plan, window=None):
     """The layout the compiled ops run (every segment through work items) and its one source."""
-    layout = plan.layout("split")
+    layout = plan.layout("split", window=window)
     return layout, layout.sources[0]
 
 
-def plan_fields(plan):
-    """tree_attention_partial's index arguments for a TreeAttentionPlan."""
-    layout, source = split_layout(plan)
-    return (*layout.source_views(source), layout.seg_queries, *source.work)
+def plan_fields(plan, window=None):
+    """tree_attention_partial's index arguments for a TreeAttentionPlan, up to max_work_queries (seg_start and q_pos
+    None without positions)."""
+    layout, source = split_layout(plan, window)
+    positions = (layout.seg_start, layout.q_pos) if layout.causal else (None, None)
+    return (*layout.source_views(source), layout.seg_queries, *source.work, *positions)
 
 
-def segment_tokens(cache, pages, page_size, lo, hi):
-    """Tokens [lo, hi) of a segment living in `pages`, gathered one by one: [hi - lo, Hkv, D]."""
-    rows = [cache[pages[t // page_size], t % page_size] for t in range(lo, hi)]
+def segment_tokens(cache, pages, page_size, tokens):
+    """The given tokens of a segment living in `pages`, gathered one by one: [len(tokens), Hkv, D]."""
+    rows = [cache[pages[t // page_size], t % page_size] for t in tokens]
     return torch.stack(rows) if rows else cache.new_zeros((0,) + tuple(cache.shape[2:]))
 
 
@@ -55,44 +57,74 @@ SMALL_ITEM_TOKENS, SMALL_ITEM_ROWS = 64, 16
 ITEM_SIZES = {"loops": (8, 2), "mixed": (128, 16)}  # (kv_chunk_size, queries_per_tile)
 
 
+# "positions": segments start where their parent ends, each of 3 leaves has up to 3 query rows (a chunk, causal
+# inside), window 150 (rows of one item see different parts of a root chunk, or none of it) and softcap 4.
+VARIANTS = {"plain": dict(window=None, softcap=None), "positions": dict(window=150, softcap=4.0)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hq,hkv,d", [(8, 2, 32), (4, 1, 64), (6, 6, 24)])
 @pytest.mark.parametrize("items", ITEM_SIZES)
-def test_each_partial_matches_float64(dtype, hq, hkv, d, items):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_partial_matches_float64(dtype, hq, hkv, d, items, variant):
     """Every work item's partial (one kv chunk of one segment), checked before any merging."""
     rng = random.Random(f"{dtype}{hq}{hkv}{d}")
     nodes, leaves = random_tree(6, 3, 30, rng)
     nodes[0] = (200, -1)
-    segments, num_pages = tree_segments(nodes, leaves, 4, 2, rng)
+    window, softcap = VARIANTS[variant]["window"], VARIANTS[variant]["softcap"]
+    if variant == "plain":
+        segments, num_pages = tree_segments(nodes, leaves, 4, 2, rng)
+        positions, num_q = None, len(leaves)
+    else:  # a root and two levels below it, three leaves of up to 3 rows each
+        nodes = [(200, -1)] + [(rng.randint(0, 30), parent) for parent in (0, 0, 1, 1, 2)]
+        segments, positions, num_pages = positioned_tree(nodes, [3, 4, 5], 4, rng, max_new=3)
+        num_q = len(positions)
     kv_chunk, q_tile = ITEM_SIZES[items]
-    plan = TreeAttentionPlan(segments, len(leaves), 4, kv_chunk_size=kv_chunk, queries_per_tile=q_tile)
-    q = (torch.randn(len(leaves), hq, d) * 2).to(dtype)
+    plan = TreeAttentionPlan(segments, num_q, 4, kv_chunk_size=kv_chunk, queries_per_tile=q_tile, positions=positions)
+    q = (torch.randn(num_q, hq, d) * 2).to(dtype)
     k = torch.randn(num_pages, 4, hkv, d).to(dtype)
     v = random_values((num_pages, 4, hkv, d), dtype)
-    layout, source = split_layout(plan)
-    small = [min(hi, segments[seg][1]) - lo <= SMALL_ITEM_TOKENS and (q1 - q0) * (hq // hkv) <= SMALL_ITEM_ROWS
-             for seg, lo, hi, q0, q1, _ in zip(*(w.tolist() for w in source.work))]
+    layout, source = split_layout(plan, window)
+
+    def visible(seg, query, lo, hi):
+        """Tokens of [lo, hi) of segment seg the query sees."""
+        if positions is None:
+            return list(range(lo, hi))
+        start, pos = segments[seg][3], positions[query]
+        return [t for t in range(lo, hi) if start + t <= pos and (window is None or pos - start - t < window)]
+
+    work = list(zip(*(w.tolist() for w in source.work)))
+    read = [set().union(*(visible(seg, int(layout.seg_queries[i]), lo, min(hi, segments[seg][1]))
+                          for i in range(q0, q1))) for seg, lo, hi, q0, q1, _ in work]
+    small = [len(r) <= SMALL_ITEM_TOKENS and (q1 - q0) * (hq // hkv) <= SMALL_ITEM_ROWS
+             for r, (_, _, _, q0, q1, _) in zip(read, work)]  # the kernel reads the union of what its rows see
     assert all(small) if items == "loops" else not all(small)  # the path(s) this case tests
+    if positions is not None:  # the per-row masks matter: some rows see less of an item than it reads
+        assert any(len(visible(seg, int(layout.seg_queries[i]), lo, min(hi, segments[seg][1]))) < len(r)
+                   for (seg, lo, hi, q0, q1, _), r in zip(work, read) for i in range(q0, q1))
     part_o = torch.full((layout.num_partials, hq, d), math.nan)
     part_lse = torch.full((layout.num_partials, hq), math.nan)
-    ops.tree_attention_partial(q, k, v, *plan_fields(plan), source.max_work_queries, d ** -0.5, part_o, part_lse)
+    ops.tree_attention_partial(q, k, v, *plan_fields(plan, window), source.max_work_queries, d ** -0.5, window,
+                               softcap, part_o, part_lse)
     o_ref, lse_ref = torch.empty(part_o.shape, dtype=torch.float64), torch.empty(part_lse.shape, dtype=torch.float64)
-    for seg, kv_lo, kv_hi, q_lo, q_hi, out in zip(*(w.tolist() for w in source.work)):
-        pages, length, _ = segments[seg]
-        lo, hi = kv_lo, min(kv_hi, length)
-        keys = segment_tokens(k, pages, 4, lo, max(lo, hi))
-        values = segment_tokens(v, pages, 4, lo, max(lo, hi))
+    for seg, kv_lo, kv_hi, q_lo, q_hi, out in work:
+        pages, length = segments[seg][:2]
         for j in range(q_hi - q_lo):
             query = int(layout.seg_queries[q_lo + j])
-            o_ref[out + j], lse_ref[out + j] = attention_f64(q[query], keys, values, d ** -0.5)
+            tokens = visible(seg, query, kv_lo, min(kv_hi, length))
+            keys = segment_tokens(k, pages, 4, tokens)
+            values = segment_tokens(v, pages, 4, tokens)
+            o_ref[out + j], lse_ref[out + j] = attention_f64(q[query], keys, values, d ** -0.5, softcap)
     # Partials are fp32 results of rounded inputs: the q-dtype tolerances apply.
     report_mismatch("part_o", part_o, o_ref, *TOLERANCES[dtype])
     report_mismatch("part_lse", part_lse, lse_ref, *LSE_TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_partials_matches_float64(dtype):
-    """CSR merge with shuffled slots, -inf partials, a query whose partials are all -inf and one with none."""
+@pytest.mark.parametrize("with_sinks", (False, True), ids=("no_sinks", "sinks"))
+def test_merge_partials_matches_float64(dtype, with_sinks):
+    """CSR merge with shuffled slots, -inf partials, a query whose partials are all -inf and one with none; sinks:
+    one more logit per head (a slot with o = 0), so those two queries get o = 0, lse = sink."""
     num_partials, h, d = 12, 3, 40
     part_o = torch.randn(num_partials, h, d)
     part_lse = torch.randn(num_partials, h) * 3
@@ -101,16 +133,20 @@ def test_merge_partials_matches_float64(dtype):
     slots_of = [[5, 0, 9], [1, 4], [], [11, 2, 8, 3, 7], [10, 6]]
     indptr = torch.tensor([0] + [len(s) for s in slots_of], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     slots = torch.tensor([x for s in slots_of for x in s], dtype=torch.int32)
+    sinks = torch.randn(h) * 3 if with_sinks else None
     o = torch.full((len(slots_of), h, d), math.nan).to(dtype)
     lse = torch.full((len(slots_of), h), math.nan)
-    ops.merge_partials(part_o, part_lse, indptr, slots, o, lse)
+    ops.merge_partials(part_o, part_lse, indptr, slots, sinks, o, lse)
     o_ref = torch.zeros(len(slots_of), h, d, dtype=torch.float64)
     lse_ref = torch.full((len(slots_of), h), -math.inf, dtype=torch.float64)
     for n, s in enumerate(slots_of):
-        if s:
-            lse_ref[n] = torch.logsumexp(part_lse[s].double(), dim=0)
-            weights = torch.exp(part_lse[s].double() - lse_ref[n]).nan_to_num(0.0)  # -inf - -inf: no weight
-            o_ref[n] = (weights.unsqueeze(-1) * part_o[s].double()).sum(0)
+        lses, outs = part_lse[s].double(), part_o[s].double()
+        if with_sinks:
+            lses, outs = torch.cat([lses, sinks.double()[None]]), torch.cat([outs, torch.zeros(1, h, d)])
+        if len(lses):
+            lse_ref[n] = torch.logsumexp(lses, dim=0)
+            weights = torch.exp(lses - lse_ref[n]).nan_to_num(0.0)  # -inf - -inf: no weight
+            o_ref[n] = (weights.unsqueeze(-1) * outs).sum(0)
     # Outputs are stored in `dtype`: one rounding of a convex combination of values of size ~3.
     atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 2e-3), torch.bfloat16: (3e-2, 1e-2)}[dtype]
     report_mismatch("o", o, o_ref, atol, rtol)
@@ -155,6 +191,15 @@ def small_attention_inputs(dtype=torch.float32):
     return q, k, v, plan
 
 
+def positioned_inputs(dtype=torch.float32):
+    """small_attention_inputs' tree with positions: a 7-token prompt, each row's tail ending at its position."""
+    plan = TreeAttentionPlan([([2, 0], 7, [0, 1, 2], 0), ([5], 3, [1], 7), ([4, 1], 5, [2], 7)], 3, 4,
+                             kv_chunk_size=4, queries_per_tile=2, positions=[5, 9, 11])
+    q = torch.randn(3, 8, 32).to(dtype)
+    k, v = torch.randn(6, 4, 2, 32).to(dtype), random_values((6, 4, 2, 32), dtype)
+    return q, k, v, plan
+
+
 def small_step_inputs(packed=False):
     hidden, mask = torch.randn(3, 10, 32) * 2, torch.rand(3, 10) < 0.4
     kwargs = dict(norm_weight=torch.rand(32) + 0.5, mlp_weight=torch.randn(16, 32) / 6, mlp_bias=torch.randn(16),
@@ -170,13 +215,17 @@ def test_fake_tensor_shape_propagation():
     hidden, mask, weight, bias, kwargs = small_step_inputs(packed=True)
     pk, sk = torch.randn(2, 9, 2, 32, dtype=torch.bfloat16), torch.randn(3, 5, 2, 32, dtype=torch.bfloat16)
     sp_plan = o1kernels.SharedPrefixPlan(3, 9, 5, num_prefixes=2, branch_group=[1, 0, 1])
+    pos_plan = positioned_inputs()[3]
     plan.layout("split")  # layouts are host-built before tracing, as they are when a real run comes first
     sp_plan.layout("split")
+    pos_plan.layout("split", window=4)
     with FakeTensorMode(allow_non_fake_inputs=True):
         o, lse = _compiled.run_plan(plan, q, ((k, v),), 0.2)
         assert (o.shape, o.dtype, lse.shape, lse.dtype) == ((3, 8, 32), torch.bfloat16, (3, 8), torch.float32)
         o, lse = _compiled.run_plan(sp_plan, q, ((pk, pk), (sk, sk)), 0.2)
         assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
+        o, lse = _compiled.run_plan(pos_plan, q, ((k, v),), 0.2, window=4, softcap=3.0, sinks=torch.randn(8))
+        assert (o.shape, o.dtype, lse.shape, lse.dtype) == ((3, 8, 32), torch.bfloat16, (3, 8), torch.float32)
         o, lse = _compiled.merge_states(q, lse, q.float(), lse)
         assert (o.shape, o.dtype, lse.shape) == ((3, 8, 32), torch.bfloat16, (3, 8))
         args = (hidden, mask, kwargs["cu_seqlens"], weight, bias, kwargs["norm_weight"], 1e-6, kwargs["mlp_weight"],
@@ -189,10 +238,16 @@ def opcheck_samples():
     q, k, v, plan = small_attention_inputs()
     layout, source = split_layout(plan)
     part_o, part_lse = torch.empty(layout.num_partials, 8, 32), torch.empty(layout.num_partials, 8)
-    yield "tree_attention_partial", (q, k, v, *plan_fields(plan), source.max_work_queries, 0.2, part_o, part_lse)
+    yield "tree_attention_partial", (q, k, v, *plan_fields(plan), source.max_work_queries, 0.2, None, None, part_o,
+                                     part_lse)
+    q, k, v, pos_plan = positioned_inputs()
+    pos_layout, pos_source = split_layout(pos_plan, 4)
+    yield "tree_attention_partial", (q, k, v, *plan_fields(pos_plan, 4), pos_source.max_work_queries, 0.2, 4, 3.0,
+                                     torch.empty(pos_layout.num_partials, 8, 32), torch.empty(pos_layout.num_partials, 8))
     part_lse = torch.randn(layout.num_partials, 8)
-    yield "merge_partials", (torch.randn(layout.num_partials, 8, 32), part_lse, layout.slot_indptr,
-                             layout.slots, torch.empty(3, 8, 32), torch.empty(3, 8))
+    for sinks in (None, torch.randn(8)):
+        yield "merge_partials", (torch.randn(layout.num_partials, 8, 32), part_lse, layout.slot_indptr,
+                                 layout.slots, sinks, torch.empty(3, 8, 32), torch.empty(3, 8))
     yield "merge_states", (q, torch.randn(3, 8), q * 2, torch.randn(3, 8), torch.empty(3, 8, 32), torch.empty(3, 8))
     hidden, mask, weight, bias, kwargs = small_step_inputs()
     yield "step_rewards", (hidden, mask, None, weight, bias, kwargs["norm_weight"], 1e-6, kwargs["mlp_weight"],
@@ -225,6 +280,25 @@ def test_torch_compile_fullgraph_matches_eager():
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+def test_torch_compile_fullgraph_with_variants():
+    """tree_attention with positions, a window, softcap and sinks (backend="cpu") traces without graph breaks and
+    reads plan.q_pos / plan.seg_lens at run time (set_positions and set_lengths need no recompile)."""
+    q, k, v, plan = positioned_inputs()
+    sinks = torch.randn(8)
+
+    def call(q, k, v, plan, sinks):
+        return o1kernels.tree_attention(q, k, v, plan, window=6, softcap=3.0, sinks=sinks, return_lse=True,
+                                        backend="cpu")
+
+    call(q, k, v, plan, sinks)  # lays the windowed layout out
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    for positions, lengths in (([5, 9, 11], [7, 3, 5]), ([6, 10, 13], [7, 4, 7])):
+        plan.set_positions(positions)
+        plan.set_lengths(lengths)
+        for got, expected in zip(compiled(q, k, v, plan, sinks), call(q, k, v, plan, sinks)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_shared_prefix_traces_fullgraph():
     """What a planned shared_prefix_attention call runs after its checks (on a GPU the checks read no
     values): lengths and groups written into the plan, its groups laid out by device ops, then the
@@ -252,13 +326,15 @@ def test_shared_prefix_traces_fullgraph():
 # ---- bad input reaching the C++ layer directly ----
 
 def tree_args(**overrides):
-    q, k, v, plan = small_attention_inputs()
+    """Valid arguments of tree_attention_partial with positions, a window and softcap (positioned_inputs)."""
+    q, k, v, plan = positioned_inputs()
     args = dict(zip(("page_table", "seg_page_start", "seg_capacity", "seg_lens", "seg_queries", "work_seg",
-                     "work_kv_start", "work_kv_end", "work_q_start", "work_q_end", "work_out"),
-                    (t.clone() for t in plan_fields(plan))))
-    layout, source = split_layout(plan)
-    args.update(q=q, k_cache=k, v_cache=v, max_work_queries=source.max_work_queries, sm_scale=0.2,
-                part_o=torch.empty(layout.num_partials, 8, 32), part_lse=torch.empty(layout.num_partials, 8))
+                     "work_kv_start", "work_kv_end", "work_q_start", "work_q_end", "work_out", "seg_start", "q_pos"),
+                    (t.clone() for t in plan_fields(plan, 4))))
+    layout, source = split_layout(plan, 4)
+    args.update(q=q, k_cache=k, v_cache=v, max_work_queries=source.max_work_queries, sm_scale=0.2, window=4,
+                softcap=3.0, part_o=torch.empty(layout.num_partials, 8, 32),
+                part_lse=torch.empty(layout.num_partials, 8))
     for name, fn in overrides.items():
         args[name] = fn(args[name], args)
     return args
@@ -297,6 +373,15 @@ TREE_BAD = {
     "query range": (dict(work_q_end=set_at(0, 50)), "work item 0 has query range"),
     "max_work_queries": (dict(max_work_queries=lambda t, _: 1), "more than max_work_queries = 1"),
     "slot value": (dict(work_out=set_at(0, 40)), "work item 0 writes partial slots"),
+    "seg_start alone": (dict(q_pos=lambda t, _: None), "seg_start and q_pos must be given together"),
+    "q_pos alone": (dict(seg_start=lambda t, _: None, window=lambda t, _: None), "seg_start and q_pos must be given"),
+    "seg_start len": (dict(seg_start=lambda t, _: t[:2]), "seg_start must have 3 entries"),
+    "q_pos len": (dict(q_pos=lambda t, _: t[:2]), r"q_pos must have 3 entries \(q.shape\[0\]\)"),
+    "q_pos int64": (dict(q_pos=lambda t, _: t.long()), "q_pos must be Int"),
+    "window alone": (dict(seg_start=lambda t, _: None, q_pos=lambda t, _: None), "window needs seg_start and q_pos"),
+    "window 0": (dict(window=lambda t, _: 0), r"window must be in \[1, 2\^31 - 1\]"),
+    "softcap 0": (dict(softcap=lambda t, _: 0.0), "softcap must be finite and positive"),
+    "softcap nan": (dict(softcap=lambda t, _: math.nan), "softcap must be finite and positive"),
 }
 
 
@@ -309,8 +394,8 @@ def test_tree_attention_partial_rejects(overrides, match):
 def merge_partials_args(**overrides):
     args = dict(part_o=torch.randn(5, 2, 8), part_lse=torch.randn(5, 2),
                 query_slot_indptr=torch.tensor([0, 2, 2, 5], dtype=torch.int32),
-                query_slots=torch.tensor([4, 0, 1, 3, 2], dtype=torch.int32), o=torch.empty(3, 2, 8),
-                lse=torch.empty(3, 2))
+                query_slots=torch.tensor([4, 0, 1, 3, 2], dtype=torch.int32), sinks=torch.randn(2),
+                o=torch.empty(3, 2, 8), lse=torch.empty(3, 2))
     for name, fn in overrides.items():
         args[name] = fn(args[name], args)
     return args
@@ -325,6 +410,8 @@ MERGE_PARTIALS_BAD = {
     "lse dtype": (dict(lse=lambda t, _: t.half()), "lse must be Float"),
     "head_dim": (dict(part_o=lambda t, _: torch.randn(5, 2, 300), o=lambda t, _: torch.empty(3, 2, 300)),
                  r"head_dim must be in \[1, 256\]"),
+    "sinks shape": (dict(sinks=lambda t, _: t[:1]), r"sinks must have shape \[2\]"),
+    "sinks half": (dict(sinks=lambda t, _: t.half()), "sinks must be Float"),
 }
 
 

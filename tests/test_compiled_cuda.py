@@ -24,8 +24,8 @@ import torch
 
 import o1kernels
 from o1kernels import TreeAttentionPlan, _ext
-from attention_reference import (LSE_TOLERANCES, TOLERANCES, attention_f64, random_values, report_mismatch,
-                                 tree_attention_f64)
+from attention_reference import (LSE_TOLERANCES, TOLERANCES, attention_f64, positioned_attention_f64, positioned_tree,
+                                 random_values, report_mismatch, tree_attention_f64)
 from step_rewards_reference import reference_step_rewards
 import test_step_rewards as step_cases  # Case, make_inputs, assert_matches, tolerance (module import: no re-collection)
 
@@ -74,7 +74,8 @@ def check_tree(q, k, v, segments, plan):
     part_o = torch.full((layout.num_partials, hq, d), math.nan, device="cuda")
     part_lse = torch.full((layout.num_partials, hq), math.nan, device="cuda")
     fields = (*layout.source_views(source), layout.seg_queries, *source.work)
-    torch.ops.o1kernels.tree_attention_partial(q, k, v, *fields, source.max_work_queries, d ** -0.5, part_o, part_lse)
+    torch.ops.o1kernels.tree_attention_partial(q, k, v, *fields, None, None, source.max_work_queries, d ** -0.5, None,
+                                               None, part_o, part_lse)
     assert not part_o.isnan().any() and not part_lse.isnan().any(), "partial slots left unwritten"
     o, lse = o1kernels.tree_attention(q, k, v, plan, return_lse=True, backend="cuda")
     o_ref, lse_ref = tree_attention_f64(q.cpu(), k.cpu(), v.cpu(), segments, plan.page_size,
@@ -100,6 +101,40 @@ def test_tree_attention_simt_paths(dtype, d, k_pad):
     q, k, v, segments, plan = tree_inputs(dtype, 6, 3, d, page_size=16, num_queries=8, seed=f"simt{d}{k_pad}",
                                           chunk=64, k_pad=k_pad)
     check_tree(q, k, v, segments, plan)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("d", (64, 128, 256))
+@pytest.mark.parametrize("tile", (2, 6, 16), ids=lambda t: f"rows{4 * t}")
+def test_tree_attention_variant_paths(dtype, d, tile):
+    """Positions, a window, softcap and sinks on every kernel path (mma.sync with 1/2/4 row warps for fp16/bf16,
+    SIMT for fp32): a 301-token prompt, two 97/0-token middles, 10 tails of 0-41 tokens each read by a chunk of 1-4
+    rows (causal inside), window 100 (it starts inside the prompt for some rows; rows of one tile see different
+    parts of a chunk, or none of it). Partials are first written over NaN, then the op is compared with float64."""
+    rng = random.Random(f"variants{dtype}{d}{tile}")
+    nodes = [(301, -1), (97, 0), (0, 0)] + [(rng.randint(0, 41), 1 + i % 2) for i in range(10)]
+    segments, positions, num_pages = positioned_tree(nodes, list(range(3, 13)), 5, rng, max_new=4)
+    plan = TreeAttentionPlan(segments, len(positions), 5, device="cuda", kv_chunk_size=128, queries_per_tile=tile,
+                             positions=positions)
+    q = (torch.randn(len(positions), 8, d, device="cuda") * 2).to(dtype)
+    k = torch.randn(num_pages, 5, 2, d, device="cuda").to(dtype)
+    v = random_values((num_pages, 5, 2, d), dtype, "cuda")
+    sinks = torch.randn(8, device="cuda")
+    window, softcap = 100, 20.0
+    layout = plan.layout("split", window=window)
+    source = layout.sources[0]
+    part_o = torch.full((layout.num_partials, 8, d), math.nan, device="cuda")
+    part_lse = torch.full((layout.num_partials, 8), math.nan, device="cuda")
+    torch.ops.o1kernels.tree_attention_partial(q, k, v, *layout.source_views(source), layout.seg_queries, *source.work,
+                                               layout.seg_start, layout.q_pos, source.max_work_queries, d ** -0.5,
+                                               window, softcap, part_o, part_lse)
+    assert not part_o.isnan().any() and not part_lse.isnan().any(), "partial slots left unwritten"
+    o, lse = o1kernels.tree_attention(q, k, v, plan, window=window, softcap=softcap, sinks=sinks, return_lse=True,
+                                      backend="cuda")
+    o_ref, lse_ref = positioned_attention_f64(q.cpu(), k.cpu(), v.cpu(), segments, 5, [s[1] for s in segments],
+                                              positions, d ** -0.5, window=window, softcap=softcap, sinks=sinks.cpu())
+    report_mismatch("o", o, o_ref, *TOLERANCES[dtype])
+    report_mismatch("lse", lse, lse_ref, *LSE_TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)

@@ -405,11 +405,22 @@ def test_incremental_plans_equal_full_plans(seed):
         prev_order = order
 
 
-def test_wrong_continues_hints_are_errors_and_the_next_plan_starts_over():
+def test_continues_hints_trim_and_regrow_and_bad_hints():
+    """A row whose reserved pages (past its tokens) were trimmed and retaken between plans -- even a page back at the
+    column it had -- is re-read from its tokens' last page on; a continued row that changed a page holding its
+    tokens, and malformed hints, are errors; a failed plan makes the next one start over."""
     attn = PagedAttention(4, (4, 2), 8, backend="torch")
+    attn.plan(np.array([[0, 1, 2, 6], [0, 1, 3, 7]]), [5, 9], num_pages=[4, 4])  # pages past the tokens: reserved
+    # row 0's reserved pages 2 and 6 were trimmed and pages 7 and 6 taken (7 from row 1, which also let 7 go and took
+    # 9): the pages at columns 2-3 changed, one of them to the page it had at column 3
+    attn.plan(np.array([[0, 1, 7, 6], [0, 1, 3, 9]]), [5, 9], num_pages=[4, 4], continues=[0, 1])
+    assert [tuple(r) for r in _row_runs(attn)] == [((0, 1), (7, 6)), ((0, 1), (3, 9))]
     attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12])
     with pytest.raises(ValueError, match="continues a row of the previous plan but its page at column 2 is 5"):
         attn.plan(np.array([[0, 1, 5], [0, 1, 3]]), [12, 12], continues=[0, 1])
+    attn.plan(np.array([[0, 1, 2], [0, 1, 3]]), [12, 12])
+    with pytest.raises(ValueError, match="page ids? "):
+        attn.plan(np.array([[0, 1, -5], [0, 1, 3]]), [12, 12], continues=[0, 1])
     with pytest.raises(ValueError, match="continues values must be -1 or rows of the previous plan"):
         attn.plan(np.array([[0, 1, 2]]), [12], continues=[7])
     with pytest.raises(ValueError, match="continued by at most one row"):

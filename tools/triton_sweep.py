@@ -140,9 +140,10 @@ HEAD_DIMS = (64, 128, 256)
 
 def _attention_calls():
     """(label, role, call) over the attention launcher: tree plans (a shared prompt + a tail per query) forced to
-    cascade (partials + direct tails) and decode (direct only), two-source shared-prefix plans (direct prompt and
-    suffixes; shared prompt + direct suffixes), GQA groups 4 / 32 / 64 (the decode kernel's row classes), queries per
-    tile giving 16-128 partial rows, every tuning candidate. fp16 compiles as bf16 does (same tiles, same resources
+    cascade (partials + direct tails) and decode (direct only), also with every variant switch on (positions,
+    window, softcap, sinks), two-source shared-prefix plans (direct prompt and suffixes; shared prompt + direct
+    suffixes), GQA groups 4 / 32 / 64 (the decode kernel's row classes), queries per tile giving 16-128 partial
+    rows, every tuning candidate. fp16 compiles as bf16 does (same tiles, same resources
     in every pair compiled here), so it is swept with the default tables only; candidates at head_dim 64 neither spill
     more nor need more shared memory than at 128, so they are swept at 128 and 256."""
     import torch
@@ -151,13 +152,19 @@ def _attention_calls():
     from o1kernels.triton_ops import _target
     from o1kernels.triton_ops import tree_attention as ta
 
-    def tree_call(dtype, precision, d, hq, hkv, num_q, tile, path, config=None):
-        segments = [(list(range(4)), 64, list(range(num_q)))] + [([4 + i], 16, [i]) for i in range(num_q)]
-        plan = TreeAttentionPlan(segments, num_q, 16, queries_per_tile=tile, path=path)
+    def tree_call(dtype, precision, d, hq, hkv, num_q, tile, path, config=None, variants=False):
+        """A 64-token prompt read by num_q queries, a 16-token tail each; variants: the plan masks by query position
+        (causal), run with a sliding window, a logit soft-cap and attention sinks (every variant switch on)."""
+        segments = [(list(range(4)), 64, list(range(num_q)), 0)] + [([4 + i], 16, [i], 64) for i in range(num_q)]
+        if not variants:
+            segments = [seg[:3] for seg in segments]
+        plan = TreeAttentionPlan(segments, num_q, 16, queries_per_tile=tile, path=path,
+                                 positions=[79] * num_q if variants else None)
         plan.fp32_precision, plan.tuned = precision, {"config": config}
         q = torch.randn(num_q, hq, d, dtype=dtype)
         k, v = (torch.randn(4 + num_q, 16, hkv, d, dtype=dtype) for _ in range(2))
-        return lambda: ta.run_plan(plan, q, ((k, v),), d ** -0.5)
+        extra = dict(window=32, softcap=30.0, sinks=torch.randn(hq, dtype=dtype)) if variants else {}
+        return lambda: ta.run_plan(plan, q, ((k, v),), d ** -0.5, **extra)
 
     def prefix_call(dtype, precision, d, hq, hkv, path):
         plan = SharedPrefixPlan(4, 64, 16, path=path)
@@ -175,6 +182,9 @@ def _attention_calls():
                 yield (f"tree {tag} G=4 rows={4 * tile} cascade", "default",
                        tree_call(dtype, precision, d, 8, 2, tile, tile, "cascade"))
             yield f"tree {tag} G=4 decode", "default", tree_call(dtype, precision, d, 8, 2, 4, 4, "decode")
+            for tile, path in ((4, "cascade"), (32, "cascade"), (4, "decode")):  # positions, window, softcap, sinks
+                yield (f"tree {tag} G=4 rows={4 * tile} {path} causal+window+softcap+sinks", "default",
+                       tree_call(dtype, precision, d, 8, 2, tile, tile, path, variants=True))
             for group in (4, 32, 64):
                 if group != 4:
                     yield (f"tree {tag} G={group} cascade", "default",
@@ -367,7 +377,7 @@ def unlaunched(launches: list[Launch]) -> list[str]:
 
 def describe(launch: Launch) -> str:
     keep = ("GROUP", "HEAD_SPLITS", "DOT_PRECISION", "DIRECT0", "DIRECT1", "PARTIALS", "ACTIVATION", "AGGREGATE",
-            "DOT_FP32", "EVEN_K", "PACKED", "FROM_LOGITS")
+            "DOT_FP32", "EVEN_K", "PACKED", "FROM_LOGITS", "CAUSAL", "WINDOW", "SOFTCAP", "SINKS")
     parts = [f"{k}={v}" for k, v in launch.constexprs().items() if k.startswith("BLOCK") or k in keep]
     return " ".join(parts + [f"w{launch.options['num_warps']} s{launch.options['num_stages']}"])
 

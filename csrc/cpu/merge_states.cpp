@@ -1,5 +1,5 @@
 // CPU log-sum-exp merges (same contract as csrc/include/o1kernels/merge_states.cuh):
-// merge_partials over a plan's CSR of partial slots, and the two-state merge_states.
+// merge_partials over a plan's CSR of partial slots (plus optional sinks), and the two-state merge_states.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,13 +31,14 @@ void check_csr_values(const MergePartialsSizes& s, const int32_t* indptr, const 
 }  // namespace
 
 void merge_partials_cpu(O1K_MERGE_PARTIALS_ARGS) {
-  const MergePartialsSizes s = check_merge_partials(part_o, part_lse, query_slot_indptr, query_slots, o, lse);
+  const MergePartialsSizes s = check_merge_partials(part_o, part_lse, query_slot_indptr, query_slots, sinks, o, lse);
   const int32_t* indptr = query_slot_indptr.data_ptr<int32_t>();
   const int32_t* slots = query_slots.data_ptr<int32_t>();
   check_csr_values(s, indptr, slots, query_slots.size(0));
   const float* po = part_o.data_ptr<float>();
   const float* pl = part_lse.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
+  const float* sink_ptr = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   const int64_t H = s.num_heads, D = s.head_dim;
   O1K_DISPATCH_FLOAT(o.scalar_type(), "merge_partials_cpu", [&] {
     scalar_t* o_out = o.data_ptr<scalar_t>();
@@ -45,11 +46,13 @@ void merge_partials_cpu(O1K_MERGE_PARTIALS_ARGS) {
       std::vector<float> acc(D);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t n = item / H, h = item % H;
-        float m = kNegInf;
+        const float sink = sink_ptr != nullptr ? sink_ptr[h] : kNegInf;  // a slot with lse = sink and o = 0
+        float m = sink;
         for (int32_t i = indptr[n]; i < indptr[n + 1]; ++i) m = std::max(m, pl[slots[i] * H + h]);
         std::fill(acc.begin(), acc.end(), 0.f);
         float sum = 0.f;
         if (m != kNegInf) {
+          sum = std::exp(sink - m);
           for (int32_t i = indptr[n]; i < indptr[n + 1]; ++i) {
             const int64_t idx = static_cast<int64_t>(slots[i]) * H + h;
             const float w = std::exp(pl[idx] - m);

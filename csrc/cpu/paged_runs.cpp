@@ -10,9 +10,10 @@
 //
 // Rows live in *slots* of a table the caller keeps (the kernels' copy of the block table; 0 past each row's pages)
 // and the per-page state (readers, column, parent) persists between calls, so a plan can be incremental: a row that
-// continues a row of the previous plan (the same sequence: its leading pages unchanged, pages appended or trimmed
-// at the end) keeps its slot and only its changed pages are read and counted; the previous plan's rows nobody
-// continues give their pages' readers back. A full plan (a new epoch: every stored state is unset) reads every row.
+// continues a row of the previous plan (the same sequence: its tokens kept, so the pages holding them unchanged;
+// pages past them appended or trimmed since) keeps its slot and only the pages past those is read and counted; the
+// previous plan's rows nobody continues give their pages' readers back. A full plan (a new epoch: every stored
+// state is unset) reads every row.
 //
 // Cost: one pass over the pages written (count, column and parent per page: O(1) each, prefetched ahead since pool
 // page ids are scattered), plus, per row, one step per run (a run already cut by an earlier row is skipped whole).
@@ -90,8 +91,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
                       "held ", sp[s], " (its num_pages is ", n, ")");
     TORCH_CHECK_VALUE(k == 0 || tbl[r * width + k - 1] == st[s * wc + k - 1], "o1kernels: row ", r,
                       " continues a row of the previous plan but its page at column ", k - 1, " is ",
-                      tbl[r * width + k - 1], ", not ", st[s * wc + k - 1], ": a continued row keeps its leading "
-                      "pages (pass continues=-1 for a new row)");
+                      tbl[r * width + k - 1], ", not ", st[s * wc + k - 1], ": a continued row keeps the pages holding "
+                      "its tokens (pass continues=-1 for a new row)");
     for (int64_t j = k; j < n; ++j) {
       const int32_t p = tbl[r * width + j];
       TORCH_CHECK_VALUE(p >= 0, "o1kernels: block_table[", r, ", ", j, "] = ", p, " is not a page id (>= 0)");
@@ -111,12 +112,15 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
     drop(st + rel[i] * wc, 0, sp[rel[i]]);
     sp[rel[i]] = 0;
   }
+  for (int64_t r = 0; r < rows; ++r) {  // what continued rows no longer hold, before any row takes those pages
+    const int64_t s = slot_of[r];
+    if (kept_of[r] > 0) drop(st + s * wc, kept_of[r], sp[s]);
+  }
   bool forest = true;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t s = slot_of[r], n = np_[r], k = kept_of[r];
     int32_t* dst = st + s * wc;
     const int32_t* src = tbl + r * width;
-    if (k > 0) drop(dst, k, sp[s]);  // a continued row that was trimmed
     std::fill(dst + n, dst + std::max<int64_t>(n, sp[s]), 0);
     int32_t prev = k > 0 ? dst[k - 1] : -1;
     for (int64_t j = k; j < n; ++j) {  // 64-bit indices: the extension builds with -fwrapv (30% slower int32 loops)

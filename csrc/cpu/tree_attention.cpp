@@ -1,11 +1,14 @@
 // CPU tree attention partials: same contract as the CUDA kernel (csrc/include/o1kernels/api.h),
 // at::parallel_for over work items, fp32 math. Unlike the CUDA op, every index of
 // the plan is checked here against the tensors it addresses (reading CPU values is free).
+// With positions a work item reads only the tokens some of its queries see (the union of their
+// visible ranges) and each query's scores are limited to its own range.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "torch_bindings/ops.h"
 
@@ -16,7 +19,21 @@ namespace {
 struct PlanView {
   const int32_t *page_table, *seg_page_start, *seg_capacity, *seg_lens, *seg_queries;
   const int32_t *work_seg, *work_kv_start, *work_kv_end, *work_q_start, *work_q_end, *work_out;
+  const int32_t *seg_start, *q_pos;  // nullptr: no masking by position
+  int64_t window;                    // 0: no window
 };
+
+// Tokens [lo, hi) of an item's range [kv_lo, kv_hi) of segment `seg` that query row `query` sees: all of them
+// without positions; else t <= q_pos - seg_start and (window W) t > q_pos - seg_start - W. Empty: hi <= lo.
+struct TokenRange {
+  int64_t lo, hi;
+};
+
+TokenRange visible_range(const PlanView& v, int64_t seg, int64_t query, int64_t kv_lo, int64_t kv_hi) {
+  if (v.q_pos == nullptr) return {kv_lo, kv_hi};
+  const int64_t rel = static_cast<int64_t>(v.q_pos[query]) - v.seg_start[seg];
+  return {v.window > 0 ? std::max(kv_lo, rel - v.window + 1) : kv_lo, std::min(kv_hi, rel + 1)};
+}
 
 void check_plan_values(const TreeAttentionSizes& s, const PlanView& v, int64_t num_page_refs,
                        int64_t num_query_refs, int64_t max_work_queries) {
@@ -74,12 +91,13 @@ inline float dot(const float* q, const scalar_t* k, int64_t D) {
 }
 
 // One small work item (see kSmallTokens): each query head's scores over the chunk's n tokens (read in
-// place through the page table), then its softmax-weighted sum of V rows, in fp32.
+// place through the page table), query j's over its tokens [ranges[j].lo, ranges[j].hi) only, then its
+// softmax-weighted sum of V rows, in fp32. softcap > 0: scores -> softcap * tanh(scores / softcap).
 template <typename scalar_t>
 void small_item(const TreeAttentionSizes& s, const int32_t* pages, int64_t lo, int64_t n, const int32_t* queries,
-                int64_t num_q, int64_t out_slot, const scalar_t* q_ptr, int64_t q_stride_n, int64_t q_stride_h,
-                const scalar_t* k_ptr, const int64_t k_strides[3], const scalar_t* v_ptr, const int64_t v_strides[3],
-                float sm_scale, float* part_o, float* part_lse) {
+                const TokenRange* ranges, int64_t num_q, int64_t out_slot, const scalar_t* q_ptr, int64_t q_stride_n,
+                int64_t q_stride_h, const scalar_t* k_ptr, const int64_t k_strides[3], const scalar_t* v_ptr,
+                const int64_t v_strides[3], float sm_scale, float softcap, float* part_o, float* part_lse) {
   const int64_t D = s.head_dim, hq = s.num_q_heads, group = hq / s.num_kv_heads;
   const scalar_t* k_rows[kSmallTokens];
   const scalar_t* v_rows[kSmallTokens];
@@ -94,24 +112,26 @@ void small_item(const TreeAttentionSizes& s, const int32_t* pages, int64_t lo, i
     for (int64_t j = 0; j < num_q; ++j) {
       const scalar_t* src = q_ptr + queries[j] * q_stride_n + head * q_stride_h;
       for (int64_t d = 0; d < D; ++d) q_row[d] = static_cast<float>(src[d]) * sm_scale;
+      const int64_t t0 = ranges[j].lo - lo, t1 = ranges[j].hi - lo;
       float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         scores[t] = dot(q_row, k_rows[t], D);
+        if (softcap > 0.f) scores[t] = softcap * std::tanh(scores[t] / softcap);
         max_score = std::max(max_score, scores[t]);
       }
       const int64_t idx = (out_slot + j) * hq + head;
       float* out = part_o + idx * D;
       std::fill(out, out + D, 0.f);
       float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         const float p = std::exp(scores[t] - max_score);
         sum += p;
         const scalar_t* v_row = v_rows[t];
         for (int64_t d = 0; d < D; ++d) out[d] += p * static_cast<float>(v_row[d]);
       }
-      const float inv = 1.f / sum;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // a query that sees none of the item: o = 0, lse = -inf
       for (int64_t d = 0; d < D; ++d) out[d] *= inv;
-      part_lse[idx] = max_score + std::log(sum);
+      part_lse[idx] = sum > 0.f ? max_score + std::log(sum) : -std::numeric_limits<float>::infinity();
     }
   }
 }
@@ -122,7 +142,8 @@ void small_item(const TreeAttentionSizes& s, const int32_t* pages, int64_t lo, i
 // so every kv head is two batched fp32 matrix products (scores, then P.V) and an exp over the scores.
 template <typename scalar_t>
 void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tensor& q, const at::Tensor& k_cache,
-                  const at::Tensor& v_cache, float sm_scale, float* part_o, float* part_lse) {
+                  const at::Tensor& v_cache, float sm_scale, float softcap, int64_t max_work_queries, float* part_o,
+                  float* part_lse) {
   const int64_t D = s.head_dim, hq = s.num_q_heads, hkv = s.num_kv_heads, group = hq / hkv;
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
@@ -134,13 +155,24 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
   const int64_t v_strides[3] = {v_stride_page, v_stride_slot, v_stride_h};
   const at::TensorOptions fp32 = q.options().dtype(at::kFloat);
   at::parallel_for(0, s.num_work, 1, [&](int64_t begin, int64_t end) {
+    std::vector<TokenRange> ranges(max_work_queries);  // each query's visible tokens of the item
     for (int64_t w = begin; w < end; ++w) {
       const int64_t seg = v.work_seg[w], capacity = v.seg_capacity[seg];
       const int64_t length = std::min<int64_t>(std::max<int64_t>(v.seg_lens[seg], 0), capacity);
-      const int64_t lo = v.work_kv_start[w], hi = std::min<int64_t>(v.work_kv_end[w], length);
-      const int64_t n = std::max<int64_t>(hi - lo, 0), num_q = v.work_q_end[w] - v.work_q_start[w];
+      const int64_t num_q = v.work_q_end[w] - v.work_q_start[w];
       const int32_t* queries = v.seg_queries + v.work_q_start[w];
       if (num_q == 0) continue;
+      // Read the union of the queries' visible ranges within the chunk (all of it without positions).
+      const int64_t kv_lo = v.work_kv_start[w], kv_hi = std::min<int64_t>(v.work_kv_end[w], length);
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+      for (int64_t j = 0; j < num_q; ++j) {
+        ranges[j] = visible_range(v, seg, queries[j], kv_lo, kv_hi);
+        if (ranges[j].lo < ranges[j].hi) {
+          lo = std::min(lo, ranges[j].lo);
+          hi = std::max(hi, ranges[j].hi);
+        }
+      }
+      const int64_t n = std::max<int64_t>(hi - lo, 0);  // 0: no query sees the chunk (or it is past the length)
       if (n == 0) {  // empty chunk: o = 0, lse = -inf
         const int64_t first = v.work_out[w] * hq, count = num_q * hq;
         std::fill(part_o + first * D, part_o + (first + count) * D, 0.f);
@@ -149,8 +181,8 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
       }
       const int32_t* pages = v.page_table + v.seg_page_start[seg];
       if (n <= kSmallTokens && num_q * group <= kSmallRows) {
-        small_item<scalar_t>(s, pages, lo, n, queries, num_q, v.work_out[w], q_ptr, q_stride_n, q_stride_h, k_ptr,
-                             k_strides, v_ptr, v_strides, sm_scale, part_o, part_lse);
+        small_item<scalar_t>(s, pages, lo, n, queries, ranges.data(), num_q, v.work_out[w], q_ptr, q_stride_n,
+                             q_stride_h, k_ptr, k_strides, v_ptr, v_strides, sm_scale, softcap, part_o, part_lse);
         continue;
       }
       const int64_t rows = num_q * group;  // row j * group + g of kv head h is query j, head h * group + g
@@ -177,7 +209,20 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
         }
       }
       at::Tensor probs = at::bmm(scaled_q, keys.transpose(1, 2));  // scores [Hkv, rows, n]
-      const at::Tensor max_score = probs.amax(2, /*keepdim=*/true);
+      if (softcap > 0.f) probs.div_(softcap).tanh_().mul_(softcap);
+      at::Tensor max_score;
+      if (v.q_pos != nullptr) {  // -inf outside each query's range; a row that sees nothing keeps max 0, sum 0
+        float* score_ptr = probs.data_ptr<float>();
+        for (int64_t r = 0; r < hkv * rows; ++r) {
+          const TokenRange range = ranges[(r % rows) / group];
+          float* row = score_ptr + r * n;
+          std::fill(row, row + std::clamp<int64_t>(range.lo - lo, 0, n), -std::numeric_limits<float>::infinity());
+          std::fill(row + std::clamp<int64_t>(range.hi - lo, 0, n), row + n, -std::numeric_limits<float>::infinity());
+        }
+        max_score = probs.amax(2, /*keepdim=*/true).clamp_min_(std::numeric_limits<float>::lowest());
+      } else {
+        max_score = probs.amax(2, /*keepdim=*/true);
+      }
       probs.sub_(max_score).exp_();
       const at::Tensor sum = probs.sum(2);                    // [Hkv, rows]
       const at::Tensor out = at::bmm(probs, values);          // [Hkv, rows, D], unnormalised
@@ -187,9 +232,9 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
         for (int64_t head = 0; head < hq; ++head) {
           const int64_t row = (head / group) * rows + j * group + head % group;
           const int64_t idx = (v.work_out[w] + j) * hq + head;
-          const float inv = 1.f / sum_ptr[row];
+          const float sum = sum_ptr[row], inv = sum > 0.f ? 1.f / sum : 0.f;
           for (int64_t d = 0; d < D; ++d) part_o[idx * D + d] = out_ptr[row * D + d] * inv;
-          part_lse[idx] = max_ptr[row] + std::log(sum_ptr[row]);
+          part_lse[idx] = sum > 0.f ? max_ptr[row] + std::log(sum) : -std::numeric_limits<float>::infinity();
         }
       }
     }
@@ -201,16 +246,26 @@ void run_partials(const TreeAttentionSizes& s, const PlanView& v, const at::Tens
 void tree_attention_partial_cpu(O1K_TREE_ATTENTION_PARTIAL_ARGS) {
   const TreeAttentionSizes s = check_tree_attention_partial(
       q, k_cache, v_cache, page_table, seg_page_start, seg_capacity, seg_lens, seg_queries, work_seg, work_kv_start,
-      work_kv_end, work_q_start, work_q_end, work_out, max_work_queries, sm_scale, part_o, part_lse);
-  const PlanView view{page_table.data_ptr<int32_t>(),    seg_page_start.data_ptr<int32_t>(),
-                      seg_capacity.data_ptr<int32_t>(),  seg_lens.data_ptr<int32_t>(),
-                      seg_queries.data_ptr<int32_t>(),   work_seg.data_ptr<int32_t>(),
-                      work_kv_start.data_ptr<int32_t>(), work_kv_end.data_ptr<int32_t>(),
-                      work_q_start.data_ptr<int32_t>(),  work_q_end.data_ptr<int32_t>(),
-                      work_out.data_ptr<int32_t>()};
+      work_kv_end, work_q_start, work_q_end, work_out, seg_start, q_pos, max_work_queries, sm_scale, window, softcap,
+      part_o, part_lse);
+  const PlanView view{page_table.data_ptr<int32_t>(),
+                      seg_page_start.data_ptr<int32_t>(),
+                      seg_capacity.data_ptr<int32_t>(),
+                      seg_lens.data_ptr<int32_t>(),
+                      seg_queries.data_ptr<int32_t>(),
+                      work_seg.data_ptr<int32_t>(),
+                      work_kv_start.data_ptr<int32_t>(),
+                      work_kv_end.data_ptr<int32_t>(),
+                      work_q_start.data_ptr<int32_t>(),
+                      work_q_end.data_ptr<int32_t>(),
+                      work_out.data_ptr<int32_t>(),
+                      s.positions ? seg_start->data_ptr<int32_t>() : nullptr,
+                      s.positions ? q_pos->data_ptr<int32_t>() : nullptr,
+                      window.value_or(0)};
   check_plan_values(s, view, page_table.size(0), seg_queries.size(0), max_work_queries);
   O1K_DISPATCH_FLOAT(q.scalar_type(), "tree_attention_partial_cpu", [&] {
-    run_partials<scalar_t>(s, view, q, k_cache, v_cache, static_cast<float>(sm_scale), part_o.data_ptr<float>(),
+    run_partials<scalar_t>(s, view, q, k_cache, v_cache, static_cast<float>(sm_scale),
+                           static_cast<float>(softcap.value_or(0.0)), max_work_queries, part_o.data_ptr<float>(),
                            part_lse.data_ptr<float>());
   });
 }

@@ -3,7 +3,8 @@
 // and runs it only where a GPU is visible. On a GPU it cross-checks the two independent code
 // paths of each kernel on small random problems:
 //   tree attention: tensor-core path vs SIMT path (fp16/bf16 x head_dim 64/128/256 x 1/2/4 row warps),
-//   then merge_partials of both;
+//   plain and with positions + a sliding window + softcap (rows that see part of a chunk, none of
+//   it, or nothing at all), then merge_partials of both (with sinks in the variant);
 //   step rewards:   head-only and hidden-layer paths (tensor cores, SIMT) vs a float64 host reference.
 // Exit status 0 when every comparison is within tolerance, 1 otherwise.
 #include <cuda_bf16.h>
@@ -82,14 +83,17 @@ void compare(const char* what, const std::vector<float>& a, const std::vector<fl
 }
 
 // One 100-token segment over shuffled 16-token pages (+ a 0-length one), split into 64-token
-// work items; `num_queries` queries x `group` heads per kv head give the rows per item.
+// work items; `num_queries` queries x `group` heads per kv head give the rows per item. variant:
+// the segment starts at position 5 and query i sits at position 2 + 11 i (query 0 sees nothing), a
+// 40-token window, softcap 20, and sinks in the merge.
 template <typename T>
 void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim, int num_queries, int group,
-                          std::mt19937& rng) {
+                          bool variant, std::mt19937& rng) {
   const int page_size = 16, num_pages = 9, hkv = 2, hq = hkv * group, length = 100, chunk = 64;
   std::vector<int32_t> page_table = {4, 0, 7, 2, 8, 5, 1}, seg_page_start = {0, 7}, seg_capacity = {112, 0},
-                       seg_lens = {length, 0}, seg_queries;
+                       seg_lens = {length, 0}, seg_queries, seg_start = {5, 0}, q_pos;
   for (int i = 0; i < num_queries; ++i) seg_queries.push_back(num_queries - 1 - i);
+  for (int i = 0; i < num_queries; ++i) q_pos.push_back(2 + 11 * i);
   std::vector<int32_t> work_seg, work_kv_start, work_kv_end, work_q_start, work_q_end, work_out;
   for (int kv = 0; kv < 112; kv += chunk) {
     work_seg.push_back(0);
@@ -131,6 +135,12 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
   p.head_dim = head_dim;
   p.page_size = page_size;
   p.sm_scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  if (variant) {
+    p.seg_start = to_device(seg_start);
+    p.q_pos = to_device(q_pos);
+    p.window = 40;
+    p.softcap = 20.f;
+  }
   const size_t o_elems = static_cast<size_t>(num_partials) * hq * head_dim, lse_elems = static_cast<size_t>(num_partials) * hq;
   float *part_o[2], *part_lse[2];
   for (int i = 0; i < 2; ++i) {
@@ -151,11 +161,12 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
   HARNESS_CUDA(cudaDeviceSynchronize());
   char what[128];
   const float tol = dtype == o1k::DType::kFloat16 ? 3e-3f : 2.5e-2f;  // P is rounded to T before P.V
-  std::snprintf(what, sizeof(what), "tree attention %s d=%d rows=%d: part_o mma vs simt", dtype_name, head_dim,
-                num_queries * group);
+  const char* kind = variant ? " pos+window+softcap" : "";
+  std::snprintf(what, sizeof(what), "tree attention %s d=%d rows=%d%s: part_o mma vs simt", dtype_name, head_dim,
+                num_queries * group, kind);
   compare(what, to_host(part_o[0], o_elems), to_host(part_o[1], o_elems), tol);
-  std::snprintf(what, sizeof(what), "tree attention %s d=%d rows=%d: part_lse mma vs simt", dtype_name, head_dim,
-                num_queries * group);
+  std::snprintf(what, sizeof(what), "tree attention %s d=%d rows=%d%s: part_lse mma vs simt", dtype_name, head_dim,
+                num_queries * group, kind);
   compare(what, to_host(part_lse[0], lse_elems), to_host(part_lse[1], lse_elems), tol);
 
   // Merge both partial sets: query i has one slot per work item.
@@ -165,6 +176,7 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
     for (size_t w = 0; w < work_out.size(); ++w) slots.push_back(work_out[w] + (num_queries - 1 - i));
   }
   indptr[num_queries] = static_cast<int>(slots.size());
+  const std::vector<float> sinks = random_values<float>(hq, rng);
   std::vector<float> merged[2];
   for (int i = 0; i < 2; ++i) {
     o1k::MergePartialsParams m{};
@@ -172,6 +184,7 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
     m.part_lse = part_lse[i];
     m.query_slot_indptr = to_device(indptr);
     m.query_slots = to_device(slots);
+    if (variant) m.sinks = to_device(sinks);
     float *o = nullptr, *lse = nullptr;
     HARNESS_CUDA(cudaMalloc(&o, static_cast<size_t>(num_queries) * hq * head_dim * sizeof(float)));
     HARNESS_CUDA(cudaMalloc(&lse, static_cast<size_t>(num_queries) * hq * sizeof(float)));
@@ -187,7 +200,8 @@ void check_tree_attention(o1k::DType dtype, const char* dtype_name, int head_dim
     HARNESS_CUDA(o1k::merge_partials(o1k::DType::kFloat32, m, nullptr));
     merged[i] = to_host(o, static_cast<size_t>(num_queries) * hq * head_dim);
   }
-  std::snprintf(what, sizeof(what), "merge_partials %s d=%d: o of mma vs simt partials", dtype_name, head_dim);
+  std::snprintf(what, sizeof(what), "merge_partials %s d=%d%s: o of mma vs simt partials", dtype_name, head_dim,
+                variant ? " (sinks)" : "");
   compare(what, merged[0], merged[1], tol);
 }
 
@@ -379,8 +393,10 @@ int main() {
   const int rows[][2] = {{3, 4}, {5, 6}, {9, 8}};  // (queries, group): 12, 30, 72 rows -> 1, 2, 4 row warps
   for (int d : head_dims) {
     for (const auto& r : rows) {
-      check_tree_attention<__half>(o1k::DType::kFloat16, "fp16", d, r[0], r[1], rng);
-      check_tree_attention<__nv_bfloat16>(o1k::DType::kBFloat16, "bf16", d, r[0], r[1], rng);
+      for (bool variant : {false, true}) {
+        check_tree_attention<__half>(o1k::DType::kFloat16, "fp16", d, r[0], r[1], variant, rng);
+        check_tree_attention<__nv_bfloat16>(o1k::DType::kBFloat16, "bf16", d, r[0], r[1], variant, rng);
+      }
     }
   }
   check_step_rewards(rng);

@@ -38,7 +38,8 @@ const int32_t* i32(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
 void tree_attention_partial_cuda(O1K_TREE_ATTENTION_PARTIAL_ARGS) {
   const TreeAttentionSizes s = check_tree_attention_partial(
       q, k_cache, v_cache, page_table, seg_page_start, seg_capacity, seg_lens, seg_queries, work_seg, work_kv_start,
-      work_kv_end, work_q_start, work_q_end, work_out, max_work_queries, sm_scale, part_o, part_lse);
+      work_kv_end, work_q_start, work_q_end, work_out, seg_start, q_pos, max_work_queries, sm_scale, window, softcap,
+      part_o, part_lse);
   const c10::cuda::CUDAGuard guard(q.device());
   TreeAttentionParams p{};
   p.q = q.data_ptr();
@@ -63,6 +64,8 @@ void tree_attention_partial_cuda(O1K_TREE_ATTENTION_PARTIAL_ARGS) {
   p.work_q_start = i32(work_q_start);
   p.work_q_end = i32(work_q_end);
   p.work_out = i32(work_out);
+  p.seg_start = s.positions ? i32(*seg_start) : nullptr;
+  p.q_pos = s.positions ? i32(*q_pos) : nullptr;
   p.part_o = part_o.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();
   p.num_work = static_cast<int>(s.num_work);
@@ -71,19 +74,22 @@ void tree_attention_partial_cuda(O1K_TREE_ATTENTION_PARTIAL_ARGS) {
   p.num_kv_heads = static_cast<int>(s.num_kv_heads);
   p.head_dim = static_cast<int>(s.head_dim);
   p.page_size = static_cast<int>(s.page_size);
+  p.window = static_cast<int>(window.value_or(0));
   p.sm_scale = static_cast<float>(sm_scale);
+  p.softcap = static_cast<float>(softcap.value_or(0.0));
   check_launch(o1k::tree_attention_partial(to_dtype(q.scalar_type()), p, c10::cuda::getCurrentCUDAStream()),
                "tree_attention_partial");
 }
 
 void merge_partials_cuda(O1K_MERGE_PARTIALS_ARGS) {
-  const MergePartialsSizes s = check_merge_partials(part_o, part_lse, query_slot_indptr, query_slots, o, lse);
+  const MergePartialsSizes s = check_merge_partials(part_o, part_lse, query_slot_indptr, query_slots, sinks, o, lse);
   const c10::cuda::CUDAGuard guard(part_o.device());
   MergePartialsParams p{};
   p.part_o = part_o.data_ptr<float>();
   p.part_lse = part_lse.data_ptr<float>();
   p.query_slot_indptr = i32(query_slot_indptr);
   p.query_slots = i32(query_slots);
+  p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   p.o = o.data_ptr();
   p.o_stride_n = o.stride(0);
   p.o_stride_h = o.stride(1);

@@ -79,8 +79,9 @@ TreeAttentionSizes check_tree_attention_partial(
     const at::Tensor& seg_page_start, const at::Tensor& seg_capacity, const at::Tensor& seg_lens,
     const at::Tensor& seg_queries, const at::Tensor& work_seg, const at::Tensor& work_kv_start,
     const at::Tensor& work_kv_end, const at::Tensor& work_q_start, const at::Tensor& work_q_end,
-    const at::Tensor& work_out, int64_t max_work_queries, double sm_scale, const at::Tensor& part_o,
-    const at::Tensor& part_lse) {
+    const at::Tensor& work_out, const std::optional<at::Tensor>& seg_start, const std::optional<at::Tensor>& q_pos,
+    int64_t max_work_queries, double sm_scale, std::optional<int64_t> window, std::optional<double> softcap,
+    const at::Tensor& part_o, const at::Tensor& part_lse) {
   TreeAttentionSizes s{};
   check_dim(q, "q", 3);
   check_float(q, "q");
@@ -130,6 +131,22 @@ TreeAttentionSizes check_tree_attention_partial(
                 " entries (one per work item, like work_seg), got ", t->size(0));
   }
 
+  TORCH_CHECK(seg_start.has_value() == q_pos.has_value(), "o1kernels: seg_start and q_pos must be given together "
+              "(masking by position), got ", seg_start.has_value() ? "seg_start" : "q_pos", " alone");
+  s.positions = q_pos.has_value();
+  if (s.positions) {
+    TORCH_CHECK(check_index(*seg_start, "seg_start", q, "q") == s.num_segments, "o1kernels: seg_start must have ",
+                s.num_segments, " entries (one per segment, like seg_page_start), got ", seg_start->size(0));
+    TORCH_CHECK(check_index(*q_pos, "q_pos", q, "q") == s.num_queries, "o1kernels: q_pos must have ",
+                s.num_queries, " entries (q.shape[0]), got ", q_pos->size(0));
+  }
+  if (window.has_value()) {
+    TORCH_CHECK(s.positions, "o1kernels: window needs seg_start and q_pos (a window is measured from positions)");
+    TORCH_CHECK(*window >= 1 && *window <= kInt32Max, "o1kernels: window must be in [1, 2^31 - 1], got ", *window);
+  }
+  TORCH_CHECK(!softcap.has_value() || (std::isfinite(*softcap) && *softcap > 0),
+              "o1kernels: softcap must be finite and positive, got ", softcap.value_or(0.0));
+
   check_dim(part_o, "part_o", 3);
   s.num_partials = part_o.size(0);
   check_f32_output(part_o, "part_o", q, "q", {s.num_partials, s.num_q_heads, s.head_dim});
@@ -143,7 +160,8 @@ TreeAttentionSizes check_tree_attention_partial(
 
 MergePartialsSizes check_merge_partials(const at::Tensor& part_o, const at::Tensor& part_lse,
                                         const at::Tensor& query_slot_indptr, const at::Tensor& query_slots,
-                                        const at::Tensor& o, const at::Tensor& lse) {
+                                        const std::optional<at::Tensor>& sinks, const at::Tensor& o,
+                                        const at::Tensor& lse) {
   MergePartialsSizes s{};
   check_dim(part_o, "part_o", 3);
   check_dtype(part_o, "part_o", at::kFloat);
@@ -158,6 +176,7 @@ MergePartialsSizes check_merge_partials(const at::Tensor& part_o, const at::Tens
   TORCH_CHECK(indptr_len >= 1, "o1kernels: query_slot_indptr must have num_queries + 1 >= 1 entries, got 0");
   s.num_queries = indptr_len - 1;
   check_index(query_slots, "query_slots", part_o, "part_o");
+  if (sinks.has_value()) check_f32_output(*sinks, "sinks", part_o, "part_o", {s.num_heads});
   check_dim(o, "o", 3);
   check_float(o, "o");
   check_device(o, "o", part_o, "part_o");

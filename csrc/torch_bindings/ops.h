@@ -21,6 +21,7 @@ constexpr int64_t kMaxHeadDim = 256;
 struct TreeAttentionSizes {
   int64_t num_queries, num_q_heads, head_dim, num_pages, page_size, num_kv_heads, num_work, num_partials,
       num_segments;
+  bool positions;  // seg_start and q_pos given: keys masked by query position
 };
 
 struct MergePartialsSizes {
@@ -47,12 +48,14 @@ TreeAttentionSizes check_tree_attention_partial(
     const at::Tensor& seg_page_start, const at::Tensor& seg_capacity, const at::Tensor& seg_lens,
     const at::Tensor& seg_queries, const at::Tensor& work_seg, const at::Tensor& work_kv_start,
     const at::Tensor& work_kv_end, const at::Tensor& work_q_start, const at::Tensor& work_q_end,
-    const at::Tensor& work_out, int64_t max_work_queries, double sm_scale, const at::Tensor& part_o,
-    const at::Tensor& part_lse);
+    const at::Tensor& work_out, const std::optional<at::Tensor>& seg_start, const std::optional<at::Tensor>& q_pos,
+    int64_t max_work_queries, double sm_scale, std::optional<int64_t> window, std::optional<double> softcap,
+    const at::Tensor& part_o, const at::Tensor& part_lse);
 
 MergePartialsSizes check_merge_partials(const at::Tensor& part_o, const at::Tensor& part_lse,
                                         const at::Tensor& query_slot_indptr, const at::Tensor& query_slots,
-                                        const at::Tensor& o, const at::Tensor& lse);
+                                        const std::optional<at::Tensor>& sinks, const at::Tensor& o,
+                                        const at::Tensor& lse);
 
 MergeStatesSizes check_merge_states(const at::Tensor& o_a, const at::Tensor& lse_a, const at::Tensor& o_b,
                                     const at::Tensor& lse_b, const at::Tensor& o, const at::Tensor& lse);
@@ -78,11 +81,14 @@ StepRewardsSizes check_step_rewards(const at::Tensor& hidden, const at::Tensor& 
       const at::Tensor &seg_page_start, const at::Tensor &seg_capacity, const at::Tensor &seg_lens,           \
       const at::Tensor &seg_queries, const at::Tensor &work_seg, const at::Tensor &work_kv_start,             \
       const at::Tensor &work_kv_end, const at::Tensor &work_q_start, const at::Tensor &work_q_end,            \
-      const at::Tensor &work_out, int64_t max_work_queries, double sm_scale, const at::Tensor &part_o,        \
+      const at::Tensor &work_out, const std::optional<at::Tensor>&seg_start,                                 \
+      const std::optional<at::Tensor>&q_pos, int64_t max_work_queries, double sm_scale,                      \
+      std::optional<int64_t> window, std::optional<double> softcap, const at::Tensor &part_o,                 \
       const at::Tensor &part_lse
 #define O1K_MERGE_PARTIALS_ARGS                                                                  \
   const at::Tensor &part_o, const at::Tensor &part_lse, const at::Tensor &query_slot_indptr,     \
-      const at::Tensor &query_slots, const at::Tensor &o, const at::Tensor &lse
+      const at::Tensor &query_slots, const std::optional<at::Tensor>&sinks, const at::Tensor &o, \
+      const at::Tensor &lse
 #define O1K_MERGE_STATES_ARGS                                                                            \
   const at::Tensor &o_a, const at::Tensor &lse_a, const at::Tensor &o_b, const at::Tensor &lse_b,       \
       const at::Tensor &o, const at::Tensor &lse

@@ -11,16 +11,20 @@
 #include "ops.h"
 
 TORCH_LIBRARY(o1kernels, m) {
-  // Partial attention of every work item of a TreeAttentionPlan (see o1kernels/tree_attention.py
-  // for the plan layout): part_o [num_partials, Hq, D] fp32 (normalised), part_lse [num_partials, Hq].
+  // Partial attention of every work item of a plan's split layout (PlanLayout in o1kernels/plan.py):
+  // part_o [num_partials, Hq, D] fp32 (normalised), part_lse [num_partials, Hq]. seg_start [segments] and
+  // q_pos [num_queries] (both or neither): keys masked by query position, within `window` when given;
+  // softcap: scores -> softcap * tanh(scores / softcap).
   m.def(
       "tree_attention_partial(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seg_page_start, "
       "Tensor seg_capacity, Tensor seg_lens, Tensor seg_queries, Tensor work_seg, Tensor work_kv_start, "
-      "Tensor work_kv_end, Tensor work_q_start, Tensor work_q_end, Tensor work_out, int max_work_queries, "
-      "float sm_scale, Tensor(a!) part_o, Tensor(b!) part_lse) -> ()");
-  // Log-sum-exp merge of each query's partial slots (CSR) into o [N, H, D], lse [N, H] fp32.
+      "Tensor work_kv_end, Tensor work_q_start, Tensor work_q_end, Tensor work_out, Tensor? seg_start, "
+      "Tensor? q_pos, int max_work_queries, float sm_scale, int? window, float? softcap, Tensor(a!) part_o, "
+      "Tensor(b!) part_lse) -> ()");
+  // Log-sum-exp merge of each query's partial slots (CSR) into o [N, H, D], lse [N, H] fp32; sinks [H] fp32:
+  // one more logit per head in each denominator (a key with value 0).
   m.def(
-      "merge_partials(Tensor part_o, Tensor part_lse, Tensor query_slot_indptr, Tensor query_slots, "
+      "merge_partials(Tensor part_o, Tensor part_lse, Tensor query_slot_indptr, Tensor query_slots, Tensor? sinks, "
       "Tensor(a!) o, Tensor(b!) lse) -> ()");
   // Merge of two attention states over disjoint key sets (o_a, o_b, o in one dtype).
   m.def("merge_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b, Tensor(a!) o, Tensor(b!) lse) -> ()");

@@ -115,6 +115,7 @@ class Bucket:
     row_ids: torch.Tensor
     graphs: dict = field(default_factory=dict)  # mode -> torch.cuda.CUDAGraph
     pool_key: tuple = ()  # the pool tensors the graphs were captured over
+    planned: dict = field(default_factory=dict)  # branch -> its row in the last plan (the next plan continues them)
 
 
 class DecodeRunner:
@@ -300,7 +301,9 @@ class DecodeRunner:
         table, num_pages = tree.block_table(branches, [scratch] * (rows - n))
         seq = np.ones(rows, dtype=np.int64)  # the first token of the step (padding: its scratch slot)
         seq[:n] = tree.lengths(branches) + 1
-        if b.attn.plan(table, seq, num_pages=num_pages):
+        continues = [b.planned.get(branch, -1) for branch in branches] + [-1] * (rows - n)  # branches only grow/trim
+        b.planned = {branch: i for i, branch in enumerate(branches)}
+        if b.attn.plan(table, seq, num_pages=num_pages, continues=continues):
             b.graphs.clear()
             self.stats["decode_plans"] += 1
         self.stats["plans_built"] += 1

@@ -341,6 +341,7 @@ class TreeCache(Cache):
         self._forward: _Forward | None = None
         self._prefill_stored: torch.Tensor | None = None  # bool [R, T]: the tokens TreeCache.prefill's forward stores
         self._plan_key = None  # (rows, tree version) of a one-token plan that set_lengths can move on
+        self._planned: dict[int, int] = {}  # branch -> its row in the last plan (the next plan continues them)
         super().__init__(layers=[_TreeCacheLayer(self, i) for i in range(self.num_layers)])
 
     # ---- branches -------------------------------------------------------------------------------------------
@@ -479,7 +480,9 @@ class TreeCache(Cache):
             self.attn.set_lengths(lengths)
             return
         table, num_pages = self.tree.block_table(rows)
-        self.attn.plan(table, lengths, query_lens=[t] * len(rows), num_pages=num_pages)
+        continues = [self._planned.get(b, -1) for b in rows]  # a branch's pages are only appended or trimmed
+        self.attn.plan(table, lengths, query_lens=[t] * len(rows), num_pages=num_pages, continues=continues)
+        self._planned = {b: i for i, b in enumerate(rows)}
         self._plan_key = key
 
     @property
@@ -613,6 +616,7 @@ class TreeCache(Cache):
         self._rows = []
         self._forward = None
         self._plan_key = None
+        self._planned = {}
 
     def __repr__(self) -> str:
         return (f"TreeCache(rows={len(self._rows)}, branches={len(self.tree.branches)}, "

@@ -209,9 +209,9 @@ class PagedAttention:
         seq_lens [R]: each row's KV tokens, this call's new ones included; query_lens [R] (default 1): new query
         tokens per row (q rows, packed in row order); num_pages [R] (default ceil(seq_lens / page_size)): the row's
         valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
-        of the previous plan() it continues -- the same sequence, its leading pages unchanged, pages only appended
-        or trimmed at the end since -- or -1 for a new row: only changed pages are read (without it, or after a
-        failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
+        of the previous plan() it continues -- the same sequence: the pages holding the tokens it had then are
+        unchanged, pages past them may have been appended or trimmed -- or -1 for a new row; only the other pages
+        are read (without it, or after a failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
         over the previous ones must be captured again)."""
         if (block_table is None) == (kv_indptr is None):
             raise ValueError("give either block_table or kv_indptr + kv_indices")
@@ -233,9 +233,15 @@ class PagedAttention:
         new = self._fit_table(rows, width)
         if self.device.type == "cuda" and self._uploaded is not None:
             self._uploaded.synchronize()  # the previous upload has read the staging copy the planner writes
+        kept = None
+        if continues is not None:  # kept: the pages holding each continued row's tokens at the last plan
+            continues = _host_ints("continues", continues, rows)
+            prev_seq = self.batch.seq_lens if self.batch is not None else np.zeros(0, dtype=np.int64)
+            named = (continues >= 0) & (continues < len(prev_seq))
+            kept = np.zeros(rows, dtype=np.int64)
+            kept[named] = -(-prev_seq[continues[named]] // self.page_size)
         try:  # the planner checks the table and writes the kernels' copy of it (0 past each row's pages) as it reads
-            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table,
-                                      None if continues is None else _host_ints("continues", continues, rows))
+            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table, continues, kept)
         except ValueError:
             self.plan_obj, self.batch = None, None  # the table buffer is half written: no plan until the next one
             raise
@@ -320,9 +326,9 @@ class PagedAttention:
             needs = [probe.needs("split"), probe.needs("fused", hq, hkv, self.head_dim, self.dtype.itemsize)]
             capacity = PlanCapacity(**{k: 2 * max(n[k] for n in needs) + 8 for k in needs[0]})
         self.plans_built += 1
+        # layouts are built on the first run (only the backend's own: split for the compiled ops, fused for Triton)
         return TreeAttentionPlan.from_arrays(segs, lengths, positions, num_queries, self.page_size, page_table,
-                                             max_page=max_page, capacity=capacity, num_heads=self.num_heads,
-                                             head_dim=self.head_dim, masks=masks, **common)
+                                             max_page=max_page, capacity=capacity, masks=masks, **common)
 
     def _set_lengths_tensors(self, seg_row, start_tok, cap, query_row, query_offset, new: bool) -> None:
         """Upload set_lengths' tensors (two host-to-device copies; in place while they fit the plan's capacity)."""

@@ -53,12 +53,13 @@ class SharingPlanner:
         """Forget the previous plan (the next one is planned in full)."""
         self._slots = None
 
-    def plan(self, table: np.ndarray, num_pages: np.ndarray, slot_table: np.ndarray, continues=None) -> Runs:
+    def plan(self, table: np.ndarray, num_pages: np.ndarray, slot_table: np.ndarray, continues=None,
+             kept_pages=None) -> Runs:
         """Runs of `table` (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]), its rows
-        written into slots of slot_table. continues [R] (optional): the row of the previous plan each row continues
-        (its leading pages unchanged, pages appended or trimmed at the end since), -1 for a new row. ValueError for a
-        negative page id, a page at different columns in two rows, or a continued row whose kept pages changed;
-        IndexError-free: a table that does not fit slot_table is the caller's to size."""
+        written into slots of slot_table (the caller sizes it: at least R x W). continues [R] (optional): the row of
+        the previous plan each row continues, -1 for a new row, with kept_pages [R]: how many of its leading pages
+        that row still holds unchanged (those holding the tokens it had). ValueError for a negative page id, a page
+        at different columns in two rows, or a continued row whose last kept page moved."""
         rows, width = table.shape
         if continues is not None:
             continues = self._check_continues(continues, rows)
@@ -71,7 +72,8 @@ class SharingPlanner:
             self._slots = None
         incremental = continues is not None and self._slots is not None
         if incremental:
-            slots, kept, released = self._continue(continues, num_pages, len(slot_table))
+            slots, kept, released = self._continue(continues, np.asarray(kept_pages, dtype=np.int64), num_pages,
+                                                   len(slot_table))
             if slots is None:
                 incremental = False
         if not incremental:
@@ -107,7 +109,7 @@ class SharingPlanner:
             raise ValueError("continues: a row of the previous plan is continued by at most one row")
         return continues.astype(np.int64)
 
-    def _continue(self, continues: np.ndarray, num_pages: np.ndarray, num_slots: int):
+    def _continue(self, continues: np.ndarray, kept_pages: np.ndarray, num_pages: np.ndarray, num_slots: int):
         """(slots, kept, released) of an incremental plan, or None when the rows do not fit the free slots."""
         prev = self._slots
         cont = continues >= 0
@@ -121,7 +123,7 @@ class SharingPlanner:
         if len(free) < int((~cont).sum()):
             return None, None, None
         slots[~cont] = free[:int((~cont).sum())]
-        kept = np.where(cont, np.minimum(self._slot_pages[slots], num_pages), 0).astype(np.int64)
+        kept = np.where(cont, np.minimum(np.minimum(self._slot_pages[slots], num_pages), kept_pages), 0)
         return slots, kept, prev[dropped]
 
     def _run(self, table, num_pages, slots, kept, released, slot_table) -> Runs | None:

@@ -14,6 +14,14 @@ this kernel alone: one launch, no partials (the plain per-branch decode).
 
 Both read token blocks through `_attend_tokens`. Segment lengths come from a device tensor, clamped
 into [0, capacity], so nothing reads out of bounds and nothing syncs with the host.
+
+Variants, each a constexpr switch (off: the kernels are the plain ones, no extra loads):
+  CAUSAL   the layout masks by position (a plan with positions): key t of segment s is visible to query i iff
+           seg_start[s] + t <= positions[i]; WINDOW also needs positions[i] - (seg_start[s] + t) < window.
+           A direct segment is read over its query's visible range only; a shared work item over the part of its
+           chunk that some row of the tile sees, masked per row (rows of one tile have different positions).
+  SOFTCAP  scores -> softcap * tanh(scores / softcap) before the softmax.
+  SINKS    (decode-merge kernel) a per-head logit joins each softmax denominator, folded in at the final merge.
 """
 from __future__ import annotations
 
@@ -29,13 +37,38 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log2 units -> natural log, insi
 
 
 @triton.jit
-def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, page_size, k_ptr, v_ptr, kv_head,
-                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                   sm_scale_log2, dims, dim_ok,
-                   BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _tanh(x):
+    """tanh through exp2 (Triton's interpreter has no libdevice); exact limits +-1 for any |x|."""
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))  # exp(-2|x|) in (0, 1]
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _visible_range(pos, seg_start, length, window, WINDOW: tl.constexpr):
+    """[lo, hi) of the tokens of a segment (first token at position seg_start, `length` tokens) that a query at
+    position `pos` (a scalar or a vector of rows) sees: t <= pos - seg_start and, WINDOW, t > pos - seg_start -
+    window. Both clamped into [0, length] (int64 arithmetic: positions reach 2**31 - 1)."""
+    rel = pos.to(tl.int64) - seg_start
+    hi = tl.maximum(tl.minimum(rel + 1, length), 0)
+    if WINDOW:
+        lo = tl.minimum(tl.maximum(rel - window + 1, 0), length)
+    else:
+        lo = hi * 0
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, row_lo, row_hi, page_base, page_table_ptr, page_size, k_ptr, v_ptr,
+                   kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                   sm_scale_log2, softcap_log2, dims, dim_ok,
+                   BLOCK_N: tl.constexpr, ROW_MASK: tl.constexpr, SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
     """Online softmax of q [BLOCK_M, BLOCK_D] over tokens [kv_lo, kv_hi) of a segment whose pages start at
     page_table[page_base] (K/V contiguous in head_dim). State (m_i in log2 units, l_i, acc unnormalised)
-    in and out."""
+    in and out. ROW_MASK: row r sees only tokens [row_lo[r], row_hi[r]) (within [kv_lo, kv_hi)); a row may see
+    none of a block, or none at all (its m stays -inf, l 0). SOFTCAP: scores (log2 units) -> softcap_log2 *
+    tanh(scores / softcap_log2), i.e. softcap * tanh(s / softcap) of the natural scores s."""
     for start in range(kv_lo, kv_hi, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < kv_hi
@@ -55,10 +88,19 @@ def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, pa
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
-        scores = tl.where(tok_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every block has a valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        if SOFTCAP:
+            scores = softcap_log2 * _tanh(scores * (1.0 / softcap_log2))
+        if ROW_MASK:
+            visible = (tokens[None, :] >= row_lo[:, None]) & (tokens[None, :] < row_hi[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no token yet: no NaN
+        else:
+            scores = tl.where(tok_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every block has a valid token
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(scores - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -73,17 +115,24 @@ def _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr):
 
 
 @triton.jit
-def _attend_direct(q, m_i, l_i, acc, query, indptr_ptr, segs_ptr, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr,
-                   page_table_ptr, page_size, k_ptr, v_ptr, kv_head, stride_kp, stride_ks, stride_kh,
-                   stride_vp, stride_vs, stride_vh, sm_scale_log2, dims, dim_ok,
-                   BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of one query's rows over all tokens of its direct segments of one KV source (CSR)."""
+def _attend_direct(q, m_i, l_i, acc, query, pos, indptr_ptr, segs_ptr, seg_lens_ptr, seg_capacity_ptr,
+                   seg_page_start_ptr, seg_start_ptr, page_table_ptr, page_size, k_ptr, v_ptr, kv_head,
+                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, sm_scale_log2, softcap_log2,
+                   window, dims, dim_ok, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of one query's rows over its direct segments of one KV source (CSR): all tokens, or (CAUSAL)
+    the range the query at position `pos` sees (every row of the program is that query: no per-row mask)."""
     for i in range(tl.load(indptr_ptr + query), tl.load(indptr_ptr + query + 1)):
         seg = tl.load(segs_ptr + i)
         length, page_base = _segment_bounds(seg, seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr)
-        m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, 0, length, page_base, page_table_ptr, page_size, k_ptr, v_ptr,
-                                       kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                                       sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+        kv_lo = 0
+        kv_hi = length
+        if CAUSAL:
+            kv_lo, kv_hi = _visible_range(pos, tl.load(seg_start_ptr + seg), length, window, WINDOW)
+        m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, kv_lo, kv_hi, page_base, page_table_ptr,
+                                       page_size, k_ptr, v_ptr, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
+                                       stride_vs, stride_vh, sm_scale_log2, softcap_log2, dims, dim_ok, BLOCK_N, False,
+                                       SOFTCAP, DOT_FP32, DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -92,13 +141,15 @@ def _partial_attention_kernel(
     q_ptr, k_ptr, v_ptr, part_o_ptr, part_lse_ptr,
     page_table_ptr, seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr, seg_queries_ptr,
     work_seg_ptr, work_kv_start_ptr, work_kv_end_ptr, work_q_start_ptr, work_q_end_ptr, work_out_ptr,
-    page_size, head_dim, num_q_heads, sm_scale_log2,
+    seg_start_ptr, positions_ptr,
+    page_size, head_dim, num_q_heads, sm_scale_log2, softcap_log2, window,
     stride_qn, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     GROUP: tl.constexpr, M_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """part_o [num_partials, Hq, BLOCK_D] and part_lse [num_partials, Hq] are contiguous fp32; q, K, V have
-    unit stride in head_dim."""
+    unit stride in head_dim. CAUSAL: seg_start [segments of the source], positions [num_queries] int32."""
     item = tl.program_id(0) // M_TILES
     tile = tl.program_id(0) % M_TILES
     kv_head = tl.program_id(1)
@@ -118,6 +169,16 @@ def _partial_attention_kernel(
     dim_ok = dims < head_dim
     query = tl.load(seg_queries_ptr + q_lo + rows // GROUP, mask=row_ok, other=0).to(tl.int64)
     heads = kv_head * GROUP + rows % GROUP
+    row_lo = kv_lo
+    row_hi = kv_hi
+    if CAUSAL:  # each row's visible tokens within the chunk; the loop covers their union only
+        row_lo, row_hi = _visible_range(tl.load(positions_ptr + query, mask=row_ok, other=0),
+                                        tl.load(seg_start_ptr + seg), length, window, WINDOW)
+        row_lo = tl.maximum(row_lo, kv_lo)
+        row_hi = tl.minimum(row_hi, kv_hi)
+        seen = row_ok & (row_lo < row_hi)
+        kv_lo = tl.min(tl.where(seen, row_lo, kv_hi), 0)
+        kv_hi = tl.max(tl.where(seen, row_hi, 0), 0)  # no row sees the chunk: kv_hi <= kv_lo, no kv work
     q = tl.load(q_ptr + query[:, None] * stride_qn + heads[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     if DOT_FP32:
@@ -125,9 +186,10 @@ def _partial_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, page_base, page_table_ptr, page_size, k_ptr, v_ptr,
-                                   kv_head, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-                                   sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+    m_i, l_i, acc = _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, row_lo, row_hi, page_base, page_table_ptr,
+                                   page_size, k_ptr, v_ptr, kv_head, stride_kp, stride_ks, stride_kh, stride_vp,
+                                   stride_vs, stride_vh, sm_scale_log2, softcap_log2, dims, dim_ok, BLOCK_N, CAUSAL,
+                                   SOFTCAP, DOT_FP32, DOT_PRECISION)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -139,17 +201,19 @@ def _partial_attention_kernel(
 @triton.jit
 def _decode_merge_kernel(
     q_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, slot_indptr_ptr, slots_ptr,
-    seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr,
+    seg_page_start_ptr, seg_capacity_ptr, seg_lens_ptr, seg_start_ptr, positions_ptr, sinks_ptr,
     k0_ptr, v0_ptr, page_table0_ptr, direct0_indptr_ptr, direct0_segs_ptr, page_size0,
     k1_ptr, v1_ptr, page_table1_ptr, direct1_indptr_ptr, direct1_segs_ptr, page_size1,
-    head_dim, num_q_heads, sm_scale_log2, stride_qn, stride_qh,
+    head_dim, num_q_heads, sm_scale_log2, softcap_log2, window, stride_qn, stride_qh,
     stride_k0p, stride_k0s, stride_k0h, stride_v0p, stride_v0s, stride_v0h,
     stride_k1p, stride_k1s, stride_k1h, stride_v1p, stride_v1s, stride_v1h,
     GROUP: tl.constexpr, HEAD_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PART_D: tl.constexpr, DIRECT0: tl.constexpr, DIRECT1: tl.constexpr,
-    PARTIALS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIALS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """o, lse of one query's GQA heads of one kv head: its direct segments of sources 0 and 1, then its partials.
+    """o, lse of one query's GQA heads of one kv head: its direct segments of sources 0 and 1, then its partials,
+    then (SINKS) the heads' sink logits sinks [Hq] (any float dtype) as keys with value 0.
     o [NQ, Hq, head_dim] and lse [NQ, Hq] contiguous; q, K, V unit stride in head_dim."""
     query = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1) // HEAD_SPLITS
@@ -166,16 +230,23 @@ def _decode_merge_kernel(
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
+        pos = 0
+        if CAUSAL:
+            pos = tl.load(positions_ptr + query)
         if DIRECT0:
-            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, direct0_indptr_ptr, direct0_segs_ptr, seg_lens_ptr,
-                                           seg_capacity_ptr, seg_page_start_ptr, page_table0_ptr, page_size0, k0_ptr,
-                                           v0_ptr, kv_head, stride_k0p, stride_k0s, stride_k0h, stride_v0p, stride_v0s,
-                                           stride_v0h, sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, pos, direct0_indptr_ptr, direct0_segs_ptr,
+                                           seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr, seg_start_ptr,
+                                           page_table0_ptr, page_size0, k0_ptr, v0_ptr, kv_head, stride_k0p, stride_k0s,
+                                           stride_k0h, stride_v0p, stride_v0s, stride_v0h, sm_scale_log2, softcap_log2,
+                                           window, dims, dim_ok, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_FP32,
+                                           DOT_PRECISION)
         if DIRECT1:
-            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, direct1_indptr_ptr, direct1_segs_ptr, seg_lens_ptr,
-                                           seg_capacity_ptr, seg_page_start_ptr, page_table1_ptr, page_size1, k1_ptr,
-                                           v1_ptr, kv_head, stride_k1p, stride_k1s, stride_k1h, stride_v1p, stride_v1s,
-                                           stride_v1h, sm_scale_log2, dims, dim_ok, BLOCK_N, DOT_FP32, DOT_PRECISION)
+            m_i, l_i, acc = _attend_direct(q, m_i, l_i, acc, query, pos, direct1_indptr_ptr, direct1_segs_ptr,
+                                           seg_lens_ptr, seg_capacity_ptr, seg_page_start_ptr, seg_start_ptr,
+                                           page_table1_ptr, page_size1, k1_ptr, v1_ptr, kv_head, stride_k1p, stride_k1s,
+                                           stride_k1h, stride_v1p, stride_v1s, stride_v1h, sm_scale_log2, softcap_log2,
+                                           window, dims, dim_ok, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_FP32,
+                                           DOT_PRECISION)
     # The direct state in natural-log units is a merge state (m, s = l_i, acc) of lse_merge_step.
     m = m_i * LN2
     if PARTIALS:
@@ -185,6 +256,9 @@ def _decode_merge_kernel(
             o_i = tl.load(part_o_ptr + part[:, None] * PART_D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
                           other=0.0)
             m, l_i, acc = lse_merge_step(m, l_i, acc, lse_i, o_i)
+    if SINKS:  # a key with logit sinks[h] and value 0
+        sink = tl.load(sinks_ptr + heads, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m, l_i, acc = lse_merge_step(m, l_i, acc, sink, tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
     o, lse = lse_merge_finish(m, l_i, acc)
     tl.store(o_ptr + (query * num_q_heads + heads[:, None]) * head_dim + dims[None, :],
              o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -293,9 +367,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 class _Launch:
     """Everything of a plan's Triton run that does not change between calls (grids, index views,
-    constexprs, scale), built on the first run for a (layout, heads, dtype, tiles) and kept in the layout."""
+    constexprs, scalars), built on the first run for a (layout, heads, dtype, tiles, variant) and kept in the
+    layout (a windowed layout is its own layout: the window is part of the layout's key)."""
 
-    def __init__(self, plan, layout, q, pools, sm_scale, config):
+    def __init__(self, plan, layout, q, pools, sm_scale, config, softcap, with_sinks):
         num_q, hq, d = q.shape
         hkv = pools[0][0].shape[2]
         group = hq // hkv
@@ -303,9 +378,14 @@ class _Launch:
         target = gpu_target(q.device)
         kind = dtype_class(q.dtype, plan.fp32_precision)
         dot_fp32 = target is None  # the interpreter's bf16 x bf16 tl.dot is wrong: fp32 dots there
-        common = dict(DOT_FP32=dot_fp32, DOT_PRECISION="tf32" if kind == "tf32" and not dot_fp32 else "ieee")
-        self.num_q, self.hq, self.d, self.scale = num_q, hq, d, sm_scale * LOG2E
+        common = dict(DOT_FP32=dot_fp32, DOT_PRECISION="tf32" if kind == "tf32" and not dot_fp32 else "ieee",
+                      CAUSAL=bool(layout.causal), WINDOW=layout.window is not None, SOFTCAP=softcap is not None)
+        self.num_q, self.hq, self.d = num_q, hq, d
+        # the kernels' run-time scalars sm_scale_log2, softcap_log2, window (unused ones are placeholders)
+        self.scalars = (sm_scale * LOG2E, (softcap or 1.0) * LOG2E, int(layout.window or 0))
         self.workspace = plan.workspace("triton", layout.num_partials, hq, bd) if layout.num_partials else None
+        dummy = layout.slot_indptr
+        positions = layout.q_pos if layout.causal else dummy
         self.partials = []  # (source index, grid, index args, page_size, constexprs)
         for src, source in enumerate(layout.sources):
             if not source.num_work:
@@ -313,37 +393,41 @@ class _Launch:
             rows = int(source.max_work_queries) * group  # plain ints in grids and constexprs, not numpy scalars
             cfg = partial_config(target, kind, rows, d, config)
             m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
+            seg_start = layout.seg_start[source.seg_lo:source.seg_hi] if layout.causal else dummy
             self.partials.append((src, (int(source.num_work) * m_tiles, hkv),
-                                  (*layout.source_views(source), layout.seg_queries, *source.work),
+                                  (*layout.source_views(source), layout.seg_queries, *source.work, seg_start,
+                                   positions),
                                   max(pools[src][0].shape[1], 1),
                                   dict(GROUP=group, M_TILES=m_tiles, BLOCK_D=bd, **cfg, **common)))
         cfg = decode_config(target, kind, group, d)
         direct = [layout.direct[i] if i < len(layout.direct) else None for i in (0, 1)]
         tables = [layout.source_views(source)[0] for source in layout.sources]
-        dummy = layout.slot_indptr
         self.decode_grid = (num_q, hkv * cfg["HEAD_SPLITS"])
         self.decode_index = (layout.slot_indptr, layout.slots, layout.seg_page_start, layout.seg_capacity,
-                             layout.seg_lens)
+                             layout.seg_lens, layout.seg_start if layout.causal else dummy, positions)
         self.decode_source = [(tables[min(i, len(tables) - 1)], *(direct[i] if direct[i] is not None else (dummy, dummy)))
                               for i in (0, 1)]
         self.decode_consts = dict(GROUP=group, BLOCK_D=bd, PART_D=bd, DIRECT0=direct[0] is not None,
-                                  DIRECT1=direct[1] is not None, PARTIALS=bool(layout.num_partials > 0), **cfg, **common)
+                                  DIRECT1=direct[1] is not None, PARTIALS=bool(layout.num_partials > 0),
+                                  SINKS=with_sinks, **cfg, **common)
 
 
-def run_plan(plan, q, pools, sm_scale: float):
+def run_plan(plan, q, pools, sm_scale: float, *, window: int | None = None, softcap: float | None = None,
+             sinks: torch.Tensor | None = None):
     """Triton run of a plan's fused layout. pools: ((k, v) of source 0[, (k, v) of source 1]), each
     [pages, page_size, Hkv, D]. Partial tiles: plan.tuned["config"] when plan.tune() chose one.
+    Variants (validated by tree_attention): window (plans with positions), softcap, sinks [Hq] on q's device.
     Returns (o [NQ, Hq, D] in q's dtype, lse [NQ, Hq] fp32)."""
     num_q, hq, d = q.shape
     check_triton_shapes(d)
     q = _unit_last(q)
     pools = [(_unit_last(k), _unit_last(v)) for k, v in pools]
-    layout = plan.layout("fused", hq, pools[0][0].shape[2], d, q.element_size())
+    layout = plan.layout("fused", hq, pools[0][0].shape[2], d, q.element_size(), window)
     config = plan.tuned.get("config")
-    key = (hq, q.dtype, sm_scale, config, plan.fp32_precision)
+    key = (hq, q.dtype, sm_scale, config, softcap, sinks is not None, plan.fp32_precision)
     launch = layout.launches.get(key)
     if launch is None:
-        launch = layout.launches[key] = _Launch(plan, layout, q, pools, sm_scale, config)
+        launch = layout.launches[key] = _Launch(plan, layout, q, pools, sm_scale, config, softcap, sinks is not None)
     o = torch.empty(num_q, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(num_q, hq, dtype=torch.float32, device=q.device)
     if num_q == 0 or hq == 0:
@@ -353,14 +437,14 @@ def run_plan(plan, q, pools, sm_scale: float):
         for src, grid, index, page_size, consts in launch.partials:
             k, v = pools[src]
             _partial_attention_kernel[grid](
-                q, k, v, part_o, part_lse, *index, page_size, d, hq, launch.scale,
+                q, k, v, part_o, part_lse, *index, page_size, d, hq, *launch.scalars,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 **consts)
         (k0, v0), (k1, v1) = pools[0], pools[-1]
         _decode_merge_kernel[launch.decode_grid](
-            q, o, lse, part_o, part_lse, *launch.decode_index,
+            q, o, lse, part_o, part_lse, *launch.decode_index, lse if sinks is None else sinks,
             k0, v0, *launch.decode_source[0], max(k0.shape[1], 1), k1, v1, *launch.decode_source[1],
-            max(k1.shape[1], 1), d, hq, launch.scale, q.stride(0), q.stride(1),
+            max(k1.shape[1], 1), d, hq, *launch.scalars, q.stride(0), q.stride(1),
             k0.stride(0), k0.stride(1), k0.stride(2), v0.stride(0), v0.stride(1), v0.stride(2),
             k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
             **launch.decode_consts)

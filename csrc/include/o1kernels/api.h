@@ -25,6 +25,10 @@ enum class DType { kFloat16, kBFloat16, kFloat32 };
 // Tokens [work_kv_start, min(work_kv_end, clamp(seg_lens[seg], 0, seg_capacity[seg]))) are read;
 // token t of segment s lives at page page_table[seg_page_start[s] + t / page_size], slot
 // t % page_size. Index arrays are trusted (the plan validated them on the host).
+// Variants: with q_pos (and seg_start) query row i sees token t of segment s only when
+// seg_start[s] + t <= q_pos[i] and, window > 0, q_pos[i] - (seg_start[s] + t) < window (a work item
+// reads only the tokens some of its rows see); softcap > 0: scores s = sm_scale * q.k become
+// softcap * tanh(s / softcap) (the LSE is of the capped scores).
 struct TreeAttentionParams {
   const void* q;  // [num_queries, Hq, D], D contiguous
   int64_t q_stride_n, q_stride_h;
@@ -43,12 +47,16 @@ struct TreeAttentionParams {
   const int32_t* work_q_start;
   const int32_t* work_q_end;
   const int32_t* work_out;
+  const int32_t* seg_start;  // [num_segments] position of each segment's first token, or nullptr
+  const int32_t* q_pos;      // [num_queries] position of each query row, or nullptr: no masking by position
   float* part_o;    // [num_partials, Hq, D] contiguous
   float* part_lse;  // [num_partials, Hq] contiguous
   int num_work;
   int max_work_queries;  // largest work_q_end - work_q_start (sizes the grid)
   int num_q_heads, num_kv_heads, head_dim, page_size;
+  int window;  // sliding window in positions (needs q_pos), 0: none
   float sm_scale;
+  float softcap;  // 0: none
 };
 
 // Tensor-core path (mma.sync m16n8k16, sm_80+) for fp16/bf16 with head_dim 64/128/256 and
@@ -65,12 +73,14 @@ constexpr int kMaxHeadDim = 256;
 // merge of each query's partial slots (CSR) by log-sum-exp:
 //   o[n, h, :] = sum_s exp(lse_s - lse) * part_o[s, h, :],  lse[n, h] = log sum_s exp(lse_s)
 // over s in query_slots[query_slot_indptr[n] : query_slot_indptr[n + 1]]; o = 0, lse = -inf
-// when the range is empty or every lse_s is -inf.
+// when the range is empty or every lse_s is -inf. With sinks, each (n, h) has one more slot with
+// lse = sinks[h] and o = 0 (attention sinks: the returned lse includes them).
 struct MergePartialsParams {
   const float* part_o;    // [num_partials, H, D] contiguous
   const float* part_lse;  // [num_partials, H] contiguous
   const int32_t* query_slot_indptr;  // [num_queries + 1]
   const int32_t* query_slots;        // [num_partials]
+  const float* sinks;                // [H] or nullptr
   void* o;                           // [num_queries, H, D], D contiguous, dtype of the call
   int64_t o_stride_n, o_stride_h;
   float* lse;  // [num_queries, H]

@@ -1,5 +1,5 @@
 // Log-sum-exp merges of attention states: one warp per (row, head), lanes over head_dim.
-//   merge_partials_kernel: all partial slots of a query (the plan's CSR) -> o, lse
+//   merge_partials_kernel: all partial slots of a query (the plan's CSR) [+ a sink per head] -> o, lse
 //   merge_states_kernel:   two states (o_a, lse_a), (o_b, lse_b) -> o, lse
 // Natural-log LSE; a row whose inputs are all -inf gets o = 0, lse = -inf (never NaN).
 #pragma once
@@ -23,7 +23,8 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_partials_kernel(const 
   const int begin = p.query_slot_indptr[n], end = p.query_slot_indptr[n + 1];
   const int D = p.head_dim;
 
-  float m = -INFINITY;
+  const float sink = p.sinks != nullptr ? p.sinks[h] : -INFINITY;  // a slot with lse = sink and o = 0
+  float m = sink;
   for (int s = begin + lane; s < end; s += 32) {
     m = fmaxf(m, p.part_lse[static_cast<int64_t>(p.query_slots[s]) * p.num_heads + h]);
   }
@@ -33,6 +34,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_partials_kernel(const 
   for (int j = 0; j < kMergePerLane; ++j) acc[j] = 0.f;
   float l = 0.f;
   if (m != -INFINITY) {
+    l = expf(sink - m);
     for (int s = begin; s < end; ++s) {
       const int64_t idx = static_cast<int64_t>(p.query_slots[s]) * p.num_heads + h;
       const float w = expf(p.part_lse[idx] - m);

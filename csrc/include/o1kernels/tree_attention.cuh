@@ -10,7 +10,11 @@
 //     each KV block's tokens, and their states are merged in shared memory at the end. Decode
 //     items (<= 16 rows) use kWarpsM = 1 so all four warps stream KV.
 //   - SIMT path (fp32, or head dims the mma path lacks): scalar fp32 math, one token per lane.
-// Both write normalised fp32 partials and their natural-log LSE (see api.h).
+// Both write normalised fp32 partials and their natural-log LSE (see api.h). With positions
+// (p.q_pos) each row has its own visible token range (visible_rows): the program reads the union of
+// its rows' ranges within the chunk and masks each row to its own; softcap caps the scores before
+// the softmax. Both kernels are instantiated twice, kVariant = positions or softcap in use (see
+// has_variant), so the plain instance compiles to the kernel without them.
 #pragma once
 
 #include <cmath>
@@ -24,6 +28,7 @@ namespace detail {
 struct WorkItem {
   int rows;     // (work_q_end - work_q_start) * group
   int q_begin;  // into seg_queries
+  int seg;
   int kv_lo, kv_hi;  // token range actually read (kv_hi clamped to the current segment length)
   const int32_t* pages;
   int out_base;
@@ -33,12 +38,12 @@ __device__ __forceinline__ WorkItem load_work_item(const TreeAttentionParams& p,
   WorkItem it;
   it.q_begin = p.work_q_start[w];
   it.rows = (p.work_q_end[w] - it.q_begin) * group;
-  const int seg = p.work_seg[w];
-  const int capacity = p.seg_capacity[seg];
-  const int length = min(max(p.seg_lens[seg], 0), capacity);
+  it.seg = p.work_seg[w];
+  const int capacity = p.seg_capacity[it.seg];
+  const int length = min(max(p.seg_lens[it.seg], 0), capacity);
   it.kv_lo = p.work_kv_start[w];
   it.kv_hi = min(p.work_kv_end[w], length);
-  it.pages = p.page_table + p.seg_page_start[seg];
+  it.pages = p.page_table + p.seg_page_start[it.seg];
   it.out_base = p.work_out[w];
   return it;
 }
@@ -55,6 +60,43 @@ __device__ __forceinline__ int64_t query_offset(const TreeAttentionParams& p, co
                                                 int kv_head) {
   const int64_t qi = p.seg_queries[it.q_begin + row / group];
   return qi * p.q_stride_n + static_cast<int64_t>(kv_head * group + row % group) * p.q_stride_h;
+}
+
+// Tokens [lo, hi) of the item's range [kv_lo, kv_hi) that query row `row` sees (p.q_pos given):
+// t <= q_pos - seg_start and, with a window, t > q_pos - seg_start - window; empty when hi <= lo.
+// int64 arithmetic: positions reach 2^31 - 1.
+__device__ __forceinline__ int2 visible_tokens(const TreeAttentionParams& p, const WorkItem& it, int row, int group) {
+  const int64_t rel = static_cast<int64_t>(p.q_pos[p.seg_queries[it.q_begin + row / group]]) - p.seg_start[it.seg];
+  int64_t lo = it.kv_lo;
+  if (p.window > 0 && rel - p.window + 1 > lo) lo = rel - p.window + 1;
+  if (lo > it.kv_hi) lo = it.kv_hi;
+  const int64_t hi = rel + 1 < it.kv_hi ? rel + 1 : it.kv_hi;
+  return make_int2(static_cast<int>(lo), static_cast<int>(hi));
+}
+
+// Masking by position (p.q_pos given): the visible range of rows [row0, row0 + kRows) of the item into
+// s_lo/s_hi (empty for rows past the item), then it.kv_lo/kv_hi narrowed to their union (empty when no
+// row sees a token of the chunk). Called by every thread of the program (one __syncthreads).
+template <int kRows>
+__device__ __forceinline__ void visible_rows(const TreeAttentionParams& p, WorkItem& it, int row0, int group,
+                                             int* s_lo, int* s_hi) {
+  for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+    const int2 range = row0 + r < it.rows ? visible_tokens(p, it, row0 + r, group) : make_int2(0, 0);
+    s_lo[r] = range.x;
+    s_hi[r] = range.y;
+  }
+  __syncthreads();
+  int lo = it.kv_hi, hi = it.kv_lo;
+  bool seen = false;
+  for (int r = 0; r < kRows; ++r) {
+    if (s_lo[r] < s_hi[r]) {
+      lo = min(lo, s_lo[r]);
+      hi = max(hi, s_hi[r]);
+      seen = true;
+    }
+  }
+  it.kv_lo = seen ? lo : it.kv_lo;
+  it.kv_hi = seen ? hi : it.kv_lo;
 }
 
 // Offset of (partial slot, head) of query row r of the item in part_lse (times head_dim: part_o).
@@ -80,7 +122,7 @@ struct MmaConfig {
                 "epilogue staging must fit the K/V buffers");
 };
 
-template <typename T, int kHeadDim, int kWarpsM>
+template <typename T, int kHeadDim, int kWarpsM, bool kVariant>
 __global__ void __launch_bounds__(128) tree_attention_partial_mma_kernel(const TreeAttentionParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async / bf16 mma need sm_80; the launcher never picks this path below it.
@@ -94,11 +136,16 @@ __global__ void __launch_bounds__(128) tree_attention_partial_mma_kernel(const T
   __shared__ float s_row_max[Cfg::kWarpsN][BM];
   __shared__ float s_row_sum[Cfg::kWarpsN][BM];
 
+  __shared__ int s_row_lo[kVariant ? BM : 1];  // each row's visible tokens (masking by position)
+  __shared__ int s_row_hi[kVariant ? BM : 1];
+
   const int group = p.num_q_heads / p.num_kv_heads;
   const int kv_head = blockIdx.y;
   const int row0 = blockIdx.z * BM;
-  const WorkItem it = load_work_item(p, blockIdx.x, group);
+  WorkItem it = load_work_item(p, blockIdx.x, group);
   if (row0 >= it.rows) return;
+  const bool positions = kVariant && p.q_pos != nullptr;
+  if (positions) visible_rows<BM>(p, it, row0, group, s_row_lo, s_row_hi);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
@@ -142,7 +189,16 @@ __global__ void __launch_bounds__(128) tree_attention_partial_mma_kernel(const T
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
+  int row_lo[2], row_hi[2];  // tokens the lane's rows g and g + 8 see
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp_m * 16 + lane / 4 + 8 * i;
+    row_lo[i] = positions ? s_row_lo[r] : it.kv_lo;
+    row_hi[i] = positions ? s_row_hi[r] : it.kv_hi;
+  }
   const float scale_log2 = p.sm_scale * kLog2e;
+  const bool capped = kVariant && p.softcap > 0.f;
+  const float cap_log2 = p.softcap * kLog2e, inv_cap_log2 = capped ? 1.f / cap_log2 : 0.f;
 
   for (int blk = 0; blk < num_blocks; ++blk) {
     const int stage = blk & 1;
@@ -176,15 +232,18 @@ __global__ void __launch_bounds__(128) tree_attention_partial_mma_kernel(const T
       }
     }
 
-    // Online softmax in the log2 domain; tokens past the item's end are -inf.
+    // Online softmax in the log2 domain; tokens a row does not see (past the item's end, outside its
+    // visible range) are -inf, and a row may see none of a block (ref below keeps exp2 finite).
     const int tok_base = it.kv_lo + blk * BN + warp_n * WN + 2 * (lane % 4);
     float blk_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < WN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool valid = tok_base + nt * 8 + (e % 2) < it.kv_hi;
-        s[nt][e] = valid ? s[nt][e] * scale_log2 : -INFINITY;
+        const int tok = tok_base + nt * 8 + (e % 2);
+        float x = s[nt][e] * scale_log2;
+        if (capped) x = cap_log2 * tanhf(x * inv_cap_log2);
+        s[nt][e] = tok >= row_lo[e / 2] && tok < row_hi[e / 2] ? x : -INFINITY;
         blk_max[e / 2] = fmaxf(blk_max[e / 2], s[nt][e]);
       }
     }
@@ -294,7 +353,7 @@ inline int simt_smem_bytes(int head_dim) {
   return (kSimtRows * head_dim + kSimtBlockN * (head_dim + 1) + kSimtBlockN * head_dim) * 4;
 }
 
-template <typename T>
+template <typename T, bool kVariant>
 __global__ void __launch_bounds__(128) tree_attention_partial_simt_kernel(const TreeAttentionParams p) {
   constexpr int kPerLane = kMaxHeadDim / 32;
   extern __shared__ float smem_f[];
@@ -303,16 +362,23 @@ __global__ void __launch_bounds__(128) tree_attention_partial_simt_kernel(const 
   float* s_k = s_q + kSimtRows * D;        // [kSimtBlockN][D + 1]
   float* s_v = s_k + kSimtBlockN * ld_k;   // [kSimtBlockN][D]
 
+  __shared__ int s_row_lo[kVariant ? kSimtRows : 1];  // each row's visible tokens (masking by position)
+  __shared__ int s_row_hi[kVariant ? kSimtRows : 1];
+
   const int group = p.num_q_heads / p.num_kv_heads;
   const int kv_head = blockIdx.y;
   const int row0 = blockIdx.z * kSimtRows;
-  const WorkItem it = load_work_item(p, blockIdx.x, group);
+  WorkItem it = load_work_item(p, blockIdx.x, group);
   if (row0 >= it.rows) return;
+  const bool positions = kVariant && p.q_pos != nullptr;
+  if (positions) visible_rows<kSimtRows>(p, it, row0, group, s_row_lo, s_row_hi);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const T* q = static_cast<const T*>(p.q);
   const T* k_cache = static_cast<const T*>(p.k_cache);
   const T* v_cache = static_cast<const T*>(p.v_cache);
   const float scale_log2 = p.sm_scale * kLog2e;
+  const bool capped = kVariant && p.softcap > 0.f;
+  const float cap_log2 = p.softcap * kLog2e, inv_cap_log2 = capped ? 1.f / cap_log2 : 0.f;
 
   for (int i = tid; i < kSimtRows * D; i += 128) {
     const int r = i / D, d = i % D;
@@ -343,13 +409,15 @@ __global__ void __launch_bounds__(128) tree_attention_partial_simt_kernel(const 
       s_v[r * D + d] = vx;
     }
     __syncthreads();
-    const bool token_valid = tok0 + lane < it.kv_hi;
+    const int tok = tok0 + lane;
 #pragma unroll
     for (int rr = 0; rr < kSimtRowsPerWarp; ++rr) {
       const int r = warp * kSimtRowsPerWarp + rr;
       if (row0 + r >= it.rows) break;  // warp-uniform
       float score = 0.f;
       for (int d = 0; d < D; ++d) score += s_q[r * D + d] * s_k[lane * ld_k + d];
+      if (capped) score = cap_log2 * tanhf(score * inv_cap_log2);
+      const bool token_valid = positions ? tok >= s_row_lo[r] && tok < s_row_hi[r] : tok < it.kv_hi;
       score = token_valid ? score : -INFINITY;
       const float new_max = fmaxf(row_max[rr], warp_max(score));
       const float ref = new_max == -INFINITY ? 0.f : new_max;
@@ -386,6 +454,9 @@ __global__ void __launch_bounds__(128) tree_attention_partial_simt_kernel(const 
   }
 }
 
+// The kVariant instance of the kernels: masking by position or softcap in use.
+inline bool has_variant(const TreeAttentionParams& p) { return p.q_pos != nullptr || p.softcap > 0.f; }
+
 inline int mma_warps_m(int rows_per_item, int head_dim) {
   const int warps = rows_per_item <= 16 ? 1 : rows_per_item <= 32 ? 2 : 4;
   return head_dim == 256 && warps < 2 ? 2 : warps;  // head_dim 256 uses 32-token blocks
@@ -396,7 +467,8 @@ cudaError_t launch_tree_attention_mma(const TreeAttentionParams& p, cudaStream_t
   using Cfg = MmaConfig<T, kHeadDim, kWarpsM>;
   const int rows = p.max_work_queries * (p.num_q_heads / p.num_kv_heads);
   if (p.num_work == 0 || rows == 0) return cudaSuccess;
-  auto kernel = tree_attention_partial_mma_kernel<T, kHeadDim, kWarpsM>;
+  auto kernel = has_variant(p) ? tree_attention_partial_mma_kernel<T, kHeadDim, kWarpsM, true>
+                               : tree_attention_partial_mma_kernel<T, kHeadDim, kWarpsM, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_work, p.num_kv_heads, ceil_div(rows, Cfg::kBlockM));
@@ -427,7 +499,7 @@ cudaError_t launch_tree_attention_simt(const TreeAttentionParams& p, cudaStream_
   if (p.num_work == 0 || rows == 0) return cudaSuccess;
   if (p.head_dim < 1 || p.head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
   const int smem = simt_smem_bytes(p.head_dim);
-  auto kernel = tree_attention_partial_simt_kernel<T>;
+  auto kernel = has_variant(p) ? tree_attention_partial_simt_kernel<T, true> : tree_attention_partial_simt_kernel<T, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.num_work, p.num_kv_heads, ceil_div(rows, kSimtRows));
