@@ -8,7 +8,8 @@ plans, merge_states_triton, step_rewards_triton) on small CPU tensors inside `_t
 makes them choose sm_90's launch tables, with a stand-in Triton driver whose cache hook records each launch's exact
 specialization (signature, constexprs, alignment, num_warps, num_stages) instead of compiling and launching it.
 The calls cover dtypes (bf16, fp16, fp32, and fp32 with plan.fp32_precision = "tf32") x head dims 64/128/256 x GQA
-groups x tile row classes x paths (cascade / decode, one- and two-source layouts) x every tuning candidate
+groups x tile row classes x paths (cascade / decode, one- and two-source layouts; the variants positions + window +
+softcap + sinks all on) x every tuning candidate
 (partial_candidates, tuning_candidates), and for step rewards every table row and candidate of both paths. A new
 constexpr or argument of a kernel comes in through its launcher with whatever value these calls give it; a new
 launch-time feature needs a call below that turns it on.
