@@ -13,6 +13,11 @@ succeeds without it, after printing why; o1kernels.available_backends() then rep
 "cpu"/"cuda" backends unavailable. pip shows this script's output only with -v, so the outcome
 (built which kind / skipped / failed, and why) is also written to o1kernels/_build_info.json,
 which `python -m o1kernels` prints.
+Where the extension is expected, make its absence an error instead:
+  - O1K_REQUIRE_EXTENSION=1: a failed build fails the install (exit status 1), as does a skipped one.
+  - O1K_REQUIRE_CUDA=1: the same, and the CUDA build must be possible (torch with CUDA, a CUDA toolkit):
+    a GPU check (benchmarks/gpu_check.sh) sets it, so a build that would quietly lose the CUDA kernels stops
+    there instead of skipping every CUDA test after it.
 """
 import glob
 import os
@@ -53,6 +58,19 @@ def _default_max_jobs():
     return max(1, min(cpus, int(mem_gib // 3)))
 
 
+def _required():
+    """(extension required, CUDA kernels required) from O1K_REQUIRE_EXTENSION / O1K_REQUIRE_CUDA."""
+    cuda = os.environ.get("O1K_REQUIRE_CUDA", "0") not in ("", "0")
+    return cuda or os.environ.get("O1K_REQUIRE_EXTENSION", "0") not in ("", "0"), cuda
+
+
+def _fail_required(detail):
+    """The extension was required (O1K_REQUIRE_*) and is not built: record why and stop with exit status 1."""
+    _banner([f"{detail}.", "O1K_REQUIRE_EXTENSION / O1K_REQUIRE_CUDA is set: failing instead of installing without it."])
+    _record_build("failed", detail)
+    sys.exit(f"o1kernels: {detail}")
+
+
 def _nvcc_version(cuda_home):
     import re
     import subprocess
@@ -65,7 +83,10 @@ def _nvcc_version(cuda_home):
 
 def _extension_build():
     """(ext_modules, cmdclass) for o1kernels._C, or ([], {}) with the reason printed."""
+    required, cuda_required = _required()
     if os.environ.get("O1K_NO_EXTENSION", "0") not in ("", "0"):
+        if required:
+            _fail_required("O1K_NO_EXTENSION is set together with O1K_REQUIRE_EXTENSION / O1K_REQUIRE_CUDA")
         _banner(["O1K_NO_EXTENSION is set: installing without the compiled extension o1kernels._C."])
         _record_build("skipped", "O1K_NO_EXTENSION was set")
         return [], {}
@@ -73,6 +94,8 @@ def _extension_build():
         import torch
         from torch.utils import cpp_extension
     except Exception as exc:  # build isolation hides torch, or torch is not installed
+        if required:
+            _fail_required(f"torch is not importable at build time ({type(exc).__name__}: {exc})")
         _banner([f"torch is not importable at build time ({type(exc).__name__}: {exc}).",
                  "Installing WITHOUT the compiled extension o1kernels._C (backends 'cpu'/'cuda' unavailable).",
                  "Install torch first and use: pip install --no-build-isolation -e ."])
@@ -81,6 +104,10 @@ def _extension_build():
         return [], {}
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if cuda_required and not with_cuda:
+        _fail_required(f"O1K_REQUIRE_CUDA=1 but torch {torch.__version__} has no CUDA" if torch.version.cuda is None
+                       else f"O1K_REQUIRE_CUDA=1 but no CUDA toolkit was found for torch's CUDA {torch.version.cuda} "
+                            "(set CUDA_HOME)")
     if torch.version.cuda is not None and not with_cuda:
         _banner([f"torch {torch.__version__} has CUDA {torch.version.cuda} but no CUDA toolkit was found "
                  "(set CUDA_HOME): building the CPU-only extension."])
@@ -119,6 +146,9 @@ def _extension_build():
             try:
                 super().run()
             except Exception as exc:
+                if required:
+                    _fail_required(f"building the {kind} o1kernels._C failed ({type(exc).__name__}: {exc}); the "
+                                   "compiler output is above")
                 _banner([f"building o1kernels._C FAILED ({type(exc).__name__}: {exc}).",
                          "Installing WITHOUT it: backends 'cpu'/'cuda' are unavailable "
                          "(see o1kernels.available_backends()). The compiler output is above."])

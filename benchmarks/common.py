@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -125,40 +126,68 @@ def floor_ms(nbytes: float, flops: float, gbps: float, tflops: float) -> float:
     return max(nbytes / (gbps * 1e9), flops / (tflops * 1e12)) * 1e3
 
 
-def bench_cuda_graph(fn, device: torch.device, *, reps: int = 20, calls_per_graph: int = 10) -> float | None:
-    """Median time of one fn() replayed inside a CUDA graph, in ms (None off CUDA or if capture fails).
+def l2_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache in bytes (0 on the CPU)."""
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
 
-    fn is warmed up on a side stream (compilation, autotuning and allocations happen there), then
-    `calls_per_graph` calls are captured into one graph; each timed replay is divided by that count, so
-    the graph launch itself is amortised. Eager time minus this is the host overhead per call.
+
+def rotating_sets(footprint_bytes: float, device: torch.device, cap: int = 64) -> int:
+    """How many input sets to rotate through so that consecutive timed calls read from HBM, not L2: enough sets of
+    `footprint_bytes` (what one call reads) to cover twice the L2, at most `cap`; 1 on the CPU (whose timings are
+    no GPU measurement anyway) and when one call already reads more than twice the L2."""
+    return max(1, min(cap, -(-2 * l2_bytes(device) // max(1, int(footprint_bytes)))))
+
+
+def _as_list(fns) -> list:
+    return list(fns) if isinstance(fns, (list, tuple)) else [fns]
+
+
+def bench_cuda_graph(fns, device: torch.device, *, reps: int = 20, calls_per_graph: int = 10) -> float | None:
+    """Median time of one call replayed inside a CUDA graph, in ms (None off CUDA or if capture fails).
+
+    fns: a callable, or a list of callables over different input sets (see rotating_sets) called in turn.
+    Each is warmed up on a side stream (compilation, autotuning and allocations happen there), then
+    max(calls_per_graph, len(fns)) calls, rotating through fns, are captured into one graph; each timed replay is
+    divided by that count, so the graph launch itself is amortised. Eager time minus this is the host overhead per
+    call.
     """
     if device.type != "cuda":
         return None
+    fns = _as_list(fns)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for _ in range(3):
-            fn()
+            for fn in fns:
+                fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    calls = max(calls_per_graph, len(fns))
     try:
         with torch.cuda.graph(graph):
-            for _ in range(calls_per_graph):
-                fn()
+            for i in range(calls):
+                fns[i % len(fns)]()
     except Exception:  # an op that cannot be captured (host sync, CPU tensor): no graph time
         torch.cuda.synchronize(device)
         return None
-    return bench(graph.replay, device, warmup=2, reps=reps) / calls_per_graph
+    return bench(graph.replay, device, warmup=2, reps=reps) / calls
 
 
-def bench(fn, device: torch.device, *, warmup: int = 5, reps: int = 50) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on GPU, perf_counter on CPU)."""
+def bench(fns, device: torch.device, *, warmup: int = 5, reps: int = 50) -> float:
+    """Median wall time of one call in milliseconds (CUDA events on GPU, perf_counter on CPU).
+
+    fns: a callable, or a list of callables over different input sets (see rotating_sets): each rep calls the next
+    one, so on a GPU a call does not find its inputs in L2 from the call before."""
+    fns = _as_list(fns)
+    cycle = itertools.cycle(fns)
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(reps):
+            fn = next(cycle)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -168,6 +197,7 @@ def bench(fn, device: torch.device, *, warmup: int = 5, reps: int = 50) -> float
             times.append(start.elapsed_time(end))
     else:
         for _ in range(reps):
+            fn = next(cycle)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -191,20 +221,25 @@ def versions() -> dict:
 
 
 def write_results(stem: str, device: torch.device, columns: list[str], rows: list[dict], notes: list[str], *,
-                  prefix: Path | None = None, legend: dict[str, str] | None = None) -> tuple[Path, Path]:
+                  prefix: Path | None = None, legend: dict[str, str] | None = None,
+                  complete: bool = True) -> tuple[Path, Path]:
     """Write `rows` as PREFIX.json and a markdown table PREFIX.md; return both paths.
 
     prefix: from output_prefix(...) (default: a new timestamped file under benchmarks/results/, never the shipped
-    one); legend: column -> meaning, written under the table and into the JSON's meta.
+    one); legend: column -> meaning, written under the table and into the JSON's meta. The scripts call it after
+    every row with complete=False (the files say the run had not finished: a run stopped by a time limit keeps every
+    row it measured) and once at the end.
     """
     if prefix is None:
         prefix = _new_prefix(RESULTS_DIR, f"{stem}_{'gpu' if device.type == 'cuda' else 'cpu'}")
     date = _dt.date.today().isoformat()
     meta = {"device": device_name(device), "date": date, "versions": versions(), "peak_gbps": peak_gbps(device),
-            "notes": notes, "legend": legend or {}}
+            "complete": complete, "notes": notes, "legend": legend or {}}
     json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     md = [f"# {stem} on {meta['device']} ({date})", "", f"versions: {json.dumps(meta['versions'])}", ""]
+    if not complete:
+        md += [f"**Partial: {len(rows)} row(s) written while the run was still going (or it was stopped).**", ""]
     md += [f"- {n}" for n in notes] + [""]
     md.append(markdown_table(columns, rows))
     if legend:

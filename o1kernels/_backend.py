@@ -64,9 +64,11 @@ def available_backends(device: str | torch.device = "cpu") -> dict[str, str | No
     return {b: backend_unavailable_reason(b, device) for b in BACKENDS if b != "auto"}
 
 
-# Order in which backend="auto" tries backends per device type. The compiled CUDA kernels passed every GPU
-# test on an H200 (2026-11-28) and follow Triton; which of the two is faster per shape is measured by
-# plan.tune() (attention) on the GPU, not assumed.
+# Order in which backend="auto" tries backends per device type: Triton, then the compiled CUDA kernels. Both
+# passed every GPU test on an H200 on 2026-11-28, but that was the kernels before the plan rewrite; the current
+# ones (plans, direct path, tile tables, the step-reward GEMM) have run only under Triton's interpreter, the C++
+# CPU build and offline compiles. Which of the two is faster per shape is measured by plan.tune() (attention) on
+# the GPU, not assumed.
 _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpu", "torch"),

@@ -204,6 +204,21 @@ class PlanLayout:
                 self.seg_lens[lo:hi])
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA-graph capture is under way on the current stream of `device` (never for a CPU device)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_host_values_in_capture(device: torch.device, name: str) -> None:
+    """RuntimeError when `name` came as host values (Python ints, a CPU tensor) during a CUDA-graph capture: they
+    reach the GPU through a pinned staging buffer that is recycled once the capture ends, so every replay would
+    copy whatever that buffer holds by then."""
+    if capturing(device):
+        raise RuntimeError(f"{name}: inside a CUDA-graph capture pass an int32/int64 tensor on {device} (Python ints "
+                           "are copied from a host buffer that is reused after the capture, so replays would read "
+                           "stale values); or set the values between replays")
+
+
 def int32_on(device: torch.device, values) -> torch.Tensor:
     """An int32 tensor of `values` (ints or a numpy array) on `device`; to a GPU through pinned memory without a
     host sync (the caching host allocator keeps the staging buffer until the copy has run)."""
@@ -474,6 +489,9 @@ class AttentionPlan:
 
     num_queries: int
     num_segments: int
+    # fp32 inputs on the Triton backend: "ieee" (exact fp32 dots) or "tf32" (tensor cores in TF32, ~1e-3 relative
+    # error; set it on a plan to opt in)
+    fp32_precision: str = "ieee"
 
     def __init__(self, device, path: str, num_heads, head_dim):
         if path not in PATHS:
@@ -506,7 +524,7 @@ class AttentionPlan:
         key = self._layout_key(kind, num_q_heads // num_kv_heads, num_kv_heads, head_dim, elem_bytes, window)
         lay = self._layouts.get(key)
         if lay is None:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if capturing(self.device):
                 raise RuntimeError("this plan has not run with these head counts yet, and laying it out now would copy "
                                    "to the GPU inside a CUDA-graph capture: run it once before capturing (or pass "
                                    "num_heads/head_dim when building the plan)")
@@ -575,9 +593,12 @@ class AttentionPlan:
             run = self._supported[name]()
             configs, paths = [None], [self.path]
             if name == "triton":
-                from .triton_ops.tree_attention import PARTIAL_CANDIDATES
+                from .triton_ops._target import gpu_target
+                from .triton_ops.tree_attention import dtype_class, partial_candidates
 
-                configs, paths = configs + list(PARTIAL_CANDIDATES), list(PATHS)
+                kind = dtype_class(q.dtype, self.fp32_precision)
+                configs = configs + partial_candidates(gpu_target(self.device), kind, q.shape[-1])
+                paths = list(PATHS)
             for path in paths:
                 self.path = path
                 has_partials = name != "triton" or self.layout("fused", *heads).num_partials > 0
@@ -832,6 +853,7 @@ class TreeAttentionPlan(AttentionPlan):
         """update() with segments already laid out and checked (from_arrays' form); a plan with a PlanCapacity."""
         if self.capacity is None:
             raise ValueError("update() needs a plan built with capacity=PlanCapacity(...); build a new plan instead")
+        refuse_host_values_in_capture(self.device, "update(segments)")
         old = (self.segs, self.num_segments, self.positions_host)
         try:
             self._set_tree(segs, lengths, positions)
@@ -872,6 +894,7 @@ class TreeAttentionPlan(AttentionPlan):
                 self._check_positions(positions.numpy())
             self.q_pos.copy_(positions)
             return
+        refuse_host_values_in_capture(self.device, "positions")
         values = self._parse_positions(positions)
         self._check_positions(values)
         self.q_pos.copy_(int32_on(self.device, values))
@@ -1013,6 +1036,7 @@ class TreeAttentionPlan(AttentionPlan):
                 self._check_lengths(lengths.numpy())
             self.seg_lens[:self.num_segments].copy_(lengths)
             return
+        refuse_host_values_in_capture(self.device, "lengths")
         values = np.array(_int_list("lengths", lengths), dtype=np.int64)
         if len(values) != self.num_segments:
             raise ValueError(f"lengths must have num_segments={self.num_segments} entries, got {len(values)}")
@@ -1087,6 +1111,7 @@ class SharedPrefixPlan(AttentionPlan):
                     _check_range(name, int(value.min()), int(value.max()), cap)
                 self.seg_lens[lo:lo + n].copy_(value)
             else:
+                refuse_host_values_in_capture(self.device, name)
                 values = _int_list(name, value)
                 if len(values) != n:
                     raise ValueError(f"{name} must have {n} entries, got {len(values)}")
@@ -1104,6 +1129,7 @@ class SharedPrefixPlan(AttentionPlan):
                 _check_range("branch_group", int(branch_group.min()), int(branch_group.max()), self.num_prefixes - 1)
             self.branch_group.copy_(branch_group)
         else:
+            refuse_host_values_in_capture(self.device, "branch_group")
             values = _int_list("branch_group", branch_group)
             if len(values) != self.num_branches:
                 raise ValueError(f"branch_group must have {self.num_branches} entries, got {len(values)}")

@@ -27,7 +27,7 @@ import torch
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor, default_sm_scale
 from .capabilities import spec_of
 from .merge_states import merge_states_torch
-from .plan import SharedPrefixPlan
+from .plan import SharedPrefixPlan, capturing
 from .tree_attention import RUNNERS as TREE_RUNNERS
 from .tree_attention import attend_segment_torch, validate_heads
 
@@ -155,6 +155,10 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, *, prefix
     scale = default_sm_scale(sm_scale, q.shape[-1])
     g = prefix_k.shape[0]
     if plan is None:
+        if capturing(q.device):
+            raise RuntimeError("shared_prefix_attention inside a CUDA-graph capture needs plan= (a SharedPrefixPlan "
+                               "kept alive as long as the graph): the plans made for calls without one are cached "
+                               f"{_PLAN_CACHE_SIZE} at a time, and an evicted one is freed while the graph reads it")
         plan = _cached_plan(q.shape[0], g, prefix_k.shape[1], suffix_k.shape[1], q.device)
         plan.seg_lens[:g].fill_(prefix_k.shape[1]) if prefix_lens is None else plan.seg_lens[:g].copy_(prefix_lens)
         plan.seg_lens[g:].fill_(suffix_k.shape[1]) if suffix_lens is None else plan.seg_lens[g:].copy_(suffix_lens)

@@ -92,3 +92,30 @@ def test_console_table_header_rows_legend_and_files(tmp_path):
     md = (tmp_path / "run.md").read_text()
     assert "| P | N | S |" in md and "Columns:" in md
     assert json.loads((tmp_path / "run.json").read_text())["rows"][0]["P"] == 16
+
+
+def test_timed_calls_rotate_input_sets_beyond_l2(monkeypatch):
+    """On a GPU consecutive timed calls must not find their inputs in L2: enough input sets to cover twice the L2
+    (capped), used in turn by bench(); one set on the CPU or when one call reads more than twice the L2."""
+    import benchmarks.common as common
+
+    cpu = torch.device("cpu")
+    assert common.rotating_sets(1e6, cpu) == 1
+    monkeypatch.setattr(common, "l2_bytes", lambda device: 60 << 20)
+    assert common.rotating_sets(3 << 20, cpu) == 40
+    assert common.rotating_sets(1 << 10, cpu) == 64 and common.rotating_sets(1 << 30, cpu) == 1
+    order = []
+    common.bench([lambda i=i: order.append(i) for i in range(3)], cpu, warmup=1, reps=7)
+    assert order == [0, 1, 2] + [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_partial_results_say_so(tmp_path):
+    """Benchmarks write their files after every row (complete=False) so a stopped run keeps its rows; the files
+    say the run had not finished."""
+    from benchmarks.common import write_results
+
+    cpu = torch.device("cpu")
+    json_path, md_path = write_results("bench_x", cpu, ["a"], [{"a": 1}], [], prefix=tmp_path / "x", complete=False)
+    assert json.loads(json_path.read_text())["meta"]["complete"] is False and "Partial: 1 row" in md_path.read_text()
+    json_path, md_path = write_results("bench_x", cpu, ["a"], [{"a": 1}, {"a": 2}], [], prefix=tmp_path / "x")
+    assert json.loads(json_path.read_text())["meta"]["complete"] is True and "Partial" not in md_path.read_text()

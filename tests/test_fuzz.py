@@ -15,15 +15,18 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import o1kernels as ok
-from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
-                                 tree_attention_f64, tree_segments)
-from o1kernels.decoder import KVPoolExhausted, ModelConfig, NaiveDecoder, Transformer, TreeDecoder
-from test_kv_cache import assert_same_state, decoder_state, expected_refcounts
+pytest.importorskip("hypothesis")  # without it this module is skipped: a collection error would stop every other test
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+
+import o1kernels as ok  # noqa: E402
+from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values,  # noqa: E402
+                                 report_mismatch, tree_attention_f64, tree_segments)
+from o1kernels.decoder import KVPoolExhausted, ModelConfig, NaiveDecoder, Transformer, TreeDecoder  # noqa: E402
+from test_kv_cache import assert_same_state, decoder_state, expected_refcounts  # noqa: E402
 
 BACKENDS = backends_on("cpu")
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,

@@ -139,6 +139,34 @@ def test_unchecked_lengths_and_groups_are_clamped(backend, path):
     report_mismatch("lse", lse, lse_ref, *LSE_TOLERANCES[torch.float32])
 
 
+
+def test_capture_misuse_raises(monkeypatch):
+    """Inside a CUDA-graph capture (the capture state patched in: no GPU here): a call without plan= raises (its
+    cached plan could be evicted and freed while the graph reads it), as do set_lengths / set_branch_group with
+    Python ints (copied from a host buffer recycled after the capture); a call with a plan that has run, and values
+    in tensors on the plan's device, are taken."""
+    import sys
+
+    import o1kernels.plan as plan_module
+
+    spa = sys.modules["o1kernels.shared_prefix_attention"]  # the package exports a function of the same name
+    q, pk, pv, sk, sv, pl, sl, bg = _inputs(4, 2, 16, 8, 4, 2, 16, torch.float32, "cpu")
+    plan = SharedPrefixPlan(4, 16, 8, num_prefixes=2)
+    shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens=pl, suffix_lens=sl, branch_group=bg, plan=plan)
+    monkeypatch.setattr(spa, "capturing", lambda device: True)
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="needs plan="):
+        shared_prefix_attention(q, pk, pv, sk, sv, prefix_lens=pl, suffix_lens=sl, branch_group=bg)
+    before = (plan.seg_lens.clone(), plan.branch_group.clone())
+    with pytest.raises(RuntimeError, match="suffix_lens: inside a CUDA-graph capture pass an int32/int64 tensor"):
+        plan.set_lengths(suffix_lens=[1, 2, 3, 4])
+    with pytest.raises(RuntimeError, match="branch_group: inside a CUDA-graph capture"):
+        plan.set_branch_group([0, 1, 0, 1])
+    assert torch.equal(plan.seg_lens, before[0]) and torch.equal(plan.branch_group, before[1])
+    plan.set_lengths(suffix_lens=torch.tensor([1, 2, 3, 4]))
+    plan.set_branch_group(torch.tensor([1, 0, 1, 0]))
+    _check("auto", (q, pk, pv, sk, sv, pl, torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 1, 0])), plan=plan)
+
 def _sdpa_reference(q, kv_per_branch, sm_scale):
     """Plain SDPA (float64) over each branch's own concatenated K/V; empty K/V -> o = 0."""
     group = q.shape[1] // kv_per_branch[0][0].shape[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch
 from o1kernels import step_rewards
 from o1kernels._backend import backend_unavailable_reason
 from step_rewards_reference import reference_step_rewards
-from offline_compile import run_compile_script
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 AGGREGATES = ("min", "prod", "last", "mean", "max")
@@ -531,61 +529,6 @@ def test_bad_input(overrides, exc, match):
 
 
 # ---------------------------------------------------------------- GPU
-
-# Compiles every kernel for sm_90 with Triton's bundled ptxas (no GPU needed), specialised as a real launch
-# is (unit strides constant, pointers and sizes divisible by 16): catches what the interpreter accepts but the
-# compiler rejects, and checks in the PTX that the hidden layer is a pipelined tensor-core GEMM (wgmma fed by
-# cp.async) and that the head kernel reads rows 16 bytes at a time.
-SM90_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from o1kernels.triton_ops import step_rewards as sr
-
-    TYPES = {"hidden_ptr": "*bf16", "norm_w_ptr": "*bf16", "mlp_w_ptr": "*bf16", "mlp_b_ptr": "*bf16", "w_ptr": "*bf16",
-             "bias_ptr": "*bf16", "mask_ptr": "*u8", "token_ptr": "*i32", "rank_ptr": "*i32", "count_ptr": "*i32",
-             "num_steps_ptr": "*i32", "cu_seqlens_ptr": "*i32", "norm_eps": "fp32"}
-    UNIT = ("stride_hk", "stride_mk", "stride_wk")  # Triton specialises integer arguments equal to 1
-
-    def compile_sm90(kernel, constexprs, num_warps, num_stages=3):
-        constexprs = dict(constexprs, **{n: 1 for n in UNIT if n in kernel.arg_names})
-        sig = {n: "constexpr" if n in constexprs else TYPES.get(n, "*fp32" if n.endswith("_ptr") else "i32")
-               for n in kernel.arg_names}
-        div16 = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                 if sig[n] != "constexpr" and n not in ("norm_eps", "num_classes", "positive_index", "num_programs")}
-        src = ASTSource(kernel, sig, constexprs, div16)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages}).asm["ptx"]
-
-    mlp = sr.LAUNCH_TABLE["mlp"][9]
-    for has_norm in (True, False):
-        tiles = {k: mlp[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        ptx = compile_sm90(sr._step_mlp_kernel, dict(HAS_NORM=has_norm, HAS_MLP_BIAS=True, DOT_FP32=False, EVEN_K=True,
-                                                     **tiles), mlp["num_warps"], mlp["num_stages"])
-        assert "wgmma.mma_async" in ptx, "hidden layer dot is not on tensor cores"
-        assert "cp.async.cg.shared.global" in ptx, "hidden layer loads are not pipelined"
-    compile_sm90(sr._step_mlp_kernel, dict(HAS_NORM=True, HAS_MLP_BIAS=False, DOT_FP32=True, EVEN_K=False,
-                                           BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8), 4)
-    head = sr.LAUNCH_TABLE["head"][9]
-    ptx = compile_sm90(sr._step_head_kernel, dict(HAS_NORM=True, HAS_BIAS=True, ACTIVATION="softmax",
-                       BLOCK_T=head["BLOCK_T"], BLOCK_M=head["BLOCK_M"], BLOCK_K=head["BLOCK_K"], BLOCK_C=2),
-                       head["num_warps"])
-    assert "ld.global.v4" in ptx, "head kernel does not read rows in 16-byte loads"
-    compile_sm90(sr._step_head_kernel, dict(HAS_NORM=False, HAS_BIAS=False, ACTIVATION="sigmoid", BLOCK_T=256,
-                                            BLOCK_M=4, BLOCK_K=256, BLOCK_C=2), 4)
-    compile_sm90(sr._step_count_kernel, dict(BLOCK_T=1024), 4)
-    compile_sm90(sr._step_compact_kernel, dict(BLOCK_T=1024, NUM_BLOCKS_POW2=1024), 4)
-    for from_logits, aggregate in ((True, "prod"), (False, "last"), (True, "mean")):
-        compile_sm90(sr._step_finish_kernel, dict(PACKED=aggregate == "prod", FROM_LOGITS=from_logits, HAS_BIAS=True,
-                                                  ACTIVATION="softmax", AGGREGATE=aggregate, BLOCK_A=1024,
-                                                  BLOCK_C=2), 4)
-    print("compiled")
-""")
-
-
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    run_compile_script(SM90_COMPILE_SCRIPT, tmp_path, timeout=300)
-
 
 GPU_CASES = ACT_AGG_CASES[::2] + HEAD_CASES + SHAPE_CASES + [
     Case(bs=16, seq_len=300, hd=1536, hm=1536, dtype=torch.bfloat16, aggregate="prod"),

@@ -1,6 +1,5 @@
 """TreeAttentionPlan + tree_attention against float64 attention over each query's explicit key list."""
 import random
-import textwrap
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from o1kernels import TreeAttentionPlan, tree_attention
 from o1kernels.plan import PlanCapacity
 from attention_reference import (LSE_TOLERANCES, TOLERANCES, backends_on, random_tree, random_values, report_mismatch,
                                  tree_attention_f64, tree_segments)
-from offline_compile import run_compile_script
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKENDS = backends_on("cpu")
@@ -72,6 +70,22 @@ def test_head_dim_256_and_strided_q(backend):
     plan = TreeAttentionPlan(segments, len(leaves), 8, kv_chunk_size=8)
     _check(q, k, v, segments, plan, backend, sm_scale=0.2)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_element_offsets_past_int32(backend):
+    """A pool whose slot stride puts slot 2 of a page 3 * 2**30 elements in (as a 1M-token prompt held as one page
+    of a shared-prefix plan does at Hkv = 8, D = 256): the kernels' K/V offsets must be int64 (int32 wraps to a
+    wrong row). The view lives in a 10 GB virtual allocation of which only the touched pages become resident."""
+    page_size, d, stride_slot = 3, 16, 3 << 29
+    base = torch.empty((1 << 31) + page_size * stride_slot, dtype=torch.bfloat16)
+    k, v = (base.as_strided((1, page_size, 1, d), (page_size * stride_slot, stride_slot, d, 1), (1 << 30) + i * d)
+            for i in range(2))
+    k.copy_(random_values(k.shape, torch.bfloat16))
+    v.copy_(random_values(v.shape, torch.bfloat16))
+    segments = [([0], page_size, [0])]
+    q = random_values((1, 2, d), torch.bfloat16)
+    _check(q, k, v, segments, TreeAttentionPlan(segments, 1, page_size), backend)
 
 def _grown_tree(device):
     """Root prompt of 37 tokens (pages 5,2,7) shared by 3 branches, each with a tail of capacity 16."""
@@ -264,6 +278,26 @@ def test_capacity_plan_rejects_a_tree_that_does_not_fit():
 
 # ---- bad input --------------------------------------------------------------------------------------------------
 
+
+def test_host_values_inside_a_capture_raise(monkeypatch):
+    """Inside a CUDA-graph capture, set_lengths with Python ints and update(segments) would be captured as copies
+    from a pinned host buffer that is recycled after the capture (replays copy stale values): they raise and change
+    nothing; lengths in a tensor on the plan's device are taken. The capture state is patched in (no GPU here)."""
+    import o1kernels.plan as plan_module
+
+    trees = _capacity_trees(8)
+    plan = TreeAttentionPlan(trees[0], 8, 4, capacity=CAPACITY)
+    before = plan.seg_lens.clone()
+    lengths = [max(0, length - 1) for _, length, _ in trees[0]]
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="lengths: inside a CUDA-graph capture pass an int32/int64 tensor"):
+        plan.set_lengths(lengths)
+    with pytest.raises(RuntimeError, match=r"update\(segments\): inside a CUDA-graph capture"):
+        plan.update(trees[1])
+    assert torch.equal(plan.seg_lens, before) and plan.seg_pages_host == [pages for pages, _, _ in trees[0]]
+    plan.set_lengths(torch.tensor(lengths, dtype=torch.int32))
+    assert plan.seg_lens[:len(lengths)].tolist() == lengths
+
 def _plan_error(segments, num_queries=3, page_size=4, **kw):
     return lambda: TreeAttentionPlan(segments, num_queries, page_size, **kw)
 
@@ -371,61 +405,6 @@ def test_tree_attention_rejects_bad_options():
 
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 
-# Compiles the attention kernels for sm_90 with Triton's bundled ptxas (no GPU needed): every partial-kernel tile
-# tune() may pick must compile and run its dots on wgmma (Hopper tensor cores); the decode-merge kernel compiles
-# for the GQA groups and head dims of real models; both compile with every variant switched on (positions, window,
-# softcap, sinks) for bf16, fp16 and fp32 inputs. Catches what the interpreter accepts but the compiler rejects.
-SM90_COMPILE_SCRIPT = textwrap.dedent("""
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from o1kernels.triton_ops import tree_attention as ta
-
-    PLAIN = dict(CAUSAL=False, WINDOW=False, SOFTCAP=False)
-    VARIANTS = dict(CAUSAL=True, WINDOW=True, SOFTCAP=True)
-
-    def compile_sm90(kernel, constexprs, options, dtype="bf16"):
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                data = name[0] in "qkvo" and not name.startswith(("page", "part")) or name == "sinks_ptr"
-                sig[name] = f"*{dtype}" if data else "*fp32" if name.startswith(("part", "lse")) else "*i32"
-            else:
-                sig[name] = "fp32" if name in ("sm_scale_log2", "softcap_log2") else "i32"
-        const = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32), options=options)
-
-    for bm, bn, warps, stages in ta.PARTIAL_CANDIDATES:
-        k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
-                         DOT_FP32=False, DOT_PRECISION="tf32", **PLAIN), {"num_warps": warps, "num_stages": stages})
-        assert "wgmma" in k.asm["ptx"], f"partial kernel tile {bm}x{bn} does not use wgmma"
-    for group, d in ((4, 128), (8, 128), (1, 64), (16, 256), (7, 96)):
-        c = ta.decode_config(torch.device("cuda"), group, d)
-        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
-        compile_sm90(ta._decode_merge_kernel, dict(GROUP=group, BLOCK_D=ta.block_d(d), PART_D=ta.block_d(d), DIRECT0=True,
-                     DIRECT1=True, PARTIALS=True, DOT_FP32=False, DOT_PRECISION="tf32", SINKS=False, **PLAIN, **c), opts)
-    for dtype in ("bf16", "fp16", "fp32"):
-        precision = "ieee" if dtype == "fp32" else "tf32"  # what _Launch passes on a GPU
-        for bm, bn, warps, stages in ((128, 64, 8, 3), (64, 64, 4, 3)):
-            k = compile_sm90(ta._partial_attention_kernel, dict(GROUP=4, M_TILES=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
-                             DOT_FP32=False, DOT_PRECISION=precision, **VARIANTS),
-                             {"num_warps": warps, "num_stages": stages}, dtype)
-            assert dtype == "fp32" or "wgmma" in k.asm["ptx"], f"{dtype} variant tile {bm}x{bn} does not use wgmma"
-        c = ta.decode_config(torch.device("cuda"), 4, 128)
-        opts = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
-        compile_sm90(ta._decode_merge_kernel, dict(GROUP=4, BLOCK_D=128, PART_D=128, DIRECT0=True, DIRECT1=True,
-                     PARTIALS=True, DOT_FP32=False, DOT_PRECISION=precision, SINKS=True, **VARIANTS, **c), opts, dtype)
-    print("compiled")
-""")
-
-
-def test_triton_kernels_compile_for_sm90(tmp_path):
-    run_compile_script(SM90_COMPILE_SCRIPT, tmp_path, timeout=600)
-
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tree_attention_cuda(dtype):
@@ -437,52 +416,86 @@ def test_tree_attention_cuda(dtype):
         test_set_lengths_grows_segments_without_replanning(backend, device="cuda")
 
 
+# The backends a CUDA graph can capture (the torch reference builds index tensors on the device per call: not
+# capturable, and a loop that met it first never reached these).
+CAPTURE_BACKENDS = ("triton", "cuda")
+
+
+def _capturable(backend):
+    if backend not in backends_on("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on this GPU machine")
+
+
 @pytest.mark.cuda
-def test_tree_attention_cuda_graph_replay_after_set_lengths():
+@pytest.mark.parametrize("backend", CAPTURE_BACKENDS)
+def test_tree_attention_cuda_graph_replay_after_set_lengths(backend):
+    _capturable(backend)
     segments, plan = _grown_tree("cuda")
     q = torch.randn(3, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = _pool(10, 16, 2, 64, torch.bfloat16, "cuda")
-    for backend in backends_on("cuda"):
-        tree_attention(q, k, v, plan, backend=backend)  # compile / warm up outside the capture
+    tree_attention(q, k, v, plan, backend=backend)  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+    for lengths in ([40, 5, 16, 3], [48, 32, 0, 17]):
+        plan.set_lengths(torch.tensor(lengths, dtype=torch.int32, device="cuda"))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
-        for lengths in ([40, 5, 16, 3], [48, 32, 0, 17]):
-            plan.set_lengths(torch.tensor(lengths, dtype=torch.int32, device="cuda"))
-            q.copy_(torch.randn_like(q))
-            graph.replay()
-            torch.cuda.synchronize()
-            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
-            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
-            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+        o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 16, lengths, 64 ** -0.5)
+        report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+        report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.cuda
-def test_capacity_plan_cuda_graph_replays_updated_trees():
+@pytest.mark.parametrize("backend", CAPTURE_BACKENDS)
+def test_capacity_plan_cuda_graph_replays_updated_trees(backend):
     """Capture tree_attention once on a plan with a fixed capacity; swap trees with update() and grow lengths
-    with set_lengths between replays: the same graph computes each tree."""
+    with set_lengths between replays: the same graph computes each tree. Inside the capture, host values for
+    set_lengths / update raise (they would be copied from a recycled host buffer at every replay)."""
+    _capturable(backend)
     num_queries = 8
     k, v = _pool(100, 4, 2, 64, torch.bfloat16, "cuda")
     trees = _capacity_trees(num_queries)
-    for backend in backends_on("cuda"):
-        plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
-        q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)
-        tree_attention(q, k, v, plan, backend=backend)  # lays out, compiles, allocates outside the capture
+    plan = TreeAttentionPlan(trees[0], num_queries, 4, device="cuda", capacity=CAPACITY)
+    q = torch.randn(num_queries, 8, 64, device="cuda", dtype=torch.bfloat16)
+    tree_attention(q, k, v, plan, backend=backend)  # lays out, compiles, allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
+        with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+            plan.set_lengths([length for _, length, _ in trees[0]])
+        with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+            plan.update(trees[1])
+    for segments in trees[1:] + trees[:1]:
+        plan.update(segments)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o, lse = tree_attention(q, k, v, plan, return_lse=True, backend=backend)
-        for segments in trees[1:] + trees[:1]:
-            plan.update(segments)
-            q.copy_(torch.randn_like(q))
-            graph.replay()
-            torch.cuda.synchronize()
-            lengths = [length for _, length, _ in segments]
-            o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 4, lengths, 64 ** -0.5)
-            report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
-            report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
+        lengths = [length for _, length, _ in segments]
+        o_ref, lse_ref = tree_attention_f64(q, k.cpu(), v.cpu(), segments, 4, lengths, 64 ** -0.5)
+        report_mismatch(f"o ({backend}, graph)", o, o_ref, *TOLERANCES[torch.bfloat16])
+        report_mismatch(f"lse ({backend}, graph)", lse, lse_ref, *LSE_TOLERANCES[torch.bfloat16])
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_launches_on_the_inputs_device():
+    """Inputs on cuda:1 while cuda:0 is current: the Triton launchers enter the inputs' device (device_guard)."""
+    import o1kernels
+
+    segments, plan = _grown_tree("cuda:1")
+    q = torch.randn(3, 8, 64, device="cuda:1", dtype=torch.bfloat16)
+    k, v = _pool(10, 16, 2, 64, torch.bfloat16, "cuda:1")
+    with torch.cuda.device(0):
+        _check(q, k, v, segments, plan, "triton")
+        o, lse = tree_attention(q, k, v, plan, return_lse=True, backend="triton")
+        merged, _ = o1kernels.merge_states(o, lse, o, lse, backend="triton")
+    torch.cuda.synchronize(1)
+    report_mismatch("merge_states on cuda:1", merged, o.float(), *TOLERANCES[torch.bfloat16])
 
 def test_auto_backend_matches_float64():
     segments, plan = _grown_tree("cpu")

@@ -7,7 +7,8 @@
 #  3. The CUDA binding csrc/torch_bindings/cuda_ops.cpp syntax-checked by the host compiler
 #     against the installed torch's c10/cuda headers (the CPU wheel ships them, minus one
 #     generated header that a stand-in replaces), -Wall -Wextra -Werror.
-#  4. The installed package's extension o1kernels._C imports (the CPU build must not fail silently).
+#  4. The checked tree's extension o1kernels/_C*.so imports (the CPU build must not fail silently): the
+#     tree's own package, first on the path, never another o1kernels the environment has installed.
 # Usage: bash csrc/tools/compile_check.sh   (NVCC, CXX, MAX_JOBS, O1K_COMPILE_CHECK_DIR override)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -54,5 +55,20 @@ for dir in $TORCH_INCLUDES "$STANDIN" "$CUDA_INCLUDE" "$PY_INCLUDE"; do SYS_INCL
   -DO1K_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C csrc/torch_bindings/cuda_ops.cpp
 echo "  c++ ok   csrc/torch_bindings/cuda_ops.cpp (syntax, against torch's c10/cuda headers)"
 
-"$PY" -c "import o1kernels._C as C; print('  import ok o1kernels._C (WITH_CUDA=%s)' % C.WITH_CUDA)"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
+import pathlib
+import sys
+
+import o1kernels
+
+tree = (pathlib.Path.cwd() / "o1kernels").resolve()
+if pathlib.Path(o1kernels.__file__).resolve().parent != tree:
+    sys.exit(f"compile_check: imported o1kernels from {o1kernels.__file__}, not from the checked tree {tree}")
+# An editable install's finder resolves a submodule the tree lacks from the installed checkout: check where _C is.
+import o1kernels._C as C  # noqa: E402
+
+if pathlib.Path(C.__file__).resolve().parent != tree:
+    sys.exit(f"compile_check: imported o1kernels._C from {C.__file__}, not from the checked tree {tree}")
+print(f"  import ok {C.__file__} (WITH_CUDA={C.WITH_CUDA})")
+EOF
 echo "compile_check: passed"

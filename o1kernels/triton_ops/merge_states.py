@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._target import device_guard
+
 
 @triton.jit
 def lse_merge_step(m, s, acc, lse_i, o_i):
@@ -77,9 +79,10 @@ def merge_states_triton(o_a, lse_a, o_b, lse_b):
     if n == 0 or h == 0:
         return o, lse
     block_h = merge_block_heads(h, d)
-    _merge_states_kernel[(n, triton.cdiv(h, block_h))](
-        o_a, lse_a, o_b, lse_b, o, lse, h, d,
-        *o_a.stride(), *o_b.stride(), *o.stride(), *lse_a.stride(), *lse_b.stride(), *lse.stride(),
-        BLOCK_D=block_d(d), BLOCK_H=block_h,
-    )
+    with device_guard(o_a.device):
+        _merge_states_kernel[(n, triton.cdiv(h, block_h))](
+            o_a, lse_a, o_b, lse_b, o, lse, h, d,
+            *o_a.stride(), *o_b.stride(), *o.stride(), *lse_a.stride(), *lse_b.stride(), *lse.stride(),
+            BLOCK_D=block_d(d), BLOCK_H=block_h,
+        )
     return o, lse

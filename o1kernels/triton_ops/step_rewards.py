@@ -30,13 +30,13 @@ both bf16: its operands are then the hidden row as stored and W * norm_weight ro
 dtype (as the PRM itself computes in that dtype), on tensor cores with fp32 accumulation. Every
 other dot is IEEE fp32 (always on the CPU: the interpreter computes tl.dot on bf16 wrongly).
 
-Launch parameters come from a small table per GPU architecture (`LAUNCH_TABLE`); with
-O1KERNELS_AUTOTUNE=1 each shape class is timed over `AUTOTUNE_CANDIDATES` at its first call
-outside a CUDA-graph capture and the fastest is kept (`_tuned_config`).
+Launch parameters come from a small table per path and GPU architecture (`LAUNCH_TABLE`; the exact fp32
+hidden layer has rows of its own); with O1KERNELS_AUTOTUNE=1 each shape class is timed over
+`AUTOTUNE_CANDIDATES` (less those whose shared memory could exceed the GPU's) at its first call outside a
+CUDA-graph capture and the fastest is kept (`_tuned_config`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 import triton.testing
+
+from ._target import Target, device_guard, gpu_target
 
 
 @triton.jit
@@ -340,12 +342,16 @@ def clear_weight_cache() -> None:
 #   mlp:  SCAN_BLOCK tokens per count/compact program (doubled until there are at most MAX_SCAN_BLOCKS
 #         programs, whose counts each compact program reads); GEMM tiles BLOCK_M x BLOCK_N x BLOCK_K, GROUP_M row
 #         tiles per L2 group, programs_per_sm persistent programs per SM (CPU: `programs` in all);
-#   both: FINISH_BLOCK positions per step of the per-sequence finish kernel, FINISH_WARPS.
+#         "mlp" runs the GEMM on tensor cores (hidden and mlp_weight both fp16 or both bf16), "mlp_fp32" in exact
+#         fp32 on the FMA units (fp32 hidden, or mixed dtypes), whose operands live in registers: the 16-bit
+#         tiles spilled 8-22 KB per thread there (ptxas, sm_90a), so it has smaller tiles of its own;
+#   all:  FINISH_BLOCK positions per step of the per-sequence finish kernel, FINISH_WARPS.
 # GPU values are starting points chosen from the shapes' arithmetic, not measured yet (no GPU was
 # available): head BLOCK_T=512 gives ~1000 programs at Bs=256, L=2048 (all SMs busy, ~2.5 steps each at
-# 10 steps per 2048 tokens); mlp 128x128x64 tiles, 4 stages, 8 warps are the usual Hopper wgmma shape
-# (compiled offline for sm_90: wgmma, cp.async pipeline). The CPU rows keep the interpreter's loops short
-# and make the tests cross block, chunk and group boundaries.
+# 10 steps per 2048 tokens); mlp 128x128x64 tiles, 4 stages, 8 warps are the usual Hopper wgmma shape.
+# The offline sweep (python tools/triton_sweep.py, CI) compiles every row and candidate for sm_90a: the
+# rows compile without spills and every candidate within the shared-memory limit. The CPU rows keep the
+# interpreter's loops short and make the tests cross block, chunk and group boundaries.
 LAUNCH_TABLE = {
     "head": {
         9: dict(BLOCK_T=512, BLOCK_M=8, BLOCK_K=1024, num_warps=4, FINISH_BLOCK=1024, FINISH_WARPS=4),
@@ -360,9 +366,18 @@ LAUNCH_TABLE = {
         "cpu": dict(SCAN_BLOCK=16, MAX_SCAN_BLOCKS=1024, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2,
                     num_warps=1, num_stages=1, programs=3, FINISH_BLOCK=16, FINISH_WARPS=1),
     },
+    "mlp_fp32": {
+        9: dict(SCAN_BLOCK=1024, MAX_SCAN_BLOCKS=1024, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8,
+                num_warps=4, num_stages=3, programs_per_sm=4, FINISH_BLOCK=1024, FINISH_WARPS=4),
+        None: dict(SCAN_BLOCK=1024, MAX_SCAN_BLOCKS=1024, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8,
+                   num_warps=4, num_stages=2, programs_per_sm=4, FINISH_BLOCK=1024, FINISH_WARPS=4),
+        "cpu": dict(SCAN_BLOCK=16, MAX_SCAN_BLOCKS=1024, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2,
+                    num_warps=1, num_stages=1, programs=3, FINISH_BLOCK=16, FINISH_WARPS=1),
+    },
 }
 
-# O1KERNELS_AUTOTUNE=1: these variations of the table row are timed at the first call of each shape class.
+# O1KERNELS_AUTOTUNE=1: these variations of the table row are timed at the first call of each shape class (those
+# whose shared memory could exceed the GPU's are left out: see tuning_candidates).
 AUTOTUNE_CANDIDATES = {
     "head": [dict(BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk, num_warps=w)
              for bt, bm, bk, w in ((256, 4, 1024, 4), (512, 8, 1024, 4), (512, 8, 512, 4), (1024, 8, 1024, 8),
@@ -371,45 +386,54 @@ AUTOTUNE_CANDIDATES = {
             for bm, bn, bk, w, s, p in ((128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 3, 1), (128, 256, 64, 8, 3, 1),
                                         (64, 256, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (128, 64, 64, 4, 4, 2),
                                         (128, 128, 32, 4, 4, 2))],
+    "mlp_fp32": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s, programs_per_sm=p)
+                 for bm, bn, bk, w, s, p in ((32, 32, 32, 4, 3, 4), (32, 64, 32, 8, 3, 2), (64, 32, 32, 8, 3, 2),
+                                             (16, 64, 32, 4, 3, 4), (32, 32, 64, 4, 2, 4))],
 }
 _TUNED: dict[tuple, dict] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _device_facts(index: int) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(index)
-    return props.major, props.multi_processor_count
+def mlp_shared_bytes(cfg: dict, elem_bytes: int) -> int:
+    """Upper bound of the hidden-layer GEMM's shared memory: num_stages buffers of its A and B tiles plus a 16-bit
+    tile for the epilogue. The offline sweep checks it against every compiled row and candidate (Triton 3.9,
+    sm_90a: 64x256x64 with 4 stages in bf16 allocates 155,648 B; this bound says 196,608)."""
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return cfg["num_stages"] * (bm + bn) * bk * elem_bytes + 2 * bm * bn
 
 
-def _table_config(path: str, device: torch.device) -> dict:
+def _table_config(path: str, target: Target | None) -> dict:
     table = LAUNCH_TABLE[path]
-    if device.type != "cuda":
-        return table["cpu"]
-    major, _ = _device_facts(_device_index(device))
-    return table.get(major, table[None])
+    return table["cpu"] if target is None else table.get(target.arch, table[None])
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def tuning_candidates(path: str, target: Target, elem_bytes: int) -> list[dict]:
+    """The table's row updated by each AUTOTUNE_CANDIDATES[path] entry, less those whose shared memory could
+    exceed the target's (a launch over the limit raises; one such candidate, 64x256x64 with 4 stages in fp32,
+    needs 245,760 B where sm_90 allows 232,448). elem_bytes: the GEMM operands' (head: unused)."""
+    table = _table_config(path, target)
+    out = [{**table, **c} for c in AUTOTUNE_CANDIDATES[path]]
+    if path != "head":
+        out = [c for c in out if mlp_shared_bytes(c, elem_bytes) <= target.smem]
+    return out
 
 
 def _autotune_enabled() -> bool:
     return os.environ.get("O1KERNELS_AUTOTUNE", "0") not in ("", "0")
 
 
-def _tuned_config(path: str, device: torch.device, shape_key: tuple, run) -> dict:
-    """The table's row, or with O1KERNELS_AUTOTUNE=1 on a GPU the fastest of the row updated by each of
-    AUTOTUNE_CANDIDATES[path] for this shape class, timed once by running the whole op (`run(config)`
-    rewrites every output, so the call that tunes returns right results). Never tunes inside a CUDA-graph
-    capture (the table's row is used there)."""
-    table = _table_config(path, device)
-    if device.type != "cuda" or not _autotune_enabled():
+def _tuned_config(path: str, device: torch.device, target: Target | None, elem_bytes: int, shape_key: tuple,
+                  run) -> dict:
+    """The table's row, or with O1KERNELS_AUTOTUNE=1 on a GPU the fastest of tuning_candidates(path, ...) for this
+    shape class, timed once by running the whole op (`run(config)` rewrites every output, so the call that tunes
+    returns right results). Never tunes inside a CUDA-graph capture (the table's row is used there)."""
+    table = _table_config(path, target)
+    if target is None or device.type != "cuda" or not _autotune_enabled():
         return table
-    key = (path, _device_facts(_device_index(device))[0]) + shape_key
+    key = (path, target.arch) + shape_key
     if key not in _TUNED:
         if torch.cuda.is_current_stream_capturing():
             return table
-        candidates = [{**table, **c} for c in AUTOTUNE_CANDIDATES[path]]
+        candidates = tuning_candidates(path, target, elem_bytes)
         timings = [(triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25), i) for i, cfg in enumerate(candidates)]
         _TUNED[key] = candidates[min(timings)[1]]
     return _TUNED[key]
@@ -454,8 +478,8 @@ def step_rewards_triton(hidden, step_mask, cu_seqlens, weight, bias, norm_weight
         seq_len, (stride_hb, stride_hl, stride_hk) = step_mask.shape[1], hidden.stride()
     hidden_args = (seq_len, stride_hb, stride_hl, stride_hk)
     block_c = max(2, _pow2(weight.shape[0]))
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    target = gpu_target(device)
+    with device_guard(device):
         if mlp_weight is None:
             def run(cfg):
                 _launch_head(hidden, mask, weight, bias, norm_weight, norm_eps, positive_index, activation,
@@ -464,10 +488,11 @@ def step_rewards_triton(hidden, step_mask, cu_seqlens, weight, bias, norm_weight
                                positive_index, activation, aggregate, block_c, cfg)
 
             shape_key = (hidden.dtype, hidden.shape[-1], weight.shape[0], _pow2(num_tokens))
+            path, elem_bytes = "head", hidden.element_size()
         else:
             # Tensor cores when hidden and mlp_weight share a 16-bit dtype on a GPU; the folded weight then has
             # that dtype. Otherwise IEEE fp32 dots (the kernel converts mlp_weight as it loads it when unfolded).
-            dot_fp32 = device.type == "cpu" or hidden.dtype == torch.float32 or mlp_weight.dtype != hidden.dtype
+            dot_fp32 = target is None or hidden.dtype == torch.float32 or mlp_weight.dtype != hidden.dtype
             mlp_w = mlp_weight if norm_weight is None else \
                 folded_mlp_weight(mlp_weight, norm_weight, torch.float32 if dot_fp32 else hidden.dtype)
 
@@ -477,8 +502,10 @@ def step_rewards_triton(hidden, step_mask, cu_seqlens, weight, bias, norm_weight
                                      hidden_args, block_c, dot_fp32, cfg)
 
             shape_key = (hidden.dtype, mlp_w.dtype, hidden.shape[-1], mlp_weight.shape[0], _pow2(num_tokens))
-        path = "head" if mlp_weight is None else "mlp"
-        run({**_table_config(path, device), **config} if config else _tuned_config(path, device, shape_key, run))
+            path = "mlp_fp32" if dot_fp32 and target is not None else "mlp"
+            elem_bytes = 4 if dot_fp32 else hidden.element_size()
+        run({**_table_config(path, target), **config} if config else
+            _tuned_config(path, device, target, elem_bytes, shape_key, run))
     return step_scores, chain_scores
 
 
@@ -533,8 +560,8 @@ def _launch_mlp_pipeline(hidden, mask, cu_seqlens, weight, bias, has_norm, norm_
         num_classes,
         BLOCK_T=block_t, NUM_BLOCKS_POW2=_pow2(num_blocks), num_warps=cfg["FINISH_WARPS"])
     max_tiles = _cdiv(num_tokens, cfg["BLOCK_M"]) * _cdiv(hm, cfg["BLOCK_N"])
-    programs = cfg["programs"] if device.type != "cuda" else \
-        cfg["programs_per_sm"] * _device_facts(_device_index(device))[1]
+    target = gpu_target(device)
+    programs = cfg["programs"] if target is None else cfg["programs_per_sm"] * target.sms
     num_programs = max(1, min(max_tiles, programs))
     _step_mlp_kernel[(num_programs,)](
         hidden, token_of_rank, num_steps, mlp_w, mlp_bias if mlp_bias is not None else mlp_w, weight, logits,

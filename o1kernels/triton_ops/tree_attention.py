@@ -25,12 +25,11 @@ Variants, each a constexpr switch (off: the kernels are the plain ones, no extra
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._target import Target, device_guard, gpu_target
 from .merge_states import block_d, lse_merge_finish, lse_merge_step
 
 LOG2E = 1.4426950408889634
@@ -73,12 +72,15 @@ def _attend_tokens(q, m_i, l_i, acc, kv_lo, kv_hi, row_lo, row_hi, page_base, pa
     for start in range(kv_lo, kv_hi, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         tok_ok = tokens < kv_hi
+        # int64 offsets: a shared-prefix plan makes a whole prompt one page, so slot * stride reaches
+        # P * Hkv * D, past 2**31 at P = 1M, Hkv = 8, D = 256.
         page = tl.load(page_table_ptr + page_base + tokens // page_size, mask=tok_ok, other=0).to(tl.int64)
-        slot = tokens % page_size
+        slot = (tokens % page_size).to(tl.int64)
         kv_mask = tok_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+        head = kv_head.to(tl.int64)
+        k = tl.load(k_ptr + page[:, None] * stride_kp + slot[:, None] * stride_ks + head * stride_kh + dims[None, :],
                     mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+        v = tl.load(v_ptr + page[:, None] * stride_vp + slot[:, None] * stride_vs + head * stride_vh + dims[None, :],
                     mask=kv_mask, other=0.0)
         # DOT_FP32: set on the CPU, where Triton's interpreter returns garbage from tl.dot on two
         # bfloat16 operands (numpy has no bf16); on CUDA the dots run in the input dtype (tensor cores).
@@ -264,42 +266,93 @@ def _decode_merge_kernel(
 
 
 # ---- launch configuration ----------------------------------------------------------------------------------------
-# Partial kernel tiles on a GPU: M rows 64-128 (wgmma on Hopper needs M >= 64 and num_warps >= 4), BLOCK_N 64
-# (32 for head_dim 256), num_stages 3 on sm_90 (cp.async/TMA pipelining; 2 on older parts), 8 warps for the
-# 128 x 128 fp32 accumulator. Starting points from the Triton fused-attention tutorial's Hopper settings, not
-# yet measured on our kernels (no GPU in the session that wrote them): plan.tune() times PARTIAL_CANDIDATES.
-PARTIAL_CANDIDATES = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3),
-)
+# Tiles per dtype class: "16bit" (fp16/bf16 dots on tensor cores), "fp32" (exact IEEE fp32 dots on the FMA units,
+# the default for fp32 inputs), "tf32" (fp32 inputs on tensor cores in TF32, ~1e-3 relative error: only where the
+# caller set plan.fp32_precision = "tf32"). 16-bit partial tiles: M rows 64-128 (wgmma on Hopper needs M >= 64 and
+# num_warps >= 4), BLOCK_N 64 (32 at head_dim 256), 8 warps from 128 x 128 accumulators, num_stages 3 on sm_90
+# (pipelined loads; 2 on older parts): starting points from the Triton fused-attention tutorial's Hopper settings.
+# Exact fp32 dots hold their operands in registers: bf16-sized tiles spilled 1.6-79 KB per thread (ptxas, sm_90a,
+# Triton 3.9), so fp32 gets 32 x 32 tiles on 8 warps, which compile without spills at head_dim 64-256. Every default
+# and candidate below is compiled by the offline sweep (python tools/triton_sweep.py, CI): no spills in the
+# default tables, shared memory within the limit. Speed is unmeasured (no GPU yet): plan.tune() times the candidates.
+PARTIAL_CANDIDATES = {  # (BLOCK_M, BLOCK_N, num_warps, num_stages) per dtype class
+    "16bit": ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3), (128, 128, 8, 3)),
+    "fp32": ((32, 32, 8, 3), (16, 32, 8, 3), (32, 64, 8, 3), (16, 64, 8, 3), (32, 16, 8, 3)),
+    "tf32": ((64, 32, 8, 3), (64, 16, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)),
+}
+FP32_PRECISIONS = ("ieee", "tf32")
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+def dtype_class(dtype: torch.dtype, fp32_precision: str = "ieee") -> str:
+    """The tile table of inputs of `dtype` ("16bit", "fp32" or "tf32", see above)."""
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"plan.fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if fp32_precision == "tf32" else "fp32"
 
 
-def partial_config(device: torch.device, rows: int, head_dim: int, override=None) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the partial kernel for items of up to `rows` rows."""
+def _fit_head_dim(block_n: int, num_warps: int, bd: int) -> tuple[int, int]:
+    """BLOCK_N and num_warps of a tile at padded head_dim bd: at 256, BLOCK_N <= 32 and 8 warps (4 warps spilled
+    2.7 KB per thread in bf16, Triton 3.9, sm_90a)."""
+    return (block_n, num_warps) if bd <= 128 else (min(block_n, 32), 8)
+
+
+def partial_config(target: Target | None, kind: str, rows: int, head_dim: int, override=None) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the partial kernel for items of up to `rows` rows (GPU `target`;
+    None: the interpreter) of dtype class `kind`; override: a (BLOCK_M, BLOCK_N, num_warps, num_stages) candidate."""
     bd = block_d(head_dim)
-    if device.type != "cuda":  # interpreter: small tiles keep the emulated loops short
-        return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(rows))), BLOCK_N=64 if bd <= 128 else 32,
-                    num_warps=4, num_stages=1)
+    rows = max(16, triton.next_power_of_2(rows))
+    if target is None:  # interpreter: small tiles keep the emulated loops short
+        return dict(BLOCK_M=min(64, rows), BLOCK_N=64 if bd <= 128 else 32, num_warps=4, num_stages=1)
     if override is not None:
-        bm, bn, warps, stages = override
-        return dict(BLOCK_M=bm, BLOCK_N=bn if bd <= 128 else min(bn, 32), num_warps=warps, num_stages=stages)
-    block_m = 128 if rows > 64 else max(16, triton.next_power_of_2(rows))
-    return dict(BLOCK_M=block_m, BLOCK_N=64 if bd <= 128 else 32,
-                num_warps=8 if block_m * bd >= 128 * 128 else 4, num_stages=3 if _capability(device)[0] >= 9 else 2)
+        block_m, block_n, warps, stages = override
+    elif kind == "16bit":
+        block_m, block_n, stages = min(128, rows), 64, 3
+        warps = 8 if block_m * bd >= 128 * 128 else 4
+    elif kind == "fp32":
+        block_m, block_n, warps, stages = min(32, rows), 32, 8, 3
+    else:  # tf32: 64 rows for wgmma; at head_dim 256 BLOCK_N 32 spilled 72-140 B (fp32 K/V tiles), 16 does not
+        block_m, block_n, warps, stages = 64, 32 if bd <= 128 else 16, 8, 3
+    block_n, warps = _fit_head_dim(block_n, warps, bd)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages if target.arch >= 9 else 2)
 
 
-def decode_config(device: torch.device, group: int, head_dim: int) -> dict:
-    """Tiles of the decode-merge kernel: a program holds at most 64 x 128 fp32 accumulators (heads split)."""
+def partial_shared_bytes(config: dict, head_dim: int, elem_bytes: int) -> int:
+    """Upper bound of the partial kernel's shared memory: num_stages - 1 buffers of the K and V blocks (Triton's
+    pipeliner keeps one load fewer than num_stages in flight), the q tile and an fp32 score tile. The offline sweep
+    checks it against every compiled default and candidate (Triton 3.9, sm_90a: within 4% at the tightest)."""
+    bd, bm, bn = block_d(head_dim), config["BLOCK_M"], config["BLOCK_N"]
+    return (max(1, config["num_stages"] - 1) * 2 * bn * bd + bm * bd) * elem_bytes + 4 * bm * bn
+
+
+def partial_candidates(target: Target, kind: str, head_dim: int) -> list[tuple]:
+    """The candidates plan.tune() times for this dtype class and head_dim: PARTIAL_CANDIDATES[kind] as they run at
+    this head_dim, without duplicates and without those whose shared memory could exceed the target's."""
+    elem = 2 if kind == "16bit" else 4
+    out = []
+    for candidate in PARTIAL_CANDIDATES[kind]:
+        cfg = partial_config(target, kind, 128, head_dim, candidate)
+        fitted = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+        if fitted not in out and partial_shared_bytes(cfg, head_dim, elem) <= target.smem:
+            out.append(fitted)
+    return out
+
+
+def decode_config(target: Target | None, kind: str, group: int, head_dim: int) -> dict:
+    """Tiles of the decode-merge kernel: a program holds at most 64 x 128 fp32 accumulators (the GQA group's heads
+    split over programs beyond that). GPU: 16-bit BLOCK_N 64 at head_dim 128, else 32 (16 rows x 64 tokens at
+    head_dim 64 spilled 4-8 B); fp32 dots on 8 warps with BLOCK_N 32 and at most 16 rows from head_dim 128 on
+    (32 rows spilled 0.3-9.8 KB per thread there). All: the offline sweep, Triton 3.9, sm_90a."""
     bd = block_d(head_dim)
     rows = max(16, triton.next_power_of_2(group))
-    splits = max(1, rows * bd // (64 * 128))
-    on_gpu = device.type == "cuda"
-    return dict(BLOCK_M=max(16, rows // splits), HEAD_SPLITS=splits, BLOCK_N=64 if bd <= 128 else 32,
-                num_warps=4, num_stages=2 if on_gpu else 1)
+    budget = 64 * 128 if target is None or kind == "16bit" else 64 * 64 if bd < 128 else 16 * bd
+    block_m = max(16, min(rows, budget // bd))
+    splits = triton.cdiv(rows, block_m)
+    if target is None:
+        return dict(BLOCK_M=block_m, HEAD_SPLITS=splits, BLOCK_N=64 if bd <= 128 else 32, num_warps=4, num_stages=1)
+    block_n, warps = (64 if bd == 128 else 32, 4) if kind == "16bit" else (32, 8)
+    return dict(BLOCK_M=block_m, HEAD_SPLITS=splits, BLOCK_N=block_n, num_warps=warps, num_stages=2)
 
 
 def check_triton_shapes(head_dim: int) -> None:
@@ -322,12 +375,14 @@ class _Launch:
         hkv = pools[0][0].shape[2]
         group = hq // hkv
         bd = block_d(d)
-        dot_fp32 = q.device.type == "cpu"  # the interpreter's bf16 x bf16 tl.dot is wrong: fp32 dots there
-        common = dict(DOT_FP32=dot_fp32, DOT_PRECISION="ieee" if dot_fp32 or q.dtype == torch.float32 else "tf32",
-                      CAUSAL=layout.causal, WINDOW=layout.window is not None, SOFTCAP=softcap is not None)
+        target = gpu_target(q.device)
+        kind = dtype_class(q.dtype, plan.fp32_precision)
+        dot_fp32 = target is None  # the interpreter's bf16 x bf16 tl.dot is wrong: fp32 dots there
+        common = dict(DOT_FP32=dot_fp32, DOT_PRECISION="tf32" if kind == "tf32" and not dot_fp32 else "ieee",
+                      CAUSAL=bool(layout.causal), WINDOW=layout.window is not None, SOFTCAP=softcap is not None)
         self.num_q, self.hq, self.d = num_q, hq, d
         # the kernels' run-time scalars sm_scale_log2, softcap_log2, window (unused ones are placeholders)
-        self.scalars = (sm_scale * LOG2E, (softcap or 1.0) * LOG2E, layout.window or 0)
+        self.scalars = (sm_scale * LOG2E, (softcap or 1.0) * LOG2E, int(layout.window or 0))
         self.workspace = plan.workspace("triton", layout.num_partials, hq, bd) if layout.num_partials else None
         dummy = layout.slot_indptr
         positions = layout.q_pos if layout.causal else dummy
@@ -335,16 +390,16 @@ class _Launch:
         for src, source in enumerate(layout.sources):
             if not source.num_work:
                 continue
-            rows = source.max_work_queries * group
-            cfg = partial_config(q.device, rows, d, config)
+            rows = int(source.max_work_queries) * group  # plain ints in grids and constexprs, not numpy scalars
+            cfg = partial_config(target, kind, rows, d, config)
             m_tiles = triton.cdiv(rows, cfg["BLOCK_M"])
             seg_start = layout.seg_start[source.seg_lo:source.seg_hi] if layout.causal else dummy
-            self.partials.append((src, (source.num_work * m_tiles, hkv),
+            self.partials.append((src, (int(source.num_work) * m_tiles, hkv),
                                   (*layout.source_views(source), layout.seg_queries, *source.work, seg_start,
                                    positions),
                                   max(pools[src][0].shape[1], 1),
                                   dict(GROUP=group, M_TILES=m_tiles, BLOCK_D=bd, **cfg, **common)))
-        cfg = decode_config(q.device, group, d)
+        cfg = decode_config(target, kind, group, d)
         direct = [layout.direct[i] if i < len(layout.direct) else None for i in (0, 1)]
         tables = [layout.source_views(source)[0] for source in layout.sources]
         self.decode_grid = (num_q, hkv * cfg["HEAD_SPLITS"])
@@ -353,8 +408,8 @@ class _Launch:
         self.decode_source = [(tables[min(i, len(tables) - 1)], *(direct[i] if direct[i] is not None else (dummy, dummy)))
                               for i in (0, 1)]
         self.decode_consts = dict(GROUP=group, BLOCK_D=bd, PART_D=bd, DIRECT0=direct[0] is not None,
-                                  DIRECT1=direct[1] is not None, PARTIALS=layout.num_partials > 0, SINKS=with_sinks,
-                                  **cfg, **common)
+                                  DIRECT1=direct[1] is not None, PARTIALS=bool(layout.num_partials > 0),
+                                  SINKS=with_sinks, **cfg, **common)
 
 
 def run_plan(plan, q, pools, sm_scale: float, *, window: int | None = None, softcap: float | None = None,
@@ -369,7 +424,7 @@ def run_plan(plan, q, pools, sm_scale: float, *, window: int | None = None, soft
     pools = [(_unit_last(k), _unit_last(v)) for k, v in pools]
     layout = plan.layout("fused", hq, pools[0][0].shape[2], d, q.element_size(), window)
     config = plan.tuned.get("config")
-    key = (hq, q.dtype, sm_scale, config, softcap, sinks is not None)
+    key = (hq, q.dtype, sm_scale, config, softcap, sinks is not None, plan.fp32_precision)
     launch = layout.launches.get(key)
     if launch is None:
         launch = layout.launches[key] = _Launch(plan, layout, q, pools, sm_scale, config, softcap, sinks is not None)
@@ -378,18 +433,19 @@ def run_plan(plan, q, pools, sm_scale: float, *, window: int | None = None, soft
     if num_q == 0 or hq == 0:
         return o, lse
     part_o, part_lse = launch.workspace or (o, lse)
-    for src, grid, index, page_size, consts in launch.partials:
-        k, v = pools[src]
-        _partial_attention_kernel[grid](
-            q, k, v, part_o, part_lse, *index, page_size, d, hq, *launch.scalars,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            **consts)
-    (k0, v0), (k1, v1) = pools[0], pools[-1]
-    _decode_merge_kernel[launch.decode_grid](
-        q, o, lse, part_o, part_lse, *launch.decode_index, lse if sinks is None else sinks,
-        k0, v0, *launch.decode_source[0], max(k0.shape[1], 1), k1, v1, *launch.decode_source[1], max(k1.shape[1], 1),
-        d, hq, *launch.scalars, q.stride(0), q.stride(1),
-        k0.stride(0), k0.stride(1), k0.stride(2), v0.stride(0), v0.stride(1), v0.stride(2),
-        k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
-        **launch.decode_consts)
+    with device_guard(q.device):
+        for src, grid, index, page_size, consts in launch.partials:
+            k, v = pools[src]
+            _partial_attention_kernel[grid](
+                q, k, v, part_o, part_lse, *index, page_size, d, hq, *launch.scalars,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                **consts)
+        (k0, v0), (k1, v1) = pools[0], pools[-1]
+        _decode_merge_kernel[launch.decode_grid](
+            q, o, lse, part_o, part_lse, *launch.decode_index, lse if sinks is None else sinks,
+            k0, v0, *launch.decode_source[0], max(k0.shape[1], 1), k1, v1, *launch.decode_source[1],
+            max(k1.shape[1], 1), d, hq, *launch.scalars, q.stride(0), q.stride(1),
+            k0.stride(0), k0.stride(1), k0.stride(2), v0.stride(0), v0.stride(1), v0.stride(2),
+            k1.stride(0), k1.stride(1), k1.stride(2), v1.stride(0), v1.stride(1), v1.stride(2),
+            **launch.decode_consts)
     return o, lse
