@@ -318,6 +318,8 @@ def main():
     ap.add_argument("--tune", action="store_true", help="also run tree plans tuned by plan.tune() (GPU)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
+    ap.add_argument("--no-planning", action="store_true",
+                    help="skip the host planning table of PagedAttention (bench_planning.py; skipped with --quick)")
     add_output_args(ap)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -391,6 +393,11 @@ def main():
     json_path, md_path = write_results("bench_attention", device, COLUMNS, rows, sorted(notes) + lines, prefix=prefix,
                                        legend=LEGEND)
     print(f"wrote {json_path} and {md_path}")
+    if not (args.quick or args.no_planning):  # the host side of the same attention: planning from block tables
+        from benchmarks.bench_planning import main as planning
+
+        print()
+        planning(["--out", str(prefix.parent) + "/"] if args.out else ["--update-shipped"] if args.update_shipped else [])
 
 
 def _ours(provider: str) -> bool:

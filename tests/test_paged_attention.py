@@ -454,3 +454,19 @@ def test_batch_segments_compiled_equals_numpy(seed):
         for a, b in zip(got[1:6], ref[1:6]):
             np.testing.assert_array_equal(a, b)
         assert got[6] == ref[6]
+
+
+def test_plan_and_host_lengths_refused_inside_a_capture(monkeypatch):
+    """Inside a CUDA-graph capture plan() and set_lengths with host values would stage through recycled pinned
+    buffers: refused, naming the argument (the capture state patched in: no GPU here)."""
+    import o1kernels.plan as plan_module
+
+    attn = PagedAttention(4, (4, 2), 8)
+    attn.plan(np.array([[0, 1]]), [6])
+    monkeypatch.setattr(plan_module, "capturing", lambda device: True)
+    monkeypatch.setattr("o1kernels.paged.attention.capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA-graph capture"):
+        attn.plan(np.array([[0, 1]]), [7])
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        attn.set_lengths([7])
+    attn.set_lengths(torch.tensor([7]))  # a device tensor: device ops only

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from o1kernels._checks import FLOAT_DTYPES, INT32_MAX, check_count, check_tensor
-from o1kernels.plan import PlanCapacity, SegmentArrays, TreeAttentionPlan, plan_device
+from o1kernels.plan import (PlanCapacity, SegmentArrays, TreeAttentionPlan, capturing, plan_device,
+                            refuse_host_values_in_capture)
 from o1kernels.tree_attention import tree_attention
 
 from .sharing import SharingPlanner
@@ -213,6 +214,9 @@ class PagedAttention:
         unchanged, pages past them may have been appended or trimmed -- or -1 for a new row; only the other pages
         are read (without it, or after a failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
         over the previous ones must be captured again)."""
+        if capturing(self.device):
+            raise RuntimeError("PagedAttention.plan() inside a CUDA-graph capture: plan before capturing (the capture "
+                               "replays set_lengths + run)")
         if (block_table is None) == (kv_indptr is None):
             raise ValueError("give either block_table or kv_indptr + kv_indices")
         if kv_indptr is not None:
@@ -358,6 +362,7 @@ class PagedAttention:
                 raise ValueError(f"seq_lens must have {rows} entries (one per row), got {seq_lens.shape[0]}")
             lens = seq_lens if seq_lens.dtype == torch.int32 else seq_lens.int()
         else:
+            refuse_host_values_in_capture(self.device, "seq_lens")
             seq = _host_ints("seq_lens", seq_lens, rows)
             bad = np.flatnonzero((seq < self.batch.query_lens) | (seq > self.batch.num_pages * self.page_size))
             if len(bad):
