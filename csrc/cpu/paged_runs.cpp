@@ -16,7 +16,8 @@
 // state is unset) reads every row.
 //
 // Cost: one pass over the pages written (count, column and parent per page: O(1) each, prefetched ahead since pool
-// page ids are scattered), plus, per row, one step per run (a run already cut by an earlier row is skipped whole).
+// page ids are scattered), plus, per row, one step per run (a run already cut by an earlier row is skipped whole; a
+// new one is found by bisection: readers never increase along a row of a forest).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -162,13 +163,19 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
       if (key[kStamp] != call) {
         const int32_t readers = key[kCount];
         int32_t end = j + 1;
-        if (forest && readers == 1) {
-          end = n;  // in a forest a page only this row reads is followed by pages only it reads
-        } else if (forest) {
-          while (end < n && S[row[end] * kStateFields + kCount] == readers) {
-            if (end + kPrefetch < n) __builtin_prefetch(S + row[end + kPrefetch] * kStateFields);
-            ++end;
+        if (forest) {
+          // In a forest a page's readers are a subset of its parent's, so readers never increase along a row: the
+          // run ends at the first page with fewer, found by bisection (a few state reads, not one per page).
+          int32_t lo = j + 1, hi = n;  // the run ends in [lo, hi]
+          while (lo < hi) {
+            const int32_t mid = lo + (hi - lo) / 2;
+            if (S[row[mid] * kStateFields + kCount] == readers) {
+              lo = mid + 1;
+            } else {
+              hi = mid;
+            }
           }
+          end = lo;
         }
         key[kStamp] = call;
         key[kSegment] = num_segs;

@@ -212,8 +212,8 @@ class PagedAttention:
         valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
         of the previous plan() it continues -- the same sequence: the pages holding the tokens it had then are
         unchanged, pages past them may have been appended or trimmed -- or -1 for a new row; only the other pages
-        are read (without it, or after a failed plan, every row is). Returns True when the plan's device tensors are new (a CUDA graph captured
-        over the previous ones must be captured again)."""
+        are read (without it, or after a failed plan, every row is). Returns True when the plan's device tensors are
+        new (a CUDA graph captured over the previous ones must be captured again)."""
         if capturing(self.device):
             raise RuntimeError("PagedAttention.plan() inside a CUDA-graph capture: plan before capturing (the capture "
                                "replays set_lengths + run)")
@@ -253,6 +253,10 @@ class PagedAttention:
         return self._lay_out(rows, seq, qlen, npages, runs, new)
 
     def _check_rows(self, seq, qlen, npages, need, width) -> None:
+        # one combined test (seq >= qlen >= 0 and npages >= need >= 0 bound the rest); the details only on failure
+        if ((qlen >= 0) & (qlen <= seq) & (npages >= need) & (npages <= width) & (seq <= INT32_MAX)).all() \
+                and int(qlen.sum()) <= INT32_MAX:
+            return
         for name, arr in (("seq_lens", seq), ("query_lens", qlen), ("num_pages", npages)):
             if len(arr) and (arr.min() < 0 or arr.max() > INT32_MAX):
                 raise ValueError(f"{name} must be in [0, 2**31 - 1], got values in [{int(arr.min())}, {int(arr.max())}]")
@@ -287,7 +291,7 @@ class PagedAttention:
             plan = self._new_plan(segs, lengths, positions, num_queries, runs.max_page, masks)
         self.plan_obj = plan
         self._set_lengths_tensors(longest, segs.start, segs.capacity, query_row, query_offset, new)
-        self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments)
+        self.batch = Batch(rows, num_queries, qlen, seq, npages, runs.segments.copy())
         return new
 
     def _fit_table(self, rows: int, width: int) -> bool:

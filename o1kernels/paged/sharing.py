@@ -26,7 +26,8 @@ STATE_FIELDS = 6  # per page id: epoch, readers, column, parent, stamp, segment 
 class Runs:
     """segments int32 [S, 4]: (slot of a row reading it, first column, pages, rows reading it) of each run shared by
     its rows; row_runs int32 [*] / row_run_ptr int64 [R+1]: each row's segments in order (CSR); max_page: the largest
-    page id the rows read (-1: none); slots int64 [R]: each row's slot in the slot table."""
+    page id the rows read (-1: none); slots int64 [R]: each row's slot in the slot table. A SharingPlanner's Runs
+    are views of its buffers: valid until its next plan."""
 
     segments: np.ndarray
     row_runs: np.ndarray
@@ -42,6 +43,8 @@ class SharingPlanner:
     def __init__(self):
         self.compiled = unavailable_reason("cpu") is None
         self._state = np.zeros((0, STATE_FIELDS), dtype=np.int32)
+        self._segs_out = np.empty((0, 4), dtype=np.int32)  # the compiled planner's outputs (Runs are views of them,
+        self._runs_out = np.empty(0, dtype=np.int32)        # valid until the next plan)
         self._epoch = self._stamp = 0
         self._slots: np.ndarray | None = None  # slots of the previous plan's rows (None: no plan to continue)
         self._slot_pages = np.zeros(0, dtype=np.int32)
@@ -128,8 +131,10 @@ class SharingPlanner:
 
     def _run(self, table, num_pages, slots, kept, released, slot_table) -> Runs | None:
         entries = int(num_pages.sum())
-        segs = np.empty((entries, 4), dtype=np.int32)
-        runs = np.empty(entries, dtype=np.int32)
+        if len(self._runs_out) < entries:  # outputs kept between plans (no 8 MB allocation per plan at 256 x 2,048)
+            self._segs_out = np.empty((2 * entries, 4), dtype=np.int32)
+            self._runs_out = np.empty(2 * entries, dtype=np.int32)
+        segs, runs = self._segs_out, self._runs_out
         ptr = np.empty(len(num_pages) + 1, dtype=np.int64)
         while True:
             self._stamp += 1
