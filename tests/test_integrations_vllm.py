@@ -51,17 +51,27 @@ def write_checkpoint(path, family: str, seed: int = 0) -> str:
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                               Qwen2ForCausalLM)
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_cls, model_cls, extra = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 48}),  # shorter than every prompt
+        # every other layer windowed, attention logits soft-capped; vLLM ties Gemma2's LM head to the embeddings
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"sliding_window": 48, "attn_logit_softcapping": 20.0,
+                                                     "final_logit_softcapping": None, "query_pre_attn_scalar": 24,
+                                                     "tie_word_embeddings": True}),
+    }[family]
     torch.manual_seed(seed)
     config = config_cls(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-                        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+                        bos_token_id=0, eos_token_id=1, **{"tie_word_embeddings": False, **extra})
     model = model_cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)  # attention far from uniform
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" or (name == "model.embed_tokens.weight" and config.tie_word_embeddings):
                 p.mul_(16.0)  # logits std ~3.6: no top-2 gap under 1e-3 in 1200 sampled positions
     model.save_pretrained(path)
     words = ["<s>", "</s>"] + [f"w{i}" for i in range(2, VOCAB)]
@@ -83,7 +93,7 @@ def start(model: str, ours: bool, **kwargs) -> LLM:
     selector._cached_get_attn_backend.cache_clear()
     llm = LLM(model=model, **{**ENGINE, **kwargs})
     for report in llm.collective_rpc(ok_vllm.worker_report):
-        assert report["backends"] == [OURS if ours else VLLM_CPU]
+        assert report["backends"] and all(b == (OURS if ours else VLLM_CPU) for b in report["backends"])  # per group
     return llm
 
 
@@ -255,6 +265,31 @@ def qwen2_runs(tmp_path_factory):
 @pytest.mark.parametrize("workload", ["greedy", "sampling_n16"])
 def test_qwen2_tokens_and_logprobs_equal_vllm(qwen2_runs, workload):
     assert_same(qwen2_runs[True][workload], qwen2_runs[False][workload])
+
+
+@pytest.fixture(scope="module", params=["mistral", "gemma2"])
+def variant_runs(request, tmp_path_factory):
+    """Models needing the attention variants: Mistral (sliding window of 48 tokens over 100-150-token prompts) and
+    Gemma2 (window on every other layer, logit soft-cap 20, query_pre_attn_scalar 24)."""
+    model = write_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=2)
+    prompts = {"greedy": ([tokens(5, 150)], SamplingParams(max_tokens=24, temperature=0.0, logprobs=3)),
+               "sampling_n8": ([tokens(6, 100)], SamplingParams(n=8, max_tokens=24, temperature=1.0, seed=3,
+                                                                 logprobs=3))}
+    runs = {}
+    for ours in (True, False):
+        llm = start(model, ours, **LLAMA)
+        try:
+            runs[ours] = {name: completions(llm.generate([{"prompt_token_ids": p} for p in ps], params,
+                                                         use_tqdm=False))
+                          for name, (ps, params) in prompts.items()}
+        finally:
+            stop(llm)
+    return runs
+
+
+@pytest.mark.parametrize("workload", ["greedy", "sampling_n8"])
+def test_window_and_softcap_models_equal_vllm(variant_runs, workload):
+    assert_same(variant_runs[True][workload], variant_runs[False][workload])
 
 
 def test_alibi_model_refused_at_start_up(tmp_path):

@@ -233,15 +233,17 @@ def test_capture_stable_plans_update_in_place():
     assert attn.plan(big, np.concatenate([seq2] * 8), query_lens=np.ones(8 * len(seq), int)) is True
 
 
-def brute_force_runs(table, npages):
-    """Each row's pages cut where the set of rows holding the page (same page id) changes."""
+def brute_force_runs(table, npages, first=None):
+    """Each row's pages (from column first[r], default 0) cut where the set of rows holding the page (same page id)
+    changes."""
+    first = np.zeros(len(npages), dtype=int) if first is None else first
     readers = {}
     for r in range(len(npages)):
-        for j in range(npages[r]):
+        for j in range(first[r], npages[r]):
             readers.setdefault(int(table[r, j]), set()).add(r)
     out = []
     for r in range(len(npages)):
-        runs, j = [], 0
+        runs, j = [], int(first[r])
         while j < npages[r]:
             e = j + 1
             while e < npages[r] and readers[int(table[r, e])] == readers[int(table[r, j])]:
@@ -283,6 +285,78 @@ def test_planner_matches_brute_force(seed):
         assert [int(c) for c in got.segments[:, 3]] == [readers[tuple(table[s[0], s[1]:s[1] + s[2]])]
                                                        for s in got.segments]
     np.testing.assert_array_equal(find_runs(table, npages).segments, find_runs_numpy(table, npages).segments)
+
+
+def stale_window_table(rng: random.Random, table, seq, qlen, page_size: int, window: int, nan_pages):
+    """The block table a sliding-window decoder keeps: the entries before each row's first page in the window hold
+    ids of pages freed and reused since (pages live in other rows, at other columns, or `nan_pages`)."""
+    first = np.maximum(seq - qlen - window + 1, 0) // page_size
+    stale = table.copy()
+    live = [int(p) for r in range(len(seq)) for p in table[r, first[r]:-(-seq[r] // page_size)]]
+    for r in range(len(seq)):
+        for c in range(first[r]):
+            stale[r, c] = rng.choice(live) if rng.random() < 0.5 else rng.choice(nan_pages)
+    return stale, first
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_window_plans_skip_pages_behind_the_window(seed):
+    """plan(..., window=W) over a table whose entries behind every window are stale (pages reused elsewhere, at
+    other columns, or NaN pages): no error, those entries never read, every backend equals float64 in the window;
+    runs as a brute force from each row's first page, compiled and numpy planners alike."""
+    rng = random.Random(seed)
+    page_size = rng.choice([1, 4, 8])
+    table, seq, qlen, num_pages = random_forest(rng, page_size, rng.randint(1, 3), rng.randint(2, 10), 2, 4)
+    window = rng.choice([3, 9, 30])
+    nan_pages = [num_pages, num_pages + 1]
+    stale, first = stale_window_table(rng, table, seq, qlen, page_size, window, nan_pages)
+    assert first.any()
+    hq, hkv, d = 4, 2, 16
+    k = torch.randn(num_pages + 2, page_size, hkv, d)
+    v = random_values(k.shape, torch.float32)
+    k[nan_pages] = float("nan")
+    v[nan_pages] = float("nan")
+    q = torch.randn(int(qlen.sum()), hq, d)
+    o_ref, _ = paged_reference_f64(q, k, v, table, seq, qlen, page_size, d ** -0.5, window)
+    for backend in BACKENDS:
+        attn = PagedAttention(page_size, (hq, hkv), d, backend=backend, dtype=torch.float32)
+        attn.plan(stale, seq, query_lens=qlen, window=window)
+        if _refused(backend, attn, q, k, sliding_window=window):
+            continue
+        report_mismatch(f"o ({backend})", attn.run(q, k, v, window=window), o_ref, *TOLERANCES[torch.float32])
+        for wider in (None, window + 1):
+            with pytest.raises(ValueError, match=f"window must be at most {window}"):
+                attn.run(q, k, v, window=wider)
+    # each row's runs cover its pages from its first one, and a run's pages have one set of readers (rows that share
+    # a page but begin at different columns are not a forest: exact, one segment per page)
+    npages = (-(-seq // page_size)).astype(np.int32)
+    expected = brute_force_runs(stale, npages, first)
+    readers = {page: rows for row in expected for pages, rows in row for page in pages}
+    stale32 = stale.astype(np.int32)
+    for impl in (find_runs, find_runs_numpy):
+        got = _as_runs(impl(stale32, npages, first), stale32)
+        assert [[p for run in row for p in run] for row in got] == [[p for run, _ in row for p in run]
+                                                                   for row in expected], impl.__name__
+        assert all(len({readers[p] for p in run}) == 1 for row in got for run in row), impl.__name__
+    np.testing.assert_array_equal(find_runs(stale32, npages, first).segments,
+                                  find_runs_numpy(stale32, npages, first).segments)
+    # the next plan, without a window, continuing every row: planned in full (the slots hold 0 behind the window)
+    attn = PagedAttention(page_size, (hq, hkv), d, backend="torch", dtype=torch.float32)
+    attn.plan(stale, seq, query_lens=qlen, window=window)
+    attn.plan(table, seq, query_lens=qlen, continues=np.arange(len(seq)))
+    o_full, _ = paged_reference_f64(q, k, v, table, seq, qlen, page_size, d ** -0.5)
+    report_mismatch("o (full after window)", attn.run(q, k, v), o_full, *TOLERANCES[torch.float32])
+
+
+def test_window_plan_of_samples_in_step_still_shares():
+    """4 samples of one prompt decoding in step, window 20 on pages of 4: columns 0-2 are behind every window (stale
+    ids, different per row); the prompt's pages 3-5 are still one segment read once for the 4 rows."""
+    table = np.array([[90 + r, 80 + r, 70 + r, 3, 4, 5, 10 + 2 * r, 11 + 2 * r] for r in range(4)])
+    table[0, :3] = [4, 4, 10]  # reused ids: live pages at other columns
+    attn = PagedAttention(4, (4, 2), 8, backend="torch", dtype=torch.float32)
+    attn.plan(table, np.full(4, 32), window=20)
+    assert attn.batch.segments[:, 1:].tolist() == [[3, 3, 4], [6, 2, 1], [6, 2, 1], [6, 2, 1], [6, 2, 1]]
+    assert attn.unique_kv_tokens() == 3 * 4 + 4 * 8
 
 
 def test_planner_on_tables_that_are_not_a_forest():

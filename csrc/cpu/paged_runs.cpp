@@ -15,6 +15,11 @@
 // previous plan's rows nobody continues give their pages' readers back. A full plan (a new epoch: every stored
 // state is unset) reads every row.
 //
+// A row may begin past column 0 (first [R]: a sliding-window decoder frees the pages wholly behind every window and
+// reuses them, so the entries before a row's first page may be anything): its earlier entries are neither read nor
+// counted, and its first page has no parent. Rows that share a page but begin at different columns do not form a
+// forest (one segment per page).
+//
 // Cost: one pass over the pages written (count, column and parent per page: O(1) each, prefetched ahead since pool
 // page ids are scattered), plus, per row, one step per run (a run already cut by an earlier row is skipped whole; a
 // new one is found by bisection: readers never increase along a row of a forest).
@@ -42,6 +47,7 @@ constexpr int64_t kPrefetch = 16;  // table entries ahead whose page states are 
 
 // table [R, W] int32: the caller's block table; num_pages [R] int32; slot [R] int64: each row's slot in
 // slot_table [slots, WC] (in/out); kept [R] int64: the leading pages already in the row's slot (0: write them all);
+// first [R] int64: the row's first column read (0 unless the row is planned in full: kept 0);
 // released [K] int64: slots of the previous plan's rows nobody continues; slot_pages [slots] int32 (in/out): pages
 // in each slot; state [P, 6] int32 (in/out); epoch: the state's current epoch (a full plan passes a new one and
 // kept = 0, released = []); stamp: this call's id. Writes segments int32 [>= S, 4] (slot of a row reading it, first
@@ -52,27 +58,29 @@ constexpr int64_t kPrefetch = 16;  // table entries ahead whose page states are 
 // segment per page).
 std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
     const at::Tensor& table, const at::Tensor& num_pages, const at::Tensor& slot, const at::Tensor& kept,
-    const at::Tensor& released, at::Tensor& slot_table, at::Tensor& slot_pages, at::Tensor& state, int64_t epoch,
+    const at::Tensor& first, const at::Tensor& released, at::Tensor& slot_table, at::Tensor& slot_pages, at::Tensor& state, int64_t epoch,
     int64_t stamp, at::Tensor& seg_out, at::Tensor& run_out, at::Tensor& run_ptr) {
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&table, &num_pages, &slot_table, &slot_pages,
                                                                      &state, &seg_out, &run_out}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kInt && t->is_contiguous(), "o1kernels: paged_plan_rows takes "
                      "contiguous int32 tables, page counts, state and outputs");
   }
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&slot, &kept, &released, &run_ptr}) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&slot, &kept, &first, &released, &run_ptr}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kLong && t->is_contiguous(), "o1kernels: paged_plan_rows takes "
-                     "contiguous int64 slots, kept counts, released slots and row_run_ptr");
+                     "contiguous int64 slots, kept counts, first columns, released slots and row_run_ptr");
   }
   const int64_t rows = table.size(0), width = table.size(1), slots = slot_table.size(0), wc = slot_table.size(1);
   const int64_t state_pages = state.size(0);
   TORCH_CHECK_VALUE(state.dim() == 2 && state.size(1) == kStateFields && num_pages.numel() == rows &&
-                        slot.numel() == rows && kept.numel() == rows && slot_pages.numel() == slots &&
+                        slot.numel() == rows && kept.numel() == rows && first.numel() == rows &&
+                        slot_pages.numel() == slots &&
                         run_ptr.numel() == rows + 1 && seg_out.dim() == 2 && seg_out.size(1) == 4,
                     "o1kernels: paged_plan_rows: inconsistent shapes");
   const int32_t* tbl = table.data_ptr<int32_t>();
   const int32_t* np_ = num_pages.data_ptr<int32_t>();
   const int64_t* slot_of = slot.data_ptr<int64_t>();
   const int64_t* kept_of = kept.data_ptr<int64_t>();
+  const int64_t* first_of = first.data_ptr<int64_t>();
   const int64_t* rel = released.data_ptr<int64_t>();
   int32_t* st = slot_table.data_ptr<int32_t>();
   int32_t* sp = slot_pages.data_ptr<int32_t>();
@@ -84,7 +92,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
   int64_t entries = 0;
   int32_t max_page = -1;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t s = slot_of[r], n = np_[r], k = kept_of[r];
+    const int64_t s = slot_of[r], n = np_[r], k = kept_of[r], f = first_of[r];
     TORCH_CHECK_VALUE(n >= 0 && n <= width && n <= wc, "o1kernels: num_pages[", r, "] = ", n, " must be in [0, ",
                       std::min(width, wc), "] (the block table's width)");
     TORCH_CHECK_VALUE(s >= 0 && s < slots, "o1kernels: slot ", s, " of row ", r, " is outside [0, ", slots, ")");
@@ -94,7 +102,9 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
                       " continues a row of the previous plan but its page at column ", k - 1, " is ",
                       tbl[r * width + k - 1], ", not ", st[s * wc + k - 1], ": a continued row keeps the pages holding "
                       "its tokens (pass continues=-1 for a new row)");
-    for (int64_t j = k; j < n; ++j) {
+    TORCH_CHECK_VALUE(f >= 0 && f <= n && (f == 0 || k == 0), "o1kernels: row ", r, " begins at column ", f,
+                      ": must be in [0, ", n, "], and 0 for a continued row");
+    for (int64_t j = std::max(k, f); j < n; ++j) {
       const int32_t p = tbl[r * width + j];
       TORCH_CHECK_VALUE(p >= 0, "o1kernels: block_table[", r, ", ", j, "] = ", p, " is not a page id (>= 0)");
       max_page = std::max(max_page, p);
@@ -119,12 +129,13 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
   }
   bool forest = true;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t s = slot_of[r], n = np_[r], k = kept_of[r];
+    const int64_t s = slot_of[r], n = np_[r], k = kept_of[r], f = first_of[r];
     int32_t* dst = st + s * wc;
     const int32_t* src = tbl + r * width;
+    std::fill(dst, dst + f, 0);  // not read: 0 in the kernels' table
     std::fill(dst + n, dst + std::max<int64_t>(n, sp[s]), 0);
     int32_t prev = k > 0 ? dst[k - 1] : -1;
-    for (int64_t j = k; j < n; ++j) {  // 64-bit indices: the extension builds with -fwrapv (30% slower int32 loops)
+    for (int64_t j = std::max(k, f); j < n; ++j) {  // 64-bit indices: the extension builds with -fwrapv (30% slower int32 loops)
       const int32_t p = src[j];
       dst[j] = p;
       if (j + kPrefetch < n) __builtin_prefetch(S + src[j + kPrefetch] * kStateFields, 1);
@@ -157,7 +168,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t* row = st + slot_of[r] * wc;
     const int32_t n = np_[r];
-    int32_t j = 0;
+    int32_t j = static_cast<int32_t>(first_of[r]);
     while (j < n) {
       int32_t* key = S + row[j] * kStateFields;
       if (key[kStamp] != call) {
@@ -199,7 +210,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> paged_plan_rows_cpu(
 
 TORCH_LIBRARY_FRAGMENT(o1kernels, m) {
   // Host planning of o1kernels.paged (CPU tensors, written in place; not for traced or captured code).
-  m.def("paged_plan_rows(Tensor table, Tensor num_pages, Tensor slot, Tensor kept, Tensor released, "
+  m.def("paged_plan_rows(Tensor table, Tensor num_pages, Tensor slot, Tensor kept, Tensor first, Tensor released, "
         "Tensor(a!) slot_table, Tensor(b!) slot_pages, Tensor(c!) state, int epoch, int stamp, Tensor(d!) segments, "
         "Tensor(e!) row_runs, Tensor(f!) row_run_ptr) -> (int, int, int, int, int)");
 }

@@ -217,6 +217,9 @@ class O1KernelsMetadataBuilder(AttentionMetadataBuilder[O1KernelsMetadata]):
         self.page_size = kv_cache_spec.block_size
         self.attn = PagedAttention(self.page_size, (num_heads, kv_cache_spec.num_kv_heads), kv_cache_spec.head_size,
                                    device=device, dtype=kv_cache_spec.dtype, **options)
+        # A sliding-window group's rows: vLLM frees the pages behind the window and reuses them, leaving their old
+        # ids in the block table; planned with the window, those entries are not read.
+        self.window = getattr(kv_cache_spec, "sliding_window", None)
         self._structure = None  # (query_lens, pages per row, block table entries) of the current plan
         self.stats = BuildStats()
 
@@ -243,7 +246,7 @@ class O1KernelsMetadataBuilder(AttentionMetadataBuilder[O1KernelsMetadata]):
             self.stats.length_moves += 1
         else:
             self._structure = None  # until the plan below succeeds
-            self.attn.plan(table, seq, query_lens=query_lens, num_pages=pages)
+            self.attn.plan(table, seq, query_lens=query_lens, num_pages=pages, window=self.window)
             self._structure = structure
             self.stats.plans += 1
         if self.count_reads and rows and (query_lens == 1).all():

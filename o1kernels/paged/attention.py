@@ -12,7 +12,8 @@ its pages in token order (a block table [R, W], vLLM's `block_table` + `seq_lens
 its number of new query tokens `query_lens[r]` (1 for decode; more for a chunk, a prefill or a teacher-forced
 step; 0 for a row that asks nothing). q packs the rows' queries in row order `[sum(query_lens), Hq, D]`; row r's
 j-th query sits at position `seq_lens[r] - query_lens[r] + j` and attends causally: the keys at positions up to its
-own, in a sliding window if one is given.
+own, in a sliding window if one is given. A sliding-window decoder that frees and reuses the pages behind every
+window plans with plan(..., window=W): the entries before each row's first page in the window are not read.
 
 plan() finds, from the page ids alone (o1kernels.paged.sharing), which leading pages groups of rows share -- a
 forest: many prompts, each with branches, each with step levels -- and lays those runs out as segments of a
@@ -201,19 +202,22 @@ class PagedAttention:
         self._table: torch.Tensor | None = None  # device block table [row slots, width capacity] int32
         self._planner = SharingPlanner()  # the rows' slots in it and the per-page state between plans
         self._lengths: _Lengths | None = None
+        self.planned_window: int | None = None  # plan()'s window: run() attends in it or a narrower one
         self.plans_built = 0  # TreeAttentionPlans constructed (tensors allocated): a capture_stable owner recaptures
 
     # ---- planning ----------------------------------------------------------------------------------------------
     def plan(self, block_table=None, seq_lens=None, *, query_lens=None, num_pages=None, kv_indptr=None,
-             kv_indices=None, continues=None) -> bool:
+             kv_indices=None, continues=None, window: int | None = None) -> bool:
         """Lay a batch out. block_table [R, W] int (host: CPU tensor, numpy or lists) or kv_indptr [R+1] + kv_indices;
         seq_lens [R]: each row's KV tokens, this call's new ones included; query_lens [R] (default 1): new query
         tokens per row (q rows, packed in row order); num_pages [R] (default ceil(seq_lens / page_size)): the row's
         valid pages (more give room for set_lengths to grow into); continues [R] (optional): for each row, the row
         of the previous plan() it continues -- the same sequence: the pages holding the tokens it had then are
         unchanged, pages past them may have been appended or trimmed -- or -1 for a new row; only the other pages
-        are read (without it, or after a failed plan, every row is). Returns True when the plan's device tensors are
-        new (a CUDA graph captured over the previous ones must be captured again)."""
+        are read (without it, or after a failed plan, every row is); window (optional): run() will attend in this
+        sliding window or a narrower one, so each row's pages wholly behind the window of its first new query are
+        not read and their entries may be anything (pages freed and reused). Returns True when the plan's device
+        tensors are new (a CUDA graph captured over the previous ones must be captured again)."""
         if capturing(self.device):
             raise RuntimeError("PagedAttention.plan() inside a CUDA-graph capture: plan before capturing (the capture "
                                "replays set_lengths + run)")
@@ -234,6 +238,11 @@ class PagedAttention:
         else:
             npages = need if given_pages is None else given_pages.astype(np.int64)
         self._check_rows(seq, qlen, npages, need, width)
+        first = None
+        if window is not None:
+            check_count("window", window, minimum=1)
+            first = np.maximum(seq - qlen - window + 1, 0) // self.page_size
+            np.minimum(first, npages, out=first)
         new = self._fit_table(rows, width)
         if self.device.type == "cuda" and self._uploaded is not None:
             self._uploaded.synchronize()  # the previous upload has read the staging copy the planner writes
@@ -245,10 +254,11 @@ class PagedAttention:
             kept = np.zeros(rows, dtype=np.int64)
             kept[named] = -(-prev_seq[continues[named]] // self.page_size)
         try:  # the planner checks the table and writes the kernels' copy of it (0 past each row's pages) as it reads
-            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table, continues, kept)
+            runs = self._planner.plan(table, npages.astype(np.int32), self._host_table, continues, kept, first)
         except ValueError:
             self.plan_obj, self.batch = None, None  # the table buffer is half written: no plan until the next one
             raise
+        self.planned_window = window
         self._upload_table()
         return self._lay_out(rows, seq, qlen, npages, runs, new)
 
@@ -388,6 +398,9 @@ class PagedAttention:
         key position < window; softcap; sinks [Hq]). Returns o [sum(query_lens), Hq, D] (or (o, lse))."""
         if self.plan_obj is None:
             raise RuntimeError("run() before plan()")
+        if self.planned_window is not None and (window is None or window > self.planned_window):
+            raise ValueError(f"window must be at most {self.planned_window}, the window plan() was given (pages behind "
+                             f"it were not planned), got {window}")
         if isinstance(q, torch.Tensor) and q.dim() == 3 and tuple(q.shape[1:]) != (self.num_heads[0], self.head_dim):
             raise ValueError(f"q must have shape [{self.batch.num_queries}, {self.num_heads[0]}, {self.head_dim}] "
                              f"(num_heads, head_dim of this PagedAttention), got {list(q.shape)}")

@@ -57,23 +57,27 @@ class SharingPlanner:
         self._slots = None
 
     def plan(self, table: np.ndarray, num_pages: np.ndarray, slot_table: np.ndarray, continues=None,
-             kept_pages=None) -> Runs:
+             kept_pages=None, first_pages=None) -> Runs:
         """Runs of `table` (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]), its rows
         written into slots of slot_table (the caller sizes it: at least R x W). continues [R] (optional): the row of
         the previous plan each row continues, -1 for a new row, with kept_pages [R]: how many of its leading pages
-        that row still holds unchanged (those holding the tokens it had). ValueError for a negative page id, a page
-        at different columns in two rows, or a continued row whose last kept page moved."""
+        that row still holds unchanged (those holding the tokens it had). first_pages [R] int64 (optional): each
+        row's first column read; the entries before it are ignored (0 in slot_table); a plan with one > 0 is a full
+        plan, and so is the next. ValueError for a negative page id, a page at different columns in two rows, or a
+        continued row whose last kept page moved."""
         rows, width = table.shape
         if continues is not None:
             continues = self._check_continues(continues, rows)
+        first = np.zeros(rows, dtype=np.int64) if first_pages is None else first_pages
+        offset = bool(first.any())
         if not self.compiled:
-            runs = self._numpy(table, num_pages, slot_table)
+            runs = self._numpy(table, num_pages, slot_table, first)
             self._prev_rows = rows
             return runs
         if self._table_id != id(slot_table) or len(self._slot_pages) != len(slot_table):
             self._table_id, self._slot_pages = id(slot_table), np.zeros(len(slot_table), dtype=np.int32)
             self._slots = None
-        incremental = continues is not None and self._slots is not None
+        incremental = continues is not None and self._slots is not None and not offset
         if incremental:
             slots, kept, released = self._continue(continues, np.asarray(kept_pages, dtype=np.int64), num_pages,
                                                    len(slot_table))
@@ -85,16 +89,18 @@ class SharingPlanner:
             slots, kept, released = (np.arange(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64),
                                      np.zeros(0, dtype=np.int64))
         try:
-            runs = self._run(table, num_pages, slots, kept, released, slot_table)
+            runs = self._run(table, num_pages, slots, kept, first, released, slot_table)
             if runs is None:  # an incremental plan met a row that breaks the forest: in full, from the table
                 self._epoch += 1
                 self._max_page = -1
                 slots = np.arange(rows, dtype=np.int64)
-                runs = self._run(table, num_pages, slots, np.zeros(rows, dtype=np.int64), np.zeros(0, np.int64),
-                                 slot_table)
+                runs = self._run(table, num_pages, slots, np.zeros(rows, dtype=np.int64), first,
+                                 np.zeros(0, np.int64), slot_table)
         except BaseException:
             self._slots = None  # the state is half updated: the next plan starts over
             raise
+        if offset:
+            self._slots = None  # the slots hold 0 before each row's first page: the next plan reads them in full
         self._prev_rows = rows
         return runs
 
@@ -129,7 +135,7 @@ class SharingPlanner:
         kept = np.where(cont, np.minimum(np.minimum(self._slot_pages[slots], num_pages), kept_pages), 0)
         return slots, kept, prev[dropped]
 
-    def _run(self, table, num_pages, slots, kept, released, slot_table) -> Runs | None:
+    def _run(self, table, num_pages, slots, kept, first, released, slot_table) -> Runs | None:
         entries = int(num_pages.sum())
         if len(self._runs_out) < entries:  # outputs kept between plans (no 8 MB allocation per plan at 256 x 2,048)
             self._segs_out = np.empty((2 * entries, 4), dtype=np.int32)
@@ -140,7 +146,7 @@ class SharingPlanner:
             self._stamp += 1
             try:
                 num_segs, num_runs, max_page, status, forest = torch.ops.o1kernels.paged_plan_rows(
-                    *(torch.from_numpy(a) for a in (table, num_pages, slots, kept, released, slot_table,
+                    *(torch.from_numpy(a) for a in (table, num_pages, slots, kept, first, released, slot_table,
                                                      self._slot_pages, self._state)),
                     self._epoch, self._stamp, *(torch.from_numpy(a) for a in (segs, runs, ptr)))
             except RuntimeError as exc:  # TORCH_CHECK_VALUE arrives as ValueError; keep torch's prefix out
@@ -157,28 +163,40 @@ class SharingPlanner:
         self._max_page = max(self._max_page, max_page)
         return Runs(segs[:num_segs], runs[:num_runs], ptr, self._max_page, slots)
 
-    def _numpy(self, table, num_pages, slot_table) -> Runs:
+    def _numpy(self, table, num_pages, slot_table, first) -> Runs:
         rows, width = table.shape
-        runs = find_runs_numpy(table, num_pages)
-        np.multiply(table, np.arange(width)[None, :] < num_pages[:, None], out=slot_table[:rows, :width])
+        runs = find_runs_numpy(table, num_pages, first)
+        cols = np.arange(width)[None, :]
+        np.multiply(table, (cols < num_pages[:, None]) & (cols >= first[:, None]), out=slot_table[:rows, :width])
         slot_table[:rows, width:] = 0
         return runs
 
 
-def find_runs(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
-    """Runs of one block table (int32 [R, W]; row r's pages are its first num_pages[r] entries, int32 [R]), planned
-    in full on its own (slot r = row r). ValueError for a negative page id or a page at different columns."""
-    return SharingPlanner().plan(block_table, num_pages, np.zeros(block_table.shape, dtype=np.int32))
+def find_runs(block_table: np.ndarray, num_pages: np.ndarray, first_pages: np.ndarray | None = None) -> Runs:
+    """Runs of one block table (int32 [R, W]; row r's pages are its entries first_pages[r] (default 0) up to
+    num_pages[r], int32 [R]), planned in full on its own (slot r = row r). ValueError for a negative page id or a
+    page at different columns."""
+    first = None if first_pages is None else np.asarray(first_pages, dtype=np.int64)
+    return SharingPlanner().plan(block_table, num_pages, np.zeros(block_table.shape, dtype=np.int32),
+                                 first_pages=first)
 
 
-def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
+def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray, first_pages: np.ndarray | None = None) -> Runs:
     """find_runs in numpy array operations (same segments, same order)."""
     rows, width = block_table.shape
     if len(num_pages) and (num_pages.min() < 0 or num_pages.max() > width):
         r = int(np.flatnonzero((num_pages < 0) | (num_pages > width))[0])
         raise ValueError(f"o1kernels: num_pages[{r}] = {int(num_pages[r])} must be in [0, {width}] (the block "
                          "table's width)")
-    valid = np.arange(width)[None, :] < num_pages[:, None]
+    first_col = (np.zeros(rows, dtype=np.int64) if first_pages is None
+                 else np.asarray(first_pages, dtype=np.int64))
+    bad = np.flatnonzero((first_col < 0) | (first_col > num_pages))
+    if len(bad):
+        r = int(bad[0])
+        raise ValueError(f"o1kernels: row {r} begins at column {int(first_col[r])}: must be in [0, "
+                         f"{int(num_pages[r])}]")
+    cols = np.arange(width)[None, :]
+    valid = (cols < num_pages[:, None]) & (cols >= first_col[:, None])
     row, col = np.nonzero(valid)
     page = block_table[row, col].astype(np.int64)
     bad = np.flatnonzero(page < 0)
@@ -194,12 +212,13 @@ def find_runs_numpy(block_table: np.ndarray, num_pages: np.ndarray) -> Runs:
         raise ValueError(f"o1kernels: page {page[i]} is at column {col[i]} of block_table row {row[i]} but at column "
                          f"{col[first[page[i]]]} where it first appears: a page holds the same positions in every "
                          "row that reads it")
-    parent = np.where(col > 0, np.concatenate([[-1], page[:-1]]), -1)
+    begins = col == first_col[row]  # a row's first page: no parent
+    parent = np.where(begins, -1, np.concatenate([[-1], page[:-1]]))
     forest = bool((parent == parent[first[page]]).all())
     count = np.bincount(page, minlength=num_ids)[page]
     start = np.ones(len(page), dtype=bool)
     if forest:
-        start[1:] = (col[1:] == 0) | (count[1:] != count[:-1])
+        start[1:] = begins[1:] | (count[1:] != count[:-1])
     key = page[start]
     run_len = np.diff(np.append(np.flatnonzero(start), len(page)))
     # a segment per distinct key, numbered in order of first appearance (row-major), as the compiled planner does
