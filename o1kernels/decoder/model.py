@@ -23,6 +23,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REWARD_ACTIVATIONS = ("sigmoid", "softmax")
 # Key of our reward-head extension inside config.json.
 REWARD_HEAD_KEY = "o1kernels_reward_head"
+# Qwen2.5-Math-PRM's class: a Qwen2 backbone, no LM head, head score.0 Linear(H, H) -> ReLU -> score.2 Linear(H, 2)
+# (softmax, class 1 = correct); loaded as our reward head (checkpoint.py maps the parameter names).
+QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
 
 
 def _positive_int(cfg: dict, key: str) -> int:
@@ -108,6 +111,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     reward_head: dict | None = None
+    has_lm_head: bool = True
 
     def __post_init__(self):
         # Re-validate through the HF path so direct construction gets the same checks.
@@ -160,6 +164,13 @@ class ModelConfig:
                 raise ValueError(f"config field {key!r} must be an integer or null, got {val!r}")
             out[key] = val
         out["reward_head"] = _parse_reward_head(cfg.get("reward_head"), out["vocab_size"])
+        has_lm_head = cfg.get("has_lm_head", True)
+        if not isinstance(has_lm_head, bool):
+            raise ValueError(f"has_lm_head must be a boolean, got {has_lm_head!r}")
+        if not has_lm_head and (out["reward_head"] is None or model_type != "qwen2"):
+            raise ValueError(f"a model without an LM head is a {QWEN_PRM_ARCHITECTURE}: model_type qwen2 with a "
+                             "reward head")
+        out["has_lm_head"] = has_lm_head
         return out
 
     @classmethod
@@ -180,12 +191,17 @@ class ModelConfig:
             if cfg.get("rope_scaling") is None:
                 cfg["rope_scaling"] = rope_params
         cfg["reward_head"] = cfg.get(REWARD_HEAD_KEY)
+        if QWEN_PRM_ARCHITECTURE in (cfg.get("architectures") or ()):
+            cfg["has_lm_head"] = False
+            if cfg["reward_head"] is None:
+                cfg["reward_head"] = {"activation": "softmax", "num_classes": 2, "hidden": cfg.get("hidden_size"),
+                                      "positive_index": 1}
         return cls(**cls._validated(cfg))
 
     def to_hf(self) -> dict:
         """The HF config.json dict (loadable by transformers' LlamaConfig/Qwen2Config)."""
         cfg = {
-            "architectures": [MODEL_TYPES[self.model_type]],
+            "architectures": [MODEL_TYPES[self.model_type] if self.has_lm_head else QWEN_PRM_ARCHITECTURE],
             "model_type": self.model_type,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
@@ -344,7 +360,8 @@ class Transformer(nn.Module):
         self.config = config
         factory = {"device": device, "dtype": dtype}
         self.model = Backbone(config, **factory)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory) if config.has_lm_head
+                        else None)
         self.reward_head = RewardHead(config, **factory) if config.reward_head else None
         # RoPE inverse frequencies: not a parameter or buffer (never saved, never cast by .to(dtype)), float32,
         # copied once per device it is used on.
@@ -354,7 +371,7 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
@@ -393,6 +410,9 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden [..., H] -> logits [..., V] float32."""
+        if self.lm_head is None:
+            raise ValueError("this model has no LM head (a process reward model checkpoint): it scores, it does not "
+                             "generate")
         return self.lm_head(self.model.norm(hidden)).float()
 
     def forward(self, input_ids: torch.Tensor, *, return_hidden: bool = False):
