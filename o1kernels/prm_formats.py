@@ -29,6 +29,8 @@ Bad input raises ValueError / TypeError naming the argument.
 """
 from __future__ import annotations
 
+import math
+
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -196,6 +198,23 @@ class RewardHeadFormat(PRMFormat):
         if not ids:
             raise ValueError(f"step {index} is empty and the format has no separator: nothing to score")
         return ids
+
+
+def chain_score(scores: list[float], how: str) -> float:
+    """A chain's score from its step scores: "last", "min", "max", "prod" or "mean" (NaN without steps)."""
+    if not scores:
+        return math.nan
+    if how == "last":
+        return scores[-1]
+    if how == "min":
+        return min(scores)
+    if how == "max":
+        return max(scores)
+    if how == "prod":
+        return math.prod(scores)
+    if how == "mean":
+        return sum(scores) / len(scores)
+    raise ValueError(f"aggregate must be last, min, max, prod or mean, got {how!r}")
 
 
 # The formats by the names the command line uses (python -m o1kernels.decode --prm-format NAME).

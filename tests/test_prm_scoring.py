@@ -97,34 +97,32 @@ def random_step(rng: random.Random, text: bool):
 
 
 class Counter:
-    """Forward hook on the PRM's embedding: forwards run and tokens embedded."""
+    """Forward hook on the PRM's embedding: forwards run and tokens embedded (padded: rows are right-padded)."""
 
-    def __init__(self, model):
+    def __init__(self, embedding, padded: bool = False):
         self.forwards = self.tokens = 0
-        model.model.embed_tokens.register_forward_hook(self)
+        self.padded = padded
+        embedding.register_forward_hook(self)
 
     def __call__(self, module, args, out):
         self.forwards += 1
         self.tokens += args[0].numel()
 
 
-@pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_trees_equal_reencoding(name, seed):
-    fmt, model = family(name)
+def run_random_tree(scorer, fmt, reference, count, seed: int) -> None:
+    """Drive `scorer` through a random search tree (forks with the parent released, prunes, finished branches left
+    unscored, uneven steps); after every search step check one forward was run, only the new PRM tokens were
+    processed, and every live branch's step scores equal reference(question, steps) (the full re-encode)."""
     rng = random.Random(seed)
-    scorer = PRMScorer(model, fmt, page_size=4, backend="torch")
-    count = Counter(model)
     text = fmt.reads_text
     questions = ["Q:17+25-9", "Q:3+48+61-7="] if text else [CharTokenizer().encode("Q:17+25-9\n", bos=True)]
     chains = {}  # branch -> (question, steps)
     for q in questions:
         chains[scorer.add_prompt(q)] = (q, [])
-    assert count.forwards == len(questions)
     finished = set()
     all_scores = []
     for _ in range(6):
-        for b in list(chains):  # forks (the parent released, as search does), prunes
+        for b in list(chains):
             if b in finished:
                 continue
             r = rng.random()
@@ -143,23 +141,33 @@ def test_random_trees_equal_reencoding(name, seed):
         forwards, tokens, counted = count.forwards, count.tokens, scorer.stats["tokens"]
         new, chain = scorer.score(active, steps)
         assert count.forwards == forwards + 1  # one PRM forward whatever the number of branches
-        new_tokens = 0
+        lens = []
         for b, s in zip(active, steps):
             q, old = chains[b]
-            new_tokens += len(fmt.encode(q, old + [s])[0]) - len(fmt.encode(q, old)[0])
+            lens.append(len(fmt.encode(q, old + [s])[0]) - len(fmt.encode(q, old)[0]))
             chains[b] = (q, old + [s])
-        assert count.tokens - tokens == new_tokens == scorer.stats["tokens"] - counted  # the new PRM tokens only
+        assert scorer.stats["tokens"] - counted == sum(lens)  # the new PRM tokens only
+        assert count.tokens - tokens == (len(lens) * max(lens) if count.padded else sum(lens))
         for b, score, c in zip(active, new.tolist(), chain.tolist()):
-            expected = reencode_scores(model, fmt, *chains[b])
+            expected = reference(*chains[b])
             got = scorer.step_scores(b)
             assert len(got) == len(expected)
             torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-5, rtol=0)
             assert score == got[-1] and c == got[-1]  # aggregate "last"
             all_scores.append(score)
-        finished.update(b for b in active if rng.random() < 0.2)  # finished branches stay, unscored
+        finished.update(b for b in active if rng.random() < 0.2)
     assert torch.tensor(all_scores).std() > 1e-3  # scores spread 100x the tolerance: a wrong row would show
     for b in list(chains):
         scorer.release(b)
+
+
+@pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_trees_equal_reencoding(name, seed):
+    fmt, model = family(name)
+    scorer = PRMScorer(model, fmt, page_size=4, backend="torch")
+    count = Counter(model.model.embed_tokens)
+    run_random_tree(scorer, fmt, lambda q, steps: reencode_scores(model, fmt, q, steps), count, seed)
     assert scorer.pool.pages_in_use == 0
 
 
@@ -170,7 +178,7 @@ def test_one_forward_per_step_in_search_with_different_tokenizers():
     fmt, prm = family("qwen")
     char = CharTokenizer()
     scorer = PRMScorer(prm, fmt, backend="torch")
-    count = Counter(prm)
+    count = Counter(prm.model.embed_tokens)
     joined = PRMScoredDecoder(TreeDecoder(policy_model, backend="torch"), scorer, tokenizer=char)
     problems = generate_problems(2, 11)
     config = SearchConfig(n=4, beam_width=2, max_steps=5, max_step_tokens=12, temperature=1.0, seed=2)
@@ -244,3 +252,50 @@ def test_formats_and_scorer_errors():
     policy = TreeDecoder(load_checkpoint(DEFAULT_MODEL), backend="torch")
     with pytest.raises(ValueError, match="tokenizer: QwenMathPRM reads text"):
         PRMScoredDecoder(policy, scorer)
+
+
+def hf_family(name: str):
+    """(format, transformers PRM set to "o1kernels", head for IncrementalPRMScorer, reference(question, steps)) of a
+    PRM family: Qwen2.5-Math-PRM and Skywork as a Qwen2 backbone with their heads, Math-Shepherd as a Llama causal
+    LM, the reward-head form as a Llama backbone with a Linear(H, 2) head over the policy's ids."""
+    transformers = pytest.importorskip("transformers")
+    import o1kernels.integrations.transformers  # noqa: F401 (registers the "o1kernels" attention)
+
+    tok = prm_tokenizer()
+    vocab = tok.get_vocab_size() if name != "reward_head" else len(CharTokenizer())
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.3, max_position_embeddings=1024)
+    torch.manual_seed(7)
+    if name in ("qwen", "skywork"):
+        model = transformers.Qwen2Model(transformers.Qwen2Config(**common))
+        head = (torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2)) if name == "qwen"
+                else torch.nn.Linear(32, 1))
+        fmt = QwenMathPRM(tok) if name == "qwen" else SkyworkPRM(tok, bos_id=0)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+        head = None if name == "shepherd" else torch.nn.Linear(32, 2)
+        fmt = MathShepherd(tok) if name == "shepherd" else RewardHeadFormat(separator=[CharTokenizer().step_id])
+    model.eval().set_attn_implementation("o1kernels")
+
+    @torch.no_grad()
+    def reference(question, steps):  # the whole text, one stock forward (no TreeCache: the model's own attention)
+        ids, positions = fmt.encode(question, steps)
+        if head is None:
+            logits = model(torch.tensor([ids])).logits[0, positions][:, list(fmt.token_pair)]
+            return torch.softmax(logits.float(), -1)[:, 0].tolist()
+        base = getattr(model, "base_model", model)
+        z = head(base(input_ids=torch.tensor([ids])).last_hidden_state[0, positions])
+        return (torch.sigmoid(z[:, 0]) if z.shape[1] == 1 else torch.softmax(z, -1)[:, 1]).tolist()
+
+    return fmt, model, head, reference
+
+
+@pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head"])
+def test_hf_route_random_trees_equal_reencoding(name):
+    from o1kernels.integrations.transformers import IncrementalPRMScorer
+
+    fmt, model, head, reference = hf_family(name)
+    scorer = IncrementalPRMScorer(model, fmt, head, page_size=4, backend="torch")
+    count = Counter(model.get_input_embeddings(), padded=True)
+    run_random_tree(scorer, fmt, reference, count, seed=3)
+    assert scorer.cache.pool.pages_in_use == 0

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
-from o1kernels.prm_formats import PRMFormat, RewardHeadFormat
+from o1kernels.prm_formats import PRMFormat, RewardHeadFormat, chain_score
 from o1kernels.step_rewards import AGGREGATES, step_rewards
 
 from .engine import StepOutput
@@ -135,7 +135,7 @@ class PRMScorer:
             self._steps[b].append(s)
         self.stats["tokens"] += int(cu[-1])
         self.stats["seconds"] += time.perf_counter() - t0
-        chain = torch.tensor([_aggregate(self._steps[b], self.aggregate) for b in branches], dtype=torch.float32)
+        chain = torch.tensor([chain_score(self._steps[b], self.aggregate) for b in branches], dtype=torch.float32)
         return new, chain
 
     def step_scores(self, branch: int) -> list[float]:
@@ -192,20 +192,6 @@ class PRMScorer:
 
     def kv_bytes_naive(self) -> int:
         return self.tree.live_tokens() * self.pool.bytes_per_token
-
-
-def _aggregate(scores: list[float], how: str) -> float:
-    if not scores:
-        return float("nan")
-    if how == "last":
-        return scores[-1]
-    if how == "min":
-        return min(scores)
-    if how == "max":
-        return max(scores)
-    if how == "prod":
-        return float(np.prod(scores))
-    return sum(scores) / len(scores)
 
 
 class PRMScoredDecoder:
