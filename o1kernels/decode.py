@@ -124,11 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prm-token-pair", default=None,
                    help='score with two rows of the --prm model\'s LM head: "POSITIVE,NEGATIVE" tokens (ids or '
                         "one-token strings), reward = P(positive) of the pair")
+    p.add_argument("--kv-budget", type=byte_size, default=None,
+                   help="one KV memory budget for the policy's and the --prm model's pages together (tree decoder), "
+                        "e.g. 512MiB (suffixes KiB, MiB, GiB; plain: bytes); default: none")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--scaling", action="store_true",
                    help="run the accuracy-vs-N demo benchmarks/scaling.py instead (repository checkout only); the "
                         "options after it are scaling.py's (--scaling --help lists them)")
     return p
+
+
+def byte_size(text: str) -> int:
+    """argparse type: "512MiB" / "2GiB" / "1000" -> bytes (>= 1)."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+    unit = next(u for u in units if text.endswith(u))
+    try:
+        value = int(float(text[:len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (suffix KiB, MiB or GiB allowed), got {text!r}")
+    return value
 
 
 def _device(text: str):
@@ -160,6 +176,8 @@ def _check_args(args) -> None:
     from .decoder.task import CharTokenizer, TaskConfig
 
     args.device = _device(args.device)
+    if args.decoder == "naive" and args.kv_budget is not None:
+        raise UsageError("--kv-budget: the naive decoder keeps dense per-branch copies, not pages; use --decoder tree")
     if args.decoder == "naive" and args.backend is not None:
         raise UsageError(f"--backend {args.backend}: only the tree decoder runs our kernels (--decoder naive uses "
                          "torch SDPA); drop --backend or use --decoder tree")
@@ -233,12 +251,15 @@ def _load(args):
     import torch
 
     from .decoder import NaiveDecoder, TreeDecoder, load_checkpoint
+    from .paged import KVBudget
 
     note = None if args.no_progress else (lambda message: print(f"{message} ...", file=sys.stderr, flush=True))
 
+    budget = None if args.kv_budget is None else KVBudget(args.kv_budget)
+
     def decoder_of(model):
         if args.decoder == "tree":
-            return TreeDecoder(model, backend=args.backend, on_capture=note)
+            return TreeDecoder(model, backend=args.backend, on_capture=note, kv_budget=budget)
         return NaiveDecoder(model)
 
     def load(option, path):
@@ -253,7 +274,7 @@ def _load(args):
         from .decoder.prm import PRMScoredDecoder, PRMScorer
 
         scorer = PRMScorer(load("--prm", args.prm), args.prm_format_obj,
-                           backend=args.backend if args.decoder == "tree" else "torch")
+                           backend=args.backend if args.decoder == "tree" else "torch", kv_budget=budget)
         decoder = PRMScoredDecoder(decoder, scorer, tokenizer=args.tok)
     return model, args.tok, decoder
 
@@ -499,6 +520,10 @@ def run(args) -> dict:
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
         "filter_duplicates": args.config.filter_duplicates, "select": args.config.select, "decoder": args.decoder, "model": str(args.model),
         "prm": None if args.prm is None else str(args.prm),
+        "prm_format": None if args.prm is None else args.prm_format or "reward_head",
+        **({"prm_forwards": decoder.scorer.stats["forwards"], "prm_tokens": decoder.scorer.stats["tokens"],
+            "prm_kv_bytes": decoder.scorer.stats["peak_kv_bytes"]} if args.prm is not None else {}),
+        "kv_budget": args.kv_budget,
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "accuracy": sum(graded) / len(graded) if graded else None,
@@ -541,6 +566,10 @@ def _print_report(report: dict, out) -> None:
     print(f"{report['tokens_generated']} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.0f} tokens/s",
           file=out)
     kv, naive = report["kv_bytes"], report["kv_bytes_naive"]
+    if report["prm"] is not None:
+        print(f"PRM ({report['prm_format']} format): {report['prm_forwards']} forwards (one per search step after "
+              f"the prompts), {report['prm_tokens']} new-step tokens, KV peak {report['prm_kv_bytes'] / 1024:.1f} KiB "
+              "(counted in the KV cache line)", file=out)
     if report["decoder"] == "tree":
         ratio = f" ({naive / kv:.1f}x less)" if kv else ""
         print(f"KV cache: peak {kv / 1024:.1f} KiB with shared pages vs {naive / 1024:.1f} KiB for the naive "
@@ -599,6 +628,13 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a fixed pool or the --kv-budget ran out of pages: one line, not a traceback
+        from .paged import KVPoolExhausted
+
+        if not isinstance(exc, KVPoolExhausted):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.json:
             report.pop("_problems")

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from o1kernels.decode import DEFAULT_MODEL
 from o1kernels.decoder import TreeDecoder, load_checkpoint
@@ -17,6 +18,7 @@ from o1kernels.decoder.model import ModelConfig, Transformer
 from o1kernels.decoder.prm import PRMScoredDecoder, PRMScorer
 from o1kernels.decoder.search import SearchConfig, search
 from o1kernels.decoder.task import CharTokenizer, generate_problems
+from o1kernels.decoder.tokenizers import load_raw_tokenizer
 from o1kernels.prm_formats import MathShepherd, QwenMathPRM, RewardHeadFormat, SkyworkPRM
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -76,10 +78,16 @@ def family(name: str):
 def reencode_scores(model: Transformer, fmt, question, steps) -> list[float]:
     """Full fp32 re-encode of the branch's PRM text: one causal forward, the head applied in plain torch."""
     ids, positions = fmt.encode(question, steps)
-    logits, hidden = model(torch.tensor([ids]), return_hidden=True)
-    x = model.model.norm(hidden[0, positions]).float()
+    t = len(ids)
+
+    def causal(_, q, k, v):
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+
+    hidden = model.run_layers(torch.tensor(ids), torch.arange(t), causal)
+    x = model.model.norm(hidden[positions]).float()
     if fmt.token_pair is not None:
-        pair = logits[0, positions][:, list(fmt.token_pair)]
+        pair = model.lm_head(x)[:, list(fmt.token_pair)]
         return torch.softmax(pair, -1)[:, 0].tolist()
     head, spec = model.reward_head, model.config.reward_head
     if head.mlp is not None:
@@ -192,10 +200,10 @@ def test_one_forward_per_step_in_search_with_different_tokenizers():
     assert joined.kv_bytes() == joined.policy.kv_bytes() + scorer.kv_bytes() == 0
 
 
-def test_qwen_prm_checkpoint_layout_loads(tmp_path):
-    """A Qwen2.5-Math-PRM checkpoint as its repository lays it out (architectures Qwen2ForProcessRewardModel,
-    model.* + score.0 / score.2, no lm_head), random weights from a config: our loader reads it, and its scores
-    equal the stock computation (transformers' Qwen2Model + the score head)."""
+def write_qwen_prm(path):
+    """A Qwen2.5-Math-PRM checkpoint directory as its repository lays it out (architectures
+    Qwen2ForProcessRewardModel, model.* + score.0 / score.2, no lm_head), random weights from a config, with the
+    test tokenizer; returns the stock modules (transformers' Qwen2Model, the score head)."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -208,11 +216,20 @@ def test_qwen_prm_checkpoint_layout_loads(tmp_path):
     score = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     tensors = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
     tensors.update({f"score.{k}": v.detach().contiguous() for k, v in score.state_dict().items()})
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["Qwen2ForProcessRewardModel"]}))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["Qwen2ForProcessRewardModel"]}))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>").save_pretrained(path)
+    return base, score
+
+
+def test_qwen_prm_checkpoint_layout_loads(tmp_path):
+    """Our loader reads a real-layout Qwen2.5-Math-PRM checkpoint, and its incremental scores equal the stock
+    computation (transformers' Qwen2Model + the score head) over the whole text."""
+    base, score = write_qwen_prm(tmp_path)
     model = load_checkpoint(tmp_path)
     assert model.lm_head is None and model.config.reward_head["hidden"] == 32
-    fmt = QwenMathPRM(tok)
+    fmt = QwenMathPRM(prm_tokenizer())
     question, steps = "Q:12+34", ["12+34=46\n\n", "A:46"]
     ids, positions = fmt.encode(question, steps)
     with torch.no_grad():
@@ -224,6 +241,37 @@ def test_qwen_prm_checkpoint_layout_loads(tmp_path):
     torch.testing.assert_close(torch.tensor(got), stock, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="no LM head"):
         model.logits(torch.zeros(32))
+
+
+def test_cli_separate_prm_search_uses_the_incremental_path(tmp_path, capsys, monkeypatch):
+    """python -m o1kernels.decode --prm QWEN_PRM_DIR --prm-format qwen_math_prm: the shipped policy (character
+    tokenizer) and the Qwen-layout PRM with its own tokenizer; one PRM forward per search step, and the printed step
+    scores equal re-encoding each candidate's text in the PRM's format."""
+    from o1kernels.decode import main
+
+    write_qwen_prm(tmp_path / "prm")
+    calls = {"score": 0, "forward": 0}
+    score, forward = PRMScorer.score, PRMScorer._forward
+
+    def counted(name, fn):
+        def wrapper(self, *args, **kwargs):
+            calls[name] += 1
+            return fn(self, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(PRMScorer, "score", counted("score", score))
+    monkeypatch.setattr(PRMScorer, "_forward", counted("forward", forward))
+    code = main(["--prm", str(tmp_path / "prm"), "--prm-format", "qwen_math_prm", "--prompt", "Q:17+25-9", "--json",
+                 "--no-progress", "--backend", "torch", "--n", "4", "--beam-width", "2", "--max-steps", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert calls["score"] >= 1 and calls["forward"] == 1 + calls["score"]  # the prompt, then one per search step
+    model = load_checkpoint(tmp_path / "prm")
+    fmt = QwenMathPRM(load_raw_tokenizer(tmp_path / "prm"))  # the PRM's tokenizer as the CLI loads it
+    for c in report["candidates"]:
+        expected = reencode_scores(model, fmt, "Q:17+25-9\n", c["steps"])
+        torch.testing.assert_close(torch.tensor(c["step_scores"]), torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 def test_formats_and_scorer_errors():
@@ -299,3 +347,43 @@ def test_hf_route_random_trees_equal_reencoding(name):
     count = Counter(model.get_input_embeddings(), padded=True)
     run_random_tree(scorer, fmt, reference, count, seed=3)
     assert scorer.cache.pool.pages_in_use == 0
+
+
+def test_one_memory_budget_for_policy_and_prm(capsys, tmp_path):
+    """A KVBudget shared by the policy's pool and the PRM's: it counts the pages both reference at every search
+    step; when it runs out the operation is undone (the budget still equals what the pools hold) and the CLI says so
+    in one line (exit status 1)."""
+    from o1kernels.decode import main
+    from o1kernels.paged import KVBudget, KVPoolExhausted
+
+    fmt, prm = family("qwen")
+    char = CharTokenizer()
+    budget = KVBudget(1 << 30)
+    policy = TreeDecoder(load_checkpoint(DEFAULT_MODEL), backend="torch", kv_budget=budget)
+    scorer = PRMScorer(prm, fmt, backend="torch", kv_budget=budget)
+    joined = PRMScoredDecoder(policy, scorer, tokenizer=char)
+    seen = []
+    step = joined.generate_step
+
+    def checked(*args, **kwargs):
+        out = step(*args, **kwargs)
+        assert budget.used == policy.pool.kv_bytes() + scorer.pool.kv_bytes() == joined.kv_bytes()
+        seen.append(budget.used)
+        return out
+
+    joined.generate_step = checked
+    prompts = [char.encode(p.prompt, bos=True) for p in generate_problems(2, 5)]
+    config = SearchConfig(n=4, beam_width=2, max_steps=4, max_step_tokens=12, temperature=1.0, seed=1)
+    search(joined, char, prompts, "beam_search", config)
+    assert seen and max(seen) > 0 and budget.used == 0
+    tight = KVBudget(max(seen) // 2)
+    joined = PRMScoredDecoder(TreeDecoder(policy.model, backend="torch", kv_budget=tight),
+                              PRMScorer(prm, fmt, backend="torch", kv_budget=tight), tokenizer=char)
+    with pytest.raises(KVPoolExhausted, match="KV budget exhausted"):
+        search(joined, char, prompts, "beam_search", config)
+    assert tight.used == joined.policy.pool.kv_bytes() + joined.scorer.pool.kv_bytes() <= tight.max_bytes
+    write_qwen_prm(tmp_path / "prm")
+    code = main(["--prm", str(tmp_path / "prm"), "--prm-format", "qwen_math_prm", "--prompt", "Q:17+25-9",
+                 "--no-progress", "--backend", "torch", "--n", "4", "--beam-width", "2", "--kv-budget", "4KiB"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: KV budget exhausted") and err.count("\n") == 1

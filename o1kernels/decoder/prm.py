@@ -17,8 +17,8 @@ the decoder interface search() uses (add_prompt, fork, release, generate_step, k
 each generate_step's steps are scored by scorer.score in one PRM forward. With a text format the policy's tokens are
 decoded with `tokenizer` (the policy's) and the PRM re-tokenizes each step on its own.
 
-One memory budget: PRMScorer(kv_pool_pages=...) or the decoder's pool both count into kv_bytes; see
-PRMScoredDecoder.kv_bytes.
+One memory budget: give the policy's TreeDecoder and the PRMScorer one o1kernels.paged.KVBudget (kv_budget=): the
+pages both hold count against it, whichever needs them; PRMScoredDecoder.kv_bytes reports both.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
+from o1kernels.paged import KVBudget, KVTree, PagedAttention, PagedKVPool
 from o1kernels.prm_formats import PRMFormat, RewardHeadFormat, chain_score
 from o1kernels.step_rewards import AGGREGATES, step_rewards
 
@@ -40,12 +40,13 @@ class PRMScorer:
 
     model: the PRM (a Transformer); fmt: its PRMFormat (default RewardHeadFormat(): the policy's ids, no separator);
     page_size, num_pages: its KV pool (num_pages None: grow on demand); backend: of attention and step_rewards;
-    aggregate: how chain scores combine a branch's step scores.
-    stats: forwards (PRM forwards run), tokens (PRM tokens processed), prompt_tokens, seconds.
+    aggregate: how chain scores combine a branch's step scores; kv_budget: a KVBudget shared with the policy's pool.
+    stats: forwards (PRM forwards run), tokens (new-step PRM tokens processed), prompt_tokens, seconds, peak_kv_bytes.
     """
 
     def __init__(self, model: Transformer, fmt: PRMFormat | None = None, *, page_size: int = 16,
-                 num_pages: int | None = None, backend: str = "auto", aggregate: str = "last"):
+                 num_pages: int | None = None, backend: str = "auto", aggregate: str = "last",
+                 kv_budget: KVBudget | None = None):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be an o1kernels.decoder.Transformer, got {type(model).__name__}")
         fmt = RewardHeadFormat() if fmt is None else fmt
@@ -63,13 +64,13 @@ class PRMScorer:
                              f"(vocab_size {cfg.vocab_size})")
         self.model, self.fmt, self.backend, self.aggregate = model, fmt, backend, aggregate
         self.pool = PagedKVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size=page_size,
-                                num_pages=num_pages, dtype=model.dtype, device=model.device)
+                                num_pages=num_pages, dtype=model.dtype, device=model.device, budget=kv_budget)
         self.tree = KVTree(self.pool)
         self.attn = PagedAttention(page_size, (cfg.num_attention_heads, cfg.num_key_value_heads), cfg.head_dim,
                                    device=model.device, backend=backend, dtype=model.dtype)
         self.sm_scale = cfg.head_dim ** -0.5
         self._steps: dict[int, list[float]] = {}  # branch -> its step scores so far
-        self.stats = {"forwards": 0, "tokens": 0, "prompt_tokens": 0, "seconds": 0.0}
+        self.stats = {"forwards": 0, "tokens": 0, "prompt_tokens": 0, "seconds": 0.0, "peak_kv_bytes": 0}
 
     def _check_branches(self, branches) -> list[int]:
         if isinstance(branches, (str, bytes)) or not hasattr(branches, "__iter__"):
@@ -168,6 +169,7 @@ class PRMScorer:
 
         hidden = self.model.run_layers(tokens, positions, attend)
         self.stats["forwards"] += 1
+        self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self.kv_bytes())
         return hidden
 
     def _head(self, hidden, mask, cu):
