@@ -342,11 +342,22 @@ def hf_family(name: str):
 def test_hf_route_random_trees_equal_reencoding(name):
     from o1kernels.integrations.transformers import IncrementalPRMScorer
 
+    from o1kernels.paged import KVBudget
+
     fmt, model, head, reference = hf_family(name)
-    scorer = IncrementalPRMScorer(model, fmt, head, page_size=4, backend="torch")
+    budget = KVBudget(1 << 30)
+    scorer = IncrementalPRMScorer(model, fmt, head, page_size=4, backend="torch", kv_budget=budget)
     count = Counter(model.get_input_embeddings(), padded=True)
+    score = scorer.score
+
+    def checked(*args):
+        out = score(*args)
+        assert budget.used == scorer.cache.kv_bytes() > 0
+        return out
+
+    scorer.score = checked
     run_random_tree(scorer, fmt, reference, count, seed=3)
-    assert scorer.cache.pool.pages_in_use == 0
+    assert scorer.cache.pool.pages_in_use == 0 and budget.used == 0
 
 
 def test_one_memory_budget_for_policy_and_prm(capsys, tmp_path):

@@ -130,8 +130,8 @@ class PRMScorer:
             mask = torch.zeros(int(cu[-1]), dtype=torch.bool)
             mask[cu[1:] - 1] = True
             dev = hidden.device
-            scores, _ = self._head(hidden, mask.to(dev), cu.to(dev))
-            new = scores[(cu[1:] - 1).to(dev)].cpu()  # the one host read of the step
+            _, last = self._head(hidden, mask.to(dev), cu.to(dev))  # per row its one step: "last" = the new score
+            new = last.cpu()  # the one host read of the step
         for b, s in zip(branches, new.tolist()):
             self._steps[b].append(s)
         self.stats["tokens"] += int(cu[-1])

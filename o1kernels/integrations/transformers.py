@@ -87,7 +87,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_tensor
 from o1kernels.capabilities import AttentionSpec, backend_unsupported_reason, unsupported_features
-from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
+from o1kernels.paged import KVBudget, KVTree, PagedAttention, PagedKVPool
 from o1kernels.step_rewards import step_rewards
 from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
@@ -310,11 +310,11 @@ class TreeCache(Cache):
     "triton", "cpu", "cuda"; "auto" picks per call one that implements what the layer needs; an explicit one is
     checked against the model's decode steps here, and a forward of several tokens per row after context, which
     attends by query position, needs a backend implementing positions); dtype, device: of the pool (default: the
-    model's).
+    model's); kv_budget: an o1kernels.paged.KVBudget the pool shares with other pools (a policy's and its PRM's).
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, backend: str = "auto",
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, kv_budget: KVBudget | None = None):
         self.specs = check_model(model, backend=backend)
         param = next(model.parameters())
         dtype = param.dtype if dtype is None else dtype
@@ -336,7 +336,7 @@ class TreeCache(Cache):
         if len(num_heads) > 1:
             raise ValueError(f"model: layers differ in query heads: {num_heads}; TreeCache plans one shape")
         self.pool = PagedKVPool(self.num_layers, self.num_kv_heads, self.head_dim, page_size=page_size,
-                                num_pages=num_pages, dtype=dtype, device=device)
+                                num_pages=num_pages, dtype=dtype, device=device, budget=kv_budget)
         self.attn = PagedAttention(page_size, (num_heads[0], self.num_kv_heads), self.head_dim, device=device,
                                    backend=backend, dtype=dtype)
         self.tree = KVTree(self.pool)
@@ -901,14 +901,15 @@ class IncrementalPRMScorer:
 
     prm_model: a transformers PRM set to attn_implementation "o1kernels" (as score_steps takes it); fmt: its
     o1kernels.prm_formats format (the PRM's template, separators and tokenizer); head: as score_steps (None: the
-    format's TokenPairHead, for Math-Shepherd); positive_index: score_steps'; page_size, num_pages, backend: the
-    TreeCache's; aggregate: how chain scores combine a branch's step scores.
+    format's TokenPairHead, for Math-Shepherd); positive_index: score_steps'; page_size, num_pages, backend,
+    kv_budget: the TreeCache's; aggregate: how chain scores combine a branch's step scores.
     add_prompt / fork / release mirror the search's branches; score(branches, steps) -> (step_scores [B],
     chain_scores [B]) float32 on the CPU. stats: forwards, tokens (new PRM tokens processed).
     """
 
     def __init__(self, prm_model, fmt, head=None, *, positive_index: int = 1, page_size: int = 16,
-                 num_pages: int | None = None, backend: str = "auto", aggregate: str = "last"):
+                 num_pages: int | None = None, backend: str = "auto", aggregate: str = "last",
+                 kv_budget: KVBudget | None = None):
         from o1kernels.prm_formats import PRMFormat
         from o1kernels.step_rewards import AGGREGATES
 
@@ -926,7 +927,8 @@ class IncrementalPRMScorer:
             head = TokenPairHead(*fmt.token_pair)
         self._head = _head_tensors(prm_model, head, positive_index)
         self.eps, self.fmt, self.backend, self.aggregate = eps, fmt, backend, aggregate
-        self.cache = TreeCache(prm_model, page_size=page_size, num_pages=num_pages, backend=backend)
+        self.cache = TreeCache(prm_model, page_size=page_size, num_pages=num_pages, backend=backend,
+                               kv_budget=kv_budget)
         self._model = prm_model
         self._steps: dict[int, list[float]] = {}
         self.stats = {"forwards": 0, "tokens": 0}
