@@ -200,10 +200,11 @@ def test_one_forward_per_step_in_search_with_different_tokenizers():
     assert joined.kv_bytes() == joined.policy.kv_bytes() + scorer.kv_bytes() == 0
 
 
-def write_qwen_prm(path):
-    """A Qwen2.5-Math-PRM checkpoint directory as its repository lays it out (architectures
-    Qwen2ForProcessRewardModel, model.* + score.0 / score.2, no lm_head), random weights from a config, with the
-    test tokenizer; returns the stock modules (transformers' Qwen2Model, the score head)."""
+def write_qwen_prm(path, family: str = "qwen"):
+    """A PRM checkpoint directory as its repository lays it out, random weights from a config, with the test
+    tokenizer: Qwen2.5-Math-PRM (architectures Qwen2ForProcessRewardModel, model.* + score.0 / score.2, no lm_head)
+    or Skywork-o1-Open-PRM (Qwen2ForPrmModel, model.* + v_head.summary + an lm_head). Returns the stock modules
+    (transformers' Qwen2Model, the head)."""
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
@@ -213,28 +214,37 @@ def write_qwen_prm(path):
                                    max_position_embeddings=512, initializer_range=0.3)
     torch.manual_seed(0)
     base = transformers.Qwen2Model(cfg).eval()
-    score = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
     tensors = {f"model.{k}": v.contiguous() for k, v in base.state_dict().items()}
-    tensors.update({f"score.{k}": v.detach().contiguous() for k, v in score.state_dict().items()})
+    if family == "qwen":
+        score = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        tensors.update({f"score.{k}": v.detach().contiguous() for k, v in score.state_dict().items()})
+    else:
+        score = torch.nn.Linear(32, 1)
+        tensors.update({f"v_head.summary.{k}": v.detach().contiguous() for k, v in score.state_dict().items()})
+        tensors["lm_head.weight"] = torch.randn(cfg.vocab_size, 32)
+    arch = "Qwen2ForProcessRewardModel" if family == "qwen" else "Qwen2ForPrmModel"
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["Qwen2ForProcessRewardModel"]}))
+    (path / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": [arch]}))
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>").save_pretrained(path)
     return base, score
 
 
-def test_qwen_prm_checkpoint_layout_loads(tmp_path):
-    """Our loader reads a real-layout Qwen2.5-Math-PRM checkpoint, and its incremental scores equal the stock
-    computation (transformers' Qwen2Model + the score head) over the whole text."""
-    base, score = write_qwen_prm(tmp_path)
+@pytest.mark.parametrize("family", ["qwen", "skywork"])
+def test_prm_checkpoint_layouts_load(tmp_path, family):
+    """Our loader reads real-layout Qwen2.5-Math-PRM and Skywork-o1-Open-PRM checkpoints, and their incremental
+    scores equal the stock computation (transformers' Qwen2Model + the head) over the whole text."""
+    base, score = write_qwen_prm(tmp_path, family)
     model = load_checkpoint(tmp_path)
-    assert model.lm_head is None and model.config.reward_head["hidden"] == 32
-    fmt = QwenMathPRM(prm_tokenizer())
+    assert model.lm_head is None
+    assert model.config.reward_head["hidden"] == (32 if family == "qwen" else None)
+    fmt = QwenMathPRM(prm_tokenizer()) if family == "qwen" else SkyworkPRM(prm_tokenizer(), bos_id=0)
     question, steps = "Q:12+34", ["12+34=46\n\n", "A:46"]
     ids, positions = fmt.encode(question, steps)
     with torch.no_grad():
         hidden = base(input_ids=torch.tensor([ids])).last_hidden_state[0, positions]
-        stock = torch.softmax(score(hidden), -1)[:, 1]
+        z = score(hidden)
+        stock = torch.softmax(z, -1)[:, 1] if family == "qwen" else torch.sigmoid(z[:, 0])
     scorer = PRMScorer(model, fmt, backend="torch")
     root = scorer.add_prompt(question)
     got = [float(scorer.score([root], [s])[0]) for s in steps]

@@ -6,8 +6,9 @@ Layout written and read:
   model-00001-of-0000N.safetensors ...      shards
   model.safetensors.index.json              {"metadata": {"total_size": bytes}, "weight_map": {name: shard file}}
 A tied lm_head.weight is not stored (HF convention); it is re-tied to model.embed_tokens.weight on load.
-A Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM: no LM head) stores its head as score.0 / score.2 (its own names),
-read into and written from our reward_head.mlp / reward_head.out.
+The public PRM classes (model.PRM_ARCHITECTURES: no LM head) keep their own head names, read into and written from our
+reward_head: Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM) score.0 / score.2 -> reward_head.mlp / .out,
+Qwen2ForPrmModel (Skywork-o1-Open-PRM) v_head.summary -> reward_head.out; an lm_head they store is not loaded.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer
 
-# stored name prefix -> our name prefix, for checkpoints without an LM head (Qwen2ForProcessRewardModel)
-QWEN_PRM_NAMES = {"score.0.": "reward_head.mlp.", "score.2.": "reward_head.out."}
+# per PRM class: stored name prefix -> our name prefix
+PRM_NAMES = {"Qwen2ForProcessRewardModel": {"score.0.": "reward_head.mlp.", "score.2.": "reward_head.out."},
+             "Qwen2ForPrmModel": {"v_head.summary.": "reward_head.out."}}
 
 
 def _renamed(name: str, names: dict[str, str]) -> str:
@@ -34,7 +36,7 @@ def _renamed(name: str, names: dict[str, str]) -> str:
 
 def _stored_names(config: ModelConfig) -> dict[str, str]:
     """stored prefix -> our prefix for this config's checkpoint layout."""
-    return {} if config.has_lm_head else QWEN_PRM_NAMES
+    return PRM_NAMES.get(config.prm_architecture, {})
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -163,7 +165,8 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None) -> 
     expected = {name: p for name, p in model.state_dict().items()}
     if config.tie_word_embeddings and config.has_lm_head:
         expected.pop("lm_head.weight")
-    stored = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+    stored = {n for n in files if not n.endswith(IGNORED_SUFFIXES)
+              and not (config.prm_architecture and n.startswith("lm_head."))}
     if config.tie_word_embeddings:
         stored.discard("lm_head.weight")  # some tied checkpoints store it anyway; it is the embedding
     missing = sorted(set(expected) - stored)

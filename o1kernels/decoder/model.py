@@ -23,9 +23,16 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REWARD_ACTIVATIONS = ("sigmoid", "softmax")
 # Key of our reward-head extension inside config.json.
 REWARD_HEAD_KEY = "o1kernels_reward_head"
-# Qwen2.5-Math-PRM's class: a Qwen2 backbone, no LM head, head score.0 Linear(H, H) -> ReLU -> score.2 Linear(H, 2)
-# (softmax, class 1 = correct); loaded as our reward head (checkpoint.py maps the parameter names).
-QWEN_PRM_ARCHITECTURE = "Qwen2ForProcessRewardModel"
+# The public PRM families' model classes, read as a Transformer with a reward head and no LM head (checkpoint.py maps
+# their parameter names; an LM head stored beside is not loaded), with the reward head each implies:
+#   Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM): score.0 Linear(H, H) -> ReLU -> score.2 Linear(H, 2), softmax,
+#   class 1
+#   Qwen2ForPrmModel (Skywork-o1-Open-PRM): v_head.summary Linear(H, 1), sigmoid
+PRM_ARCHITECTURES = {
+    "Qwen2ForProcessRewardModel": {"activation": "softmax", "num_classes": 2, "hidden": "hidden_size",
+                                   "positive_index": 1},
+    "Qwen2ForPrmModel": {"activation": "sigmoid", "num_classes": 1},
+}
 
 
 def _positive_int(cfg: dict, key: str) -> int:
@@ -111,7 +118,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     reward_head: dict | None = None
-    has_lm_head: bool = True
+    prm_architecture: str | None = None  # one of PRM_ARCHITECTURES (no LM head), or None (a causal LM)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.prm_architecture is None
 
     def __post_init__(self):
         # Re-validate through the HF path so direct construction gets the same checks.
@@ -164,13 +175,11 @@ class ModelConfig:
                 raise ValueError(f"config field {key!r} must be an integer or null, got {val!r}")
             out[key] = val
         out["reward_head"] = _parse_reward_head(cfg.get("reward_head"), out["vocab_size"])
-        has_lm_head = cfg.get("has_lm_head", True)
-        if not isinstance(has_lm_head, bool):
-            raise ValueError(f"has_lm_head must be a boolean, got {has_lm_head!r}")
-        if not has_lm_head and (out["reward_head"] is None or model_type != "qwen2"):
-            raise ValueError(f"a model without an LM head is a {QWEN_PRM_ARCHITECTURE}: model_type qwen2 with a "
-                             "reward head")
-        out["has_lm_head"] = has_lm_head
+        arch = cfg.get("prm_architecture")
+        if arch is not None and (arch not in PRM_ARCHITECTURES or out["reward_head"] is None or model_type != "qwen2"):
+            raise ValueError(f"prm_architecture must be one of {tuple(PRM_ARCHITECTURES)} (model_type qwen2, with a "
+                             f"reward head) or None, got {arch!r}")
+        out["prm_architecture"] = arch
         return out
 
     @classmethod
@@ -191,17 +200,17 @@ class ModelConfig:
             if cfg.get("rope_scaling") is None:
                 cfg["rope_scaling"] = rope_params
         cfg["reward_head"] = cfg.get(REWARD_HEAD_KEY)
-        if QWEN_PRM_ARCHITECTURE in (cfg.get("architectures") or ()):
-            cfg["has_lm_head"] = False
-            if cfg["reward_head"] is None:
-                cfg["reward_head"] = {"activation": "softmax", "num_classes": 2, "hidden": cfg.get("hidden_size"),
-                                      "positive_index": 1}
+        arch = next((a for a in cfg.get("architectures") or () if a in PRM_ARCHITECTURES), None)
+        cfg["prm_architecture"] = arch
+        if arch is not None and cfg["reward_head"] is None:
+            cfg["reward_head"] = {k: cfg.get(v) if v == "hidden_size" else v
+                                  for k, v in PRM_ARCHITECTURES[arch].items()}
         return cls(**cls._validated(cfg))
 
     def to_hf(self) -> dict:
         """The HF config.json dict (loadable by transformers' LlamaConfig/Qwen2Config)."""
         cfg = {
-            "architectures": [MODEL_TYPES[self.model_type] if self.has_lm_head else QWEN_PRM_ARCHITECTURE],
+            "architectures": [self.prm_architecture or MODEL_TYPES[self.model_type]],
             "model_type": self.model_type,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,

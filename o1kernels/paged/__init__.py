@@ -12,4 +12,5 @@ from .pool import KVBudget, KVPoolExhausted, PagedKVPool
 from .sharing import find_runs
 from .tree import Branch, KVTree
 
-__all__ = ["Branch", "KVBudget", "KVPoolExhausted", "KVTree", "PagedAttention", "PagedKVPool", "find_runs", "table_from_indptr"]
+__all__ = ["Branch", "KVBudget", "KVPoolExhausted", "KVTree", "PagedAttention", "PagedKVPool", "find_runs",
+           "table_from_indptr"]
