@@ -170,10 +170,10 @@ def run_random_tree(scorer, fmt, reference, count, seed: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_trees_equal_reencoding(name, seed):
+@pytest.mark.parametrize("seed,backend", [(0, "torch"), (1, "torch"), (2, "auto")])  # auto: the compiled CPU kernels
+def test_random_trees_equal_reencoding(name, seed, backend):
     fmt, model = family(name)
-    scorer = PRMScorer(model, fmt, page_size=4, backend="torch")
+    scorer = PRMScorer(model, fmt, page_size=4, backend=backend)
     count = Counter(model.model.embed_tokens)
     run_random_tree(scorer, fmt, lambda q, steps: reencode_scores(model, fmt, q, steps), count, seed)
     assert scorer.pool.pages_in_use == 0
