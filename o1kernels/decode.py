@@ -7,9 +7,11 @@
 
 Other models: --model is any Llama/Qwen2 HF checkpoint directory; its tokenizer files (or --tokenizer DIR) give the
 Hugging Face tokenizer, --step-separator (one token; backslash escapes) or --step-token-id the token that ends a step,
---answer-regex how to read an answer. The PRM is the policy's reward head, or a separate checkpoint --prm DIR that
-shares the policy's tokenizer: with its own reward head, or a plain causal LM scored on two of its LM-head rows
-(--prm-token-pair "+,-", Math-Shepherd style).
+--answer-regex how to read an answer. The PRM is the policy's reward head, or a separate checkpoint --prm DIR scored
+incrementally (o1kernels.decoder.prm.PRMScorer: every search step's new steps of all branches in one PRM forward) in
+its own input format (--prm-format): reward_head (default: the policy's token ids, the PRM's reward head, or two of
+its LM-head rows with --prm-token-pair "+,-"), qwen_math_prm, math_shepherd or skywork_prm (the PRM's template and
+step separators, with its own tokenizer: --prm-tokenizer DIR or the --prm directory's tokenizer files).
 
 Prints what the lines show (settings, the chain score's aggregate, merged duplicate beams), then per problem
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._backend import BACKENDS
     from ._cli import float_in, int_in, physical_cores_available, positive_int
     from .decoder.search import AGGREGATES, STRATEGIES, TREE_SELECTIONS
+    from .prm_formats import FORMATS
 
     p = _Parser(prog="python -m o1kernels.decode",
                 description="PRM-guided test-time search with the o1kernels reference decoder.")
@@ -111,15 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an answer is the first group (or the whole) of the regex's last match in a candidate's text "
                         "(default: the task's 'A:<number>')")
     p.add_argument("--prm", type=Path, default=None,
-                   help="separate PRM checkpoint directory (the policy's tokenizer; default: the policy's reward head)")
+                   help="separate PRM checkpoint directory, scored incrementally in one forward per search step "
+                        "(default: the policy's reward head)")
+    p.add_argument("--prm-format", choices=tuple(FORMATS), default=None,
+                   help="the --prm model's input format (default reward_head: the policy's token ids)")
+    p.add_argument("--prm-tokenizer", type=Path, default=None,
+                   help="the --prm model's own Hugging Face tokenizer directory (default: the --prm directory's, for "
+                        "the formats other than reward_head); each step's text is re-tokenized with it")
     p.add_argument("--prm-token-pair", default=None,
                    help='score with two rows of the --prm model\'s LM head: "POSITIVE,NEGATIVE" tokens (ids or '
                         "one-token strings), reward = P(positive) of the pair")
+    p.add_argument("--kv-budget", type=byte_size, default=None,
+                   help="one KV memory budget for the policy's and the --prm model's pages together (tree decoder), "
+                        "e.g. 512MiB (suffixes KiB, MiB, GiB; plain: bytes); default: none")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--scaling", action="store_true",
                    help="run the accuracy-vs-N demo benchmarks/scaling.py instead (repository checkout only); the "
                         "options after it are scaling.py's (--scaling --help lists them)")
     return p
+
+
+def byte_size(text: str) -> int:
+    """argparse type: "512MiB" / "2GiB" / "1000" -> bytes (>= 1)."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "": 1}
+    unit = next(u for u in units if text.endswith(u))
+    try:
+        value = int(float(text[:len(text) - len(unit)]) * units[unit])
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (suffix KiB, MiB or GiB allowed), got {text!r}")
+    return value
 
 
 def _device(text: str):
@@ -151,6 +176,8 @@ def _check_args(args) -> None:
     from .decoder.task import CharTokenizer, TaskConfig
 
     args.device = _device(args.device)
+    if args.decoder == "naive" and args.kv_budget is not None:
+        raise UsageError("--kv-budget: the naive decoder keeps dense per-branch copies, not pages; use --decoder tree")
     if args.decoder == "naive" and args.backend is not None:
         raise UsageError(f"--backend {args.backend}: only the tree decoder runs our kernels (--decoder naive uses "
                          "torch SDPA); drop --backend or use --decoder tree")
@@ -176,7 +203,7 @@ def _check_args(args) -> None:
         raise UsageError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the task "
                          f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task, or "
                          "a Hugging Face tokenizer (--tokenizer)")
-    args.prm_token_ids = _check_prm(args, config, tok)
+    args.prm_format_obj = _check_prm(args, config, tok)
     if args.strategy != "majority" and config.reward_head is None and args.prm is None:
         raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head (give --prm)")
     positions = config.max_position_embeddings
@@ -224,12 +251,15 @@ def _load(args):
     import torch
 
     from .decoder import NaiveDecoder, TreeDecoder, load_checkpoint
+    from .paged import KVBudget
 
     note = None if args.no_progress else (lambda message: print(f"{message} ...", file=sys.stderr, flush=True))
 
+    budget = None if args.kv_budget is None else KVBudget(args.kv_budget)
+
     def decoder_of(model):
         if args.decoder == "tree":
-            return TreeDecoder(model, backend=args.backend, on_capture=note)
+            return TreeDecoder(model, backend=args.backend, on_capture=note, kv_budget=budget)
         return NaiveDecoder(model)
 
     def load(option, path):
@@ -241,9 +271,11 @@ def _load(args):
     model = load("--model", args.model)
     decoder = decoder_of(model)
     if args.prm is not None:
-        from .decoder.prm import PRMScoredDecoder
+        from .decoder.prm import PRMScoredDecoder, PRMScorer
 
-        decoder = PRMScoredDecoder(decoder, decoder_of(load("--prm", args.prm)), token_pair=args.prm_token_ids)
+        scorer = PRMScorer(load("--prm", args.prm), args.prm_format_obj,
+                           backend=args.backend if args.decoder == "tree" else "torch", kv_budget=budget)
+        decoder = PRMScoredDecoder(decoder, scorer, tokenizer=args.tok)
     return model, args.tok, decoder
 
 
@@ -287,29 +319,65 @@ def _unescape(text: str) -> str:
 
 
 def _check_prm(args, config, tok):
-    """--prm / --prm-token-pair from the PRM's config.json (no weights): the token pair's ids, or None."""
+    """--prm / --prm-format / --prm-tokenizer / --prm-token-pair from the PRM's config.json and tokenizer (no
+    weights): the PRMFormat to score with, or None without --prm."""
     from .decoder.checkpoint import load_config
+    from .decoder.tokenizers import has_tokenizer_files, load_raw_tokenizer
+    from .prm_formats import FORMATS, RewardHeadFormat
 
     if args.prm is None:
-        if args.prm_token_pair is not None:
-            raise UsageError("--prm-token-pair needs --prm")
+        for option, value in (("--prm-token-pair", args.prm_token_pair), ("--prm-format", args.prm_format),
+                              ("--prm-tokenizer", args.prm_tokenizer)):
+            if value is not None:
+                raise UsageError(f"{option} needs --prm")
         return None
     try:
         prm = load_config(args.prm)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--prm {args.prm}: {exc}") from None
-    if prm.vocab_size < config.vocab_size:
+    name = args.prm_format or "reward_head"
+    source = args.prm_tokenizer
+    if source is None and name != "reward_head":
+        if not has_tokenizer_files(args.prm):
+            raise UsageError(f"--prm-format {name} reads text with the PRM's own tokenizer: give --prm-tokenizer DIR "
+                             f"({args.prm} has no tokenizer files)")
+        source = args.prm
+    prm_tok = None
+    if source is not None:
+        try:
+            prm_tok = load_raw_tokenizer(source)
+        except (OSError, ImportError) as exc:
+            raise UsageError(f"--prm-tokenizer {source}: {exc}") from None
+    if name != "reward_head":
+        if args.prm_token_pair is not None:
+            raise UsageError(f"--prm-token-pair is for --prm-format reward_head; {name} names its own scores")
+        if name == "math_shepherd" and not prm.has_lm_head or name != "math_shepherd" and prm.reward_head is None:
+            what = "an LM head" if name == "math_shepherd" else "a reward head"
+            raise UsageError(f"--prm-format {name} scores with {what}, which --prm {args.prm} does not have")
+        try:
+            return FORMATS[name](prm_tok)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--prm-format {name}: {exc}") from None
+    if prm_tok is None and prm.vocab_size < config.vocab_size:
         raise UsageError(f"--prm {args.prm}: vocab_size {prm.vocab_size} is smaller than the policy's "
-                         f"{config.vocab_size}; the PRM must share the policy's tokenizer")
+                         f"{config.vocab_size}; a PRM reading the policy's ids must share its tokenizer (or give "
+                         "--prm-tokenizer)")
     if args.prm_token_pair is None:
         if prm.reward_head is None:
             raise UsageError(f"--prm {args.prm} has no reward head: give --prm-token-pair POSITIVE,NEGATIVE to score "
                              "with two rows of its LM head")
-        return None
+        return RewardHeadFormat(prm_tok)
     parts = args.prm_token_pair.split(",")
     if len(parts) != 2 or not all(parts):
         raise UsageError(f"--prm-token-pair must be two tokens separated by a comma, got {args.prm_token_pair!r}")
-    return tuple(_token(tok, _unescape(p), "--prm-token-pair", prm.vocab_size) for p in parts)
+    if prm_tok is None:
+        pair = tuple(_token(tok, _unescape(p), "--prm-token-pair", prm.vocab_size) for p in parts)
+    else:
+        pair = tuple(int(p) if p.isdigit() else _unescape(p) for p in parts)
+    try:
+        return RewardHeadFormat(prm_tok, token_pair=pair)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--prm-token-pair: {exc}") from None
 
 
 def _token(tok, text: str, option: str, vocab_size: int) -> int:
@@ -452,6 +520,10 @@ def run(args) -> dict:
         "aggregate": args.config.aggregate, "temperature": args.config.temperature, "seed": args.config.seed,
         "filter_duplicates": args.config.filter_duplicates, "select": args.config.select, "decoder": args.decoder, "model": str(args.model),
         "prm": None if args.prm is None else str(args.prm),
+        "prm_format": None if args.prm is None else args.prm_format or "reward_head",
+        **({"prm_forwards": decoder.scorer.stats["forwards"], "prm_tokens": decoder.scorer.stats["tokens"],
+            "prm_kv_bytes": decoder.scorer.stats["peak_kv_bytes"]} if args.prm is not None else {}),
+        "kv_budget": args.kv_budget,
         "device": str(args.device), "threads": run_threads if args.device.type == "cpu" else None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "accuracy": sum(graded) / len(graded) if graded else None,
@@ -494,6 +566,10 @@ def _print_report(report: dict, out) -> None:
     print(f"{report['tokens_generated']} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.0f} tokens/s",
           file=out)
     kv, naive = report["kv_bytes"], report["kv_bytes_naive"]
+    if report["prm"] is not None:
+        print(f"PRM ({report['prm_format']} format): {report['prm_forwards']} forwards (one per search step after "
+              f"the prompts), {report['prm_tokens']} new-step tokens, KV peak {report['prm_kv_bytes'] / 1024:.1f} KiB "
+              "(counted in the KV cache line)", file=out)
     if report["decoder"] == "tree":
         ratio = f" ({naive / kv:.1f}x less)" if kv else ""
         print(f"KV cache: peak {kv / 1024:.1f} KiB with shared pages vs {naive / 1024:.1f} KiB for the naive "
@@ -552,6 +628,13 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a fixed pool or the --kv-budget ran out of pages: one line, not a traceback
+        from .paged import KVPoolExhausted
+
+        if not isinstance(exc, KVPoolExhausted):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.json:
             report.pop("_problems")

@@ -39,6 +39,9 @@ def test_positive_int_types():
     ("scaling.py", ["--aggregate", "sum"], "--aggregate"),
     ("bench_vllm.py", ["--new-tokens", "0"], "--new-tokens"),
     ("bench_vllm.py", ["--branches", "16,0"], "--branches"),
+    ("bench_prm.py", ["--cases", "16:0:400"], "--cases"),
+    ("bench_prm.py", ["--cases", "6:8:400"], "--cases"),
+    ("bench_prm.py", ["--hidden", "0"], "--hidden"),
 ])
 def test_bad_size_arguments_exit_2_naming_the_argument(script, args, name):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--device", "cpu", *args],

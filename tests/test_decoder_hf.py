@@ -1,5 +1,6 @@
 """The reference decoder on other models: Hugging Face tokenizers in search() and the CLI (HFTokenizer), a PRM in
-its own checkpoint (PRMScoredDecoder: reward head or LM-head token pair), and the CLI options for both."""
+its own checkpoint (PRMScoredDecoder over a PRMScorer: reward head or LM-head token pair), and the CLI options for
+both."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ tokenizers = pytest.importorskip("tokenizers")
 from o1kernels.decode import DEFAULT_MODEL, main  # noqa: E402
 from o1kernels.decoder import NaiveDecoder, TreeDecoder, load_checkpoint, save_checkpoint  # noqa: E402
 from o1kernels.decoder.model import ModelConfig, Transformer  # noqa: E402
-from o1kernels.decoder.prm import PRMScoredDecoder  # noqa: E402
+from o1kernels.decoder.prm import PRMScoredDecoder, PRMScorer  # noqa: E402
 from o1kernels.decoder.search import SearchConfig, search  # noqa: E402
 from o1kernels.decoder.task import CharTokenizer, generate_problems  # noqa: E402
 from o1kernels.decoder.tokenizers import HFTokenizer, as_search_tokenizer, load_tokenizer  # noqa: E402
+from o1kernels.prm_formats import RewardHeadFormat  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,8 +102,8 @@ def test_search_with_a_hf_tokenizer_equals_char_tokenizer(arith_model):
 @pytest.mark.parametrize("decoder_cls", [TreeDecoder, NaiveDecoder])
 def test_separate_prm_checkpoint_with_reward_head(tmp_path, arith_model, decoder_cls):
     """The shipped model split in two: its policy without the reward head, and the whole model loaded again as a
-    separate PRM. The PRM twin (teacher-forced steps) gives the scores the reward head gives while decoding, and
-    both KV pools are empty when the search ends."""
+    separate PRM. The PRM twin (each search step's steps in one forward) gives the scores the reward head gives
+    while decoding, and both KV pools are empty when the search ends."""
     save_checkpoint(arith_model, tmp_path)
     prm_model = load_checkpoint(tmp_path)
     headless = Transformer(ModelConfig.from_hf({**arith_model.config.to_hf(), "o1kernels_reward_head": None}))
@@ -109,16 +111,17 @@ def test_separate_prm_checkpoint_with_reward_head(tmp_path, arith_model, decoder
     make = (lambda m: TreeDecoder(m, backend="torch")) if decoder_cls is TreeDecoder else NaiveDecoder
     config = SearchConfig(n=4, beam_width=2, max_steps=6, max_step_tokens=12, temperature=1.0, seed=5)
     plain, _ = search(make(arith_model), CharTokenizer(), _prompts(), "beam_search", config)
-    joined = PRMScoredDecoder(make(headless.eval()), make(prm_model))
+    joined = PRMScoredDecoder(make(headless.eval()), prm_model)
     scored, stats = search(joined, CharTokenizer(), _prompts(), "beam_search", config)
     for a, b in zip(plain, scored):
         assert [c.text for c in a.candidates] == [c.text for c in b.candidates] and a.chosen == b.chosen
         for ca, cb in zip(a.candidates, b.candidates):
             torch.testing.assert_close(torch.tensor(cb.step_scores), torch.tensor(ca.step_scores),
                                        atol=1e-5, rtol=1e-5)
-    assert joined.policy.kv_bytes() + joined.prm.kv_bytes() == joined.kv_bytes()
+    assert joined.policy.kv_bytes() + joined.scorer.kv_bytes() == joined.kv_bytes()
+    assert joined.scorer.pool.pages_in_use == 0
     if decoder_cls is TreeDecoder:
-        assert joined.prm.pool.pages_in_use == 0 and joined.policy.pool.pages_in_use == 0
+        assert joined.policy.pool.pages_in_use == 0
         assert stats["peak_kv_bytes"] > 0
 
 
@@ -134,8 +137,8 @@ def test_separate_prm_token_pair(arith_model):
         for p in prm_model.parameters():
             p.normal_(0, 0.3)
     pair = (5, 6)
-    joined = PRMScoredDecoder(TreeDecoder(arith_model, backend="torch"), TreeDecoder(prm_model, backend="torch"),
-                              token_pair=pair)
+    joined = PRMScoredDecoder(TreeDecoder(arith_model, backend="torch"),
+                              PRMScorer(prm_model, RewardHeadFormat(token_pair=pair), backend="torch"))
     prompt = _prompts()[0]
     root = joined.add_prompt(prompt)
     kids = joined.fork(root, 3)
@@ -149,22 +152,25 @@ def test_separate_prm_token_pair(arith_model):
         assert score == pytest.approx(float(expected), abs=1e-5)
     for k in kids:
         joined.release(k)
-    assert joined.prm.pool.pages_in_use == 0
+    assert joined.scorer.pool.pages_in_use == 0
+
+
+VALUE_HEAD = {"activation": "sigmoid", "num_classes": 1}
 
 
 def test_prm_decoder_errors(arith_model):
     plain = Transformer(ModelConfig.from_hf({**arith_model.config.to_hf(), "o1kernels_reward_head": None}))
     policy = TreeDecoder(arith_model, backend="torch")
-    with pytest.raises(ValueError, match="no reward head.*token_pair"):
-        PRMScoredDecoder(policy, TreeDecoder(plain, backend="torch"))
-    with pytest.raises(ValueError, match=r"token_pair must be two token ids in \[0, 20\)"):
-        PRMScoredDecoder(policy, TreeDecoder(plain, backend="torch"), token_pair=(1, 99))
-    with pytest.raises(TypeError, match="prm must be a TreeDecoder like the policy"):
+    with pytest.raises(ValueError, match="model has no reward head"):
+        PRMScoredDecoder(policy, plain)
+    with pytest.raises(ValueError, match=r"token pair \(1, 99\) needs a model with an LM head over those ids"):
+        PRMScorer(plain, RewardHeadFormat(token_pair=(1, 99)))
+    with pytest.raises(TypeError, match="scorer must be a PRMScorer or a Transformer"):
         PRMScoredDecoder(policy, NaiveDecoder(arith_model))
     small = Transformer(ModelConfig.from_hf({**arith_model.config.to_hf(), "vocab_size": 8,
-                                             "o1kernels_reward_head": None}))
-    with pytest.raises(ValueError, match="must share the policy's tokenizer"):
-        PRMScoredDecoder(policy, TreeDecoder(small, backend="torch"))
+                                             "o1kernels_reward_head": VALUE_HEAD}))
+    with pytest.raises(ValueError, match="must share its tokenizer"):
+        PRMScoredDecoder(policy, small)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@
   sampling.py    greedy / seeded sampling shared by both decoders (uniforms hashed from seed, row, token index)
   naive.py       NaiveDecoder: dense KV copy per branch, per-branch attention, unfused scoring (the baseline)
   tokenizers.py  HFTokenizer: a Hugging Face tokenizer with the step_id / eos_id / decode that search() reads
-  prm.py         PRMScoredDecoder: a PRM in its own checkpoint, decoding beside the policy, scoring its steps
+  prm.py         PRMScorer: a PRM in its own checkpoint scoring every search step's new steps in one batched
+                 forward, in its own input format; PRMScoredDecoder: a policy decoder + a PRMScorer for search()
 """
 from o1kernels.paged import KVPoolExhausted, PagedKVPool
 
@@ -16,6 +17,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import StepOutput, TreeDecoder
 from .model import ModelConfig, Transformer
 from .naive import NaiveDecoder
+from .prm import PRMScoredDecoder, PRMScorer
 
-__all__ = ["KVPoolExhausted", "ModelConfig", "NaiveDecoder", "PagedKVPool", "StepOutput", "Transformer", "TreeDecoder",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = ["KVPoolExhausted", "ModelConfig", "NaiveDecoder", "PRMScoredDecoder", "PRMScorer", "PagedKVPool",
+           "StepOutput", "Transformer", "TreeDecoder", "load_checkpoint", "save_checkpoint"]

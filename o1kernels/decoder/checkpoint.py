@@ -6,6 +6,9 @@ Layout written and read:
   model-00001-of-0000N.safetensors ...      shards
   model.safetensors.index.json              {"metadata": {"total_size": bytes}, "weight_map": {name: shard file}}
 A tied lm_head.weight is not stored (HF convention); it is re-tied to model.embed_tokens.weight on load.
+The public PRM classes (model.PRM_ARCHITECTURES: no LM head) keep their own head names, read into and written from our
+reward_head: Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM) score.0 / score.2 -> reward_head.mlp / .out,
+Qwen2ForPrmModel (Skywork-o1-Open-PRM) v_head.summary -> reward_head.out; an lm_head they store is not loaded.
 """
 from __future__ import annotations
 
@@ -19,6 +22,22 @@ from safetensors.torch import save_file
 
 from .model import ModelConfig, Transformer
 
+# per PRM class: stored name prefix -> our name prefix
+PRM_NAMES = {"Qwen2ForProcessRewardModel": {"score.0.": "reward_head.mlp.", "score.2.": "reward_head.out."},
+             "Qwen2ForPrmModel": {"v_head.summary.": "reward_head.out."}}
+
+
+def _renamed(name: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _stored_names(config: ModelConfig) -> dict[str, str]:
+    """stored prefix -> our prefix for this config's checkpoint layout."""
+    return PRM_NAMES.get(config.prm_architecture, {})
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -29,9 +48,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _tensors_to_save(model: Transformer) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings and model.lm_head is not None:
         state.pop("lm_head.weight")
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    ours_to_stored = {new: old for old, new in _stored_names(model.config).items()}
+    return {_renamed(k, ours_to_stored): v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(model: Transformer, path, *, max_shard_bytes: int | None = None) -> Path:
@@ -136,13 +156,17 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None) -> 
     if dtype not in DTYPES.values():
         raise TypeError(f"dtype must be one of {tuple(DTYPES.values())}, got {dtype}")
     device = torch.device(device)
-    files = _weight_files(path)
+    layout = _stored_names(config)
+    stored_files = _weight_files(path)
+    files = {_renamed(n, layout): f for n, f in stored_files.items()}
+    stored_name = {_renamed(n, layout): n for n in stored_files}
 
     model = Transformer(config, device="meta", dtype=dtype)
     expected = {name: p for name, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and config.has_lm_head:
         expected.pop("lm_head.weight")
-    stored = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
+    stored = {n for n in files if not n.endswith(IGNORED_SUFFIXES)
+              and not (config.prm_architecture and n.startswith("lm_head."))}
     if config.tie_word_embeddings:
         stored.discard("lm_head.weight")  # some tied checkpoints store it anyway; it is the embedding
     missing = sorted(set(expected) - stored)
@@ -159,7 +183,7 @@ def load_checkpoint(path, *, device="cpu", dtype: torch.dtype | None = None) -> 
     for fpath, names in by_file.items():
         with _open_safetensors(fpath) as f:
             for name in names:
-                t = f.get_tensor(name)
+                t = f.get_tensor(stored_name[name])
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise ValueError(f"tensor {name!r} in {str(fpath)!r} has shape {list(t.shape)}, "
                                      f"the config needs {list(expected[name].shape)}")

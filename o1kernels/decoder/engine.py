@@ -24,7 +24,7 @@ import torch
 
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_fits_memory
-from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
+from o1kernels.paged import KVBudget, KVTree, PagedAttention, PagedKVPool
 from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
 from .model import Transformer
@@ -225,11 +225,13 @@ class TreeDecoder(SearchDecoder):
     on_capture(message): called before each graph capture (the CLI prints it, so a first GPU run shows progress).
     compile_layers: torch.compile each layer's halves around its attention and the logits (fuses the decode
     iteration's many small kernels; compiled on the first decode step, once for all layers and batch sizes).
+    kv_budget: an o1kernels.paged.KVBudget its pool shares (with a PRMScorer's: one memory budget), or None.
     """
 
     def __init__(self, model: Transformer, *, backend: str = "auto", page_size: int = 16,
                  num_pages: int | None = None, cuda_graphs: bool | None = None, batch_buckets=None,
-                 tokens_per_check: int | None = None, on_capture=None, compile_layers: bool = False):
+                 tokens_per_check: int | None = None, on_capture=None, compile_layers: bool = False,
+                 kv_budget: KVBudget | None = None):
         super().__init__(model)
         cfg = model.config
         device = model.device
@@ -253,7 +255,7 @@ class TreeDecoder(SearchDecoder):
         elif isinstance(tokens_per_check, bool) or not isinstance(tokens_per_check, int) or tokens_per_check < 1:
             raise ValueError(f"tokens_per_check must be a positive integer, got {tokens_per_check!r}")
         self.pool = PagedKVPool(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, page_size=page_size,
-                                num_pages=num_pages, dtype=model.dtype, device=device)
+                                num_pages=num_pages, dtype=model.dtype, device=device, budget=kv_budget)
         self.tree = KVTree(self.pool)
         self.sm_scale = cfg.head_dim ** -0.5
         self._chunk_attn = PagedAttention(page_size, (cfg.num_attention_heads, cfg.num_key_value_heads), cfg.head_dim,

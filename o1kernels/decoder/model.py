@@ -23,6 +23,16 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REWARD_ACTIVATIONS = ("sigmoid", "softmax")
 # Key of our reward-head extension inside config.json.
 REWARD_HEAD_KEY = "o1kernels_reward_head"
+# The public PRM families' model classes, read as a Transformer with a reward head and no LM head (checkpoint.py maps
+# their parameter names; an LM head stored beside is not loaded), with the reward head each implies:
+#   Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM): score.0 Linear(H, H) -> ReLU -> score.2 Linear(H, 2), softmax,
+#   class 1
+#   Qwen2ForPrmModel (Skywork-o1-Open-PRM): v_head.summary Linear(H, 1), sigmoid
+PRM_ARCHITECTURES = {
+    "Qwen2ForProcessRewardModel": {"activation": "softmax", "num_classes": 2, "hidden": "hidden_size",
+                                   "positive_index": 1},
+    "Qwen2ForPrmModel": {"activation": "sigmoid", "num_classes": 1},
+}
 
 
 def _positive_int(cfg: dict, key: str) -> int:
@@ -108,6 +118,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     reward_head: dict | None = None
+    prm_architecture: str | None = None  # one of PRM_ARCHITECTURES (no LM head), or None (a causal LM)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.prm_architecture is None
 
     def __post_init__(self):
         # Re-validate through the HF path so direct construction gets the same checks.
@@ -160,6 +175,11 @@ class ModelConfig:
                 raise ValueError(f"config field {key!r} must be an integer or null, got {val!r}")
             out[key] = val
         out["reward_head"] = _parse_reward_head(cfg.get("reward_head"), out["vocab_size"])
+        arch = cfg.get("prm_architecture")
+        if arch is not None and (arch not in PRM_ARCHITECTURES or out["reward_head"] is None or model_type != "qwen2"):
+            raise ValueError(f"prm_architecture must be one of {tuple(PRM_ARCHITECTURES)} (model_type qwen2, with a "
+                             f"reward head) or None, got {arch!r}")
+        out["prm_architecture"] = arch
         return out
 
     @classmethod
@@ -180,12 +200,17 @@ class ModelConfig:
             if cfg.get("rope_scaling") is None:
                 cfg["rope_scaling"] = rope_params
         cfg["reward_head"] = cfg.get(REWARD_HEAD_KEY)
+        arch = next((a for a in cfg.get("architectures") or () if a in PRM_ARCHITECTURES), None)
+        cfg["prm_architecture"] = arch
+        if arch is not None and cfg["reward_head"] is None:
+            cfg["reward_head"] = {k: cfg.get(v) if v == "hidden_size" else v
+                                  for k, v in PRM_ARCHITECTURES[arch].items()}
         return cls(**cls._validated(cfg))
 
     def to_hf(self) -> dict:
         """The HF config.json dict (loadable by transformers' LlamaConfig/Qwen2Config)."""
         cfg = {
-            "architectures": [MODEL_TYPES[self.model_type]],
+            "architectures": [self.prm_architecture or MODEL_TYPES[self.model_type]],
             "model_type": self.model_type,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
@@ -344,7 +369,8 @@ class Transformer(nn.Module):
         self.config = config
         factory = {"device": device, "dtype": dtype}
         self.model = Backbone(config, **factory)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory)
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False, **factory) if config.has_lm_head
+                        else None)
         self.reward_head = RewardHead(config, **factory) if config.reward_head else None
         # RoPE inverse frequencies: not a parameter or buffer (never saved, never cast by .to(dtype)), float32,
         # copied once per device it is used on.
@@ -354,7 +380,7 @@ class Transformer(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
@@ -393,6 +419,9 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden [..., H] -> logits [..., V] float32."""
+        if self.lm_head is None:
+            raise ValueError("this model has no LM head (a process reward model checkpoint): it scores, it does not "
+                             "generate")
         return self.lm_head(self.model.norm(hidden)).float()
 
     def forward(self, input_ids: torch.Tensor, *, return_hidden: bool = False):

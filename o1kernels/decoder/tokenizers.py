@@ -96,10 +96,9 @@ def has_tokenizer_files(path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(path, step_separator, *, eos_id: int | None = None) -> HFTokenizer:
-    """HFTokenizer from a directory: transformers' AutoTokenizer when transformers is installed, else
-    tokenizers.Tokenizer from its tokenizer.json. OSError when the directory has no loadable tokenizer, ValueError /
-    TypeError when step_separator or eos_id is not one token of it."""
+def load_raw_tokenizer(path):
+    """The Hugging Face tokenizer in a directory: transformers' AutoTokenizer when transformers is installed, else
+    tokenizers.Tokenizer from its tokenizer.json. OSError when the directory has no loadable tokenizer."""
     path = Path(path)
     if not has_tokenizer_files(path):
         raise FileNotFoundError(f"no tokenizer in {str(path)!r} (looked for {', '.join(TOKENIZER_FILES)})")
@@ -109,17 +108,21 @@ def load_tokenizer(path, step_separator, *, eos_id: int | None = None) -> HFToke
         AutoTokenizer = None
     if AutoTokenizer is not None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError, KeyError) as exc:
             raise OSError(f"cannot load the tokenizer in {str(path)!r}: {exc}") from None
-    else:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError("loading a Hugging Face tokenizer needs transformers or tokenizers "
-                              "(pip install 'o1kernels[hf]')") from None
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{str(path)!r} has no tokenizer.json and transformers is not installed "
-                                    "(pip install 'o1kernels[hf]')")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return HFTokenizer(tokenizer, step_separator, eos_id=eos_id)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ImportError("loading a Hugging Face tokenizer needs transformers or tokenizers "
+                          "(pip install 'o1kernels[hf]')") from None
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no tokenizer.json and transformers is not installed "
+                                "(pip install 'o1kernels[hf]')")
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def load_tokenizer(path, step_separator, *, eos_id: int | None = None) -> HFTokenizer:
+    """HFTokenizer over load_raw_tokenizer(path). OSError when the directory has no loadable tokenizer, ValueError /
+    TypeError when step_separator or eos_id is not one token of it."""
+    return HFTokenizer(load_raw_tokenizer(path), step_separator, eos_id=eos_id)

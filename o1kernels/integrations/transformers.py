@@ -47,6 +47,11 @@ use_cache=False would) is refused. KV held: the prompt once (all but its last to
 prompt token and the generated tokens but the last (transformers never runs the last sampled token), each rounded
 up to whole pages.
 
+Incremental PRM scoring at search scale: IncrementalPRMScorer(prm_model, fmt, head) keeps the PRM's branches in a
+TreeCache mirrored from the search (add_prompt, fork, release) and scores each search step's new steps of every branch
+in one backbone forward (rows right-padded: TreeCache.set_rows(new_tokens=) stores and attends only the real tokens),
+in the PRM's own input format (o1kernels.prm_formats), the scores read by step_rewards at each step's last token.
+
 PRM scoring: score_steps(prm_model, input_ids, step_token_id, head) runs the PRM's backbone once (no LM head), takes
 the hidden states at the input of its final RMSNorm (checked to compute one: transformers' last_hidden_state is
 already normed) and calls o1kernels.step_rewards with that norm fused, for the three PRM styles: TokenPairHead
@@ -82,7 +87,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from o1kernels._backend import resolve_backend
 from o1kernels._checks import check_tensor
 from o1kernels.capabilities import AttentionSpec, backend_unsupported_reason, unsupported_features
-from o1kernels.paged import KVTree, PagedAttention, PagedKVPool
+from o1kernels.paged import KVBudget, KVTree, PagedAttention, PagedKVPool
 from o1kernels.step_rewards import step_rewards
 from o1kernels.tree_attention import SUPPORTED_BACKENDS
 
@@ -305,11 +310,11 @@ class TreeCache(Cache):
     "triton", "cpu", "cuda"; "auto" picks per call one that implements what the layer needs; an explicit one is
     checked against the model's decode steps here, and a forward of several tokens per row after context, which
     attends by query position, needs a backend implementing positions); dtype, device: of the pool (default: the
-    model's).
+    model's); kv_budget: an o1kernels.paged.KVBudget the pool shares with other pools (a policy's and its PRM's).
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, backend: str = "auto",
-                 dtype: torch.dtype | None = None, device=None):
+                 dtype: torch.dtype | None = None, device=None, kv_budget: KVBudget | None = None):
         self.specs = check_model(model, backend=backend)
         param = next(model.parameters())
         dtype = param.dtype if dtype is None else dtype
@@ -331,7 +336,7 @@ class TreeCache(Cache):
         if len(num_heads) > 1:
             raise ValueError(f"model: layers differ in query heads: {num_heads}; TreeCache plans one shape")
         self.pool = PagedKVPool(self.num_layers, self.num_kv_heads, self.head_dim, page_size=page_size,
-                                num_pages=num_pages, dtype=dtype, device=device)
+                                num_pages=num_pages, dtype=dtype, device=device, budget=kv_budget)
         self.attn = PagedAttention(page_size, (num_heads[0], self.num_kv_heads), self.head_dim, device=device,
                                    backend=backend, dtype=dtype)
         self.tree = KVTree(self.pool)
@@ -340,6 +345,7 @@ class TreeCache(Cache):
         self._offset: dict[int, int] = {}  # branch -> left padding stripped from its prompt (transformers' positions)
         self._forward: _Forward | None = None
         self._prefill_stored: torch.Tensor | None = None  # bool [R, T]: the tokens TreeCache.prefill's forward stores
+        self._new_tokens: list[int] | None = None  # set_rows(new_tokens=): the next forward's real tokens per row
         self._plan_key = None  # (rows, tree version) of a one-token plan that set_lengths can move on
         self._planned: dict[int, int] = {}  # branch -> its row in the last plan (the next plan continues them)
         super().__init__(layers=[_TreeCacheLayer(self, i) for i in range(self.num_layers)])
@@ -350,8 +356,10 @@ class TreeCache(Cache):
         """Branch id of each batch row of the next forward (empty: the next forward creates one root per row)."""
         return list(self._rows)
 
-    def set_rows(self, branches) -> None:
-        """Make the next forward's batch rows extend these distinct live branches, in order."""
+    def set_rows(self, branches, *, new_tokens=None) -> None:
+        """Make the next forward's batch rows extend these distinct live branches, in order. new_tokens: per row how
+        many of the next forward's T tokens are real (the rest right padding: neither stored nor attended; their
+        outputs are zeros); the next forward only, which must have T = max(new_tokens)."""
         if isinstance(branches, (str, bytes)) or not hasattr(branches, "__iter__"):
             raise TypeError(f"branches must be a list of branch ids, got {type(branches).__name__}")
         branches = list(branches)
@@ -359,7 +367,11 @@ class TreeCache(Cache):
             self.tree.get(b)
         if len(set(branches)) != len(branches):
             raise ValueError(f"branches must be distinct (two rows cannot extend one branch), got {branches}")
-        self._rows = branches
+        if new_tokens is not None:
+            new_tokens = list(new_tokens)
+            if len(new_tokens) != len(branches) or not all(_is_int(n) and n >= 1 for n in new_tokens):
+                raise ValueError(f"new_tokens must be one count >= 1 per row ({len(branches)}), got {new_tokens}")
+        self._rows, self._new_tokens = branches, new_tokens
 
     def new_branch(self) -> int:
         """An empty root branch (not a row until set_rows)."""
@@ -457,12 +469,22 @@ class TreeCache(Cache):
         positions = [self.tree.get(b).length for b in rows]
         stored, planned = None, False
         keep = self._prefill_stored
+        counts, self._new_tokens = self._new_tokens, None
+        if counts is not None and max(counts) != t:
+            raise ValueError(f"set_rows(new_tokens={counts}) needs a forward of {max(counts)} tokens per row, got {t}")
         if keep is not None:  # TreeCache.prefill: store the real tokens it keeps, attend as the model does
             if tuple(keep.shape) != (r, t):
                 raise ValueError(f"TreeCache.prefill's forward must have its {list(keep.shape)} tokens, got {[r, t]}")
             counts = keep.sum(1).tolist()
             slots = [s for b, n in zip(rows, counts) for s in self.tree.append(b, [UNKNOWN_TOKEN] * n)]
             stored = keep.reshape(-1).nonzero().squeeze(1).to(device)
+        elif counts is not None:
+            slots = [s for b, n in zip(rows, counts) for s in self.tree.append(b, [UNKNOWN_TOKEN] * n)]
+            stored = (torch.arange(t)[None, :] < torch.tensor(counts)[:, None]).reshape(-1).nonzero().squeeze(1)
+            stored = stored.to(device)
+            if any(positions):
+                self._plan_rows(rows, t, counts)
+                planned = True
         else:
             slots = [s for b in rows for s in self.tree.append(b, [UNKNOWN_TOKEN] * t)]
             if any(positions):
@@ -471,17 +493,18 @@ class TreeCache(Cache):
         self._forward = _Forward(list(rows), t, torch.tensor(slots, dtype=torch.long, device=device), planned, stored,
                                  positions)
 
-    def _plan_rows(self, rows: list[int], t: int) -> None:
-        """Lay the rows' block tables out in the cache's PagedAttention (their new tokens appended); a one-token
-        step whose rows and pages are those of the last one only moves the lengths on."""
+    def _plan_rows(self, rows: list[int], t: int, counts: list[int] | None = None) -> None:
+        """Lay the rows' block tables out in the cache's PagedAttention (their new tokens appended: t per row, or
+        counts[r]); a one-token step whose rows and pages are those of the last one only moves the lengths on."""
         lengths = self.tree.lengths(rows)
-        key = (tuple(rows), self.tree.version) if t == 1 else None
+        key = (tuple(rows), self.tree.version) if t == 1 and counts is None else None
         if key is not None and key == self._plan_key:
             self.attn.set_lengths(lengths)
             return
         table, num_pages = self.tree.block_table(rows)
         continues = [self._planned.get(b, -1) for b in rows]  # a branch's pages are only appended or trimmed
-        self.attn.plan(table, lengths, query_lens=[t] * len(rows), num_pages=num_pages, continues=continues)
+        self.attn.plan(table, lengths, query_lens=counts or [t] * len(rows), num_pages=num_pages,
+                       continues=continues)
         self._planned = {b: i for i, b in enumerate(rows)}
         self._plan_key = key
 
@@ -547,8 +570,11 @@ class TreeCache(Cache):
             raise ValueError(f"query must have {len(fwd.rows)} rows of {fwd.num_tokens} tokens like the cache update, "
                              f"got shape {list(query.shape)}")
         q = query.transpose(1, 2).reshape(r * t, hq, d)
-        o = self.attn.run(q, self.pool.k[layer_idx], self.pool.v[layer_idx], sm_scale=sm_scale, window=window,
-                          softcap=softcap, sinks=sinks)
+        real = fwd.stored  # right padding (set_rows(new_tokens=)): only the real queries attend
+        o = self.attn.run(q if real is None else q[real], self.pool.k[layer_idx], self.pool.v[layer_idx],
+                          sm_scale=sm_scale, window=window, softcap=softcap, sinks=sinks)
+        if real is not None:
+            o = q.new_zeros(r * t, hq, d).index_copy_(0, real, o.to(q.dtype))
         return o.view(r, t, hq, d)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -614,6 +640,7 @@ class TreeCache(Cache):
         for b in list(self.tree.branches):
             self._drop(b)
         self._rows = []
+        self._new_tokens = None
         self._forward = None
         self._plan_key = None
         self._planned = {}
@@ -866,3 +893,112 @@ def score_steps(prm_model, input_ids: torch.Tensor, step_token_id, head, *, atte
     return step_rewards(captured[-1], step_mask, head_args.pop("weight"), head_args.pop("bias"),
                         norm_weight=norm.weight, norm_eps=eps, aggregate=aggregate,
                         backend=backend, **head_args)
+
+
+class IncrementalPRMScorer:
+    """PRM step scores of a search, incrementally, over a TreeCache: each search step's new steps of every branch in
+    ONE backbone forward (right-padded rows, set_rows(new_tokens=)), nothing re-encoded.
+
+    prm_model: a transformers PRM set to attn_implementation "o1kernels" (as score_steps takes it); fmt: its
+    o1kernels.prm_formats format (the PRM's template, separators and tokenizer); head: as score_steps (None: the
+    format's TokenPairHead, for Math-Shepherd); positive_index: score_steps'; page_size, num_pages, backend,
+    kv_budget: the TreeCache's; aggregate: how chain scores combine a branch's step scores.
+    add_prompt / fork / release mirror the search's branches; score(branches, steps) -> (step_scores [B],
+    chain_scores [B]) float32 on the CPU. stats: forwards, tokens (new PRM tokens processed).
+    """
+
+    def __init__(self, prm_model, fmt, head=None, *, positive_index: int = 1, page_size: int = 16,
+                 num_pages: int | None = None, backend: str = "auto", aggregate: str = "last",
+                 kv_budget: KVBudget | None = None):
+        from o1kernels.prm_formats import PRMFormat
+        from o1kernels.step_rewards import AGGREGATES
+
+        if not isinstance(fmt, PRMFormat):
+            raise TypeError(f"fmt must be an o1kernels.prm_formats.PRMFormat, got {type(fmt).__name__}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        self.base, self.norm, eps = _prm_backbone(prm_model)
+        with torch.no_grad():
+            _check_rms_norm(self.norm, eps)
+        if head is None:
+            if fmt.token_pair is None:
+                raise ValueError(f"head: {type(fmt).__name__} scores with the PRM's own head; pass it (an nn.Linear "
+                                 "or the Sequential score head)")
+            head = TokenPairHead(*fmt.token_pair)
+        self._head = _head_tensors(prm_model, head, positive_index)
+        self.eps, self.fmt, self.backend, self.aggregate = eps, fmt, backend, aggregate
+        self.cache = TreeCache(prm_model, page_size=page_size, num_pages=num_pages, backend=backend,
+                               kv_budget=kv_budget)
+        self._model = prm_model
+        self._steps: dict[int, list[float]] = {}
+        self.stats = {"forwards": 0, "tokens": 0}
+
+    @torch.no_grad()
+    def add_prompt(self, question) -> int:
+        """Prefill the PRM's prompt of `question` (text or ids, per the format); return its branch."""
+        ids = torch.tensor([self.fmt.prompt_ids(question)], device=self.norm.weight.device)
+        (root,) = self.cache.prefill(self._model, ids)
+        self.cache.set_rows([])
+        self._steps[root] = []
+        return root
+
+    def fork(self, branch: int, n: int) -> list[int]:
+        kids = self.cache.fork(branch, n)
+        for k in kids:
+            self._steps[k] = list(self._steps[branch])
+        return kids
+
+    def release(self, branch: int) -> None:
+        self.cache.release(branch)
+        del self._steps[branch]
+
+    def step_scores(self, branch: int) -> list[float]:
+        self.cache.tree.get(branch)
+        return list(self._steps[branch])
+
+    @torch.no_grad()
+    def score(self, branches, steps):
+        """Append one step to each branch (text or ids, per the format) and score it, all in one forward:
+        (step_scores [B], chain_scores [B]) float32 on the CPU."""
+        from o1kernels.prm_formats import chain_score
+
+        if isinstance(branches, (str, bytes)) or not hasattr(branches, "__iter__"):
+            raise TypeError(f"branches must be a list of branch ids, got {type(branches).__name__}")
+        branches = list(branches)
+        for b in branches:
+            self.cache.tree.get(b)
+        if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) != len(branches):
+            raise ValueError(f"steps must hold one step per branch ({len(branches)})")
+        if not branches:
+            return torch.zeros(0), torch.zeros(0)
+        ids = [self.fmt.step_ids(s, len(self._steps[b])) for b, s in zip(branches, steps)]
+        device = self.norm.weight.device
+        lens = torch.tensor([len(r) for r in ids])
+        t = int(lens.max())
+        tokens = torch.zeros(len(ids), t, dtype=torch.long)
+        for i, row in enumerate(ids):
+            tokens[i, :len(row)] = torch.tensor(row)
+        starts = torch.tensor([self.cache.branch_length(b) for b in branches])
+        positions = starts[:, None] + torch.arange(t)
+        self.cache.set_rows(branches, new_tokens=lens.tolist())
+        captured = []
+        hook = self.norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        try:
+            self.base(input_ids=tokens.to(device), position_ids=positions.to(device), use_cache=True,
+                      **{cache_argument(self.base): self.cache})
+        finally:
+            hook.remove()
+            self.cache.set_rows([])
+        mask = torch.zeros(len(ids), t, dtype=torch.bool)
+        mask[torch.arange(len(ids)), lens - 1] = True
+        head = dict(self._head)
+        scores, _ = step_rewards(captured[-1], mask.to(device), head.pop("weight"), head.pop("bias"),
+                                 norm_weight=self.norm.weight, norm_eps=self.eps, aggregate="last",
+                                 backend=self.backend, **head)
+        new = scores[mask.to(device)].cpu()
+        for b, x in zip(branches, new.tolist()):
+            self._steps[b].append(x)
+        self.stats["forwards"] += 1
+        self.stats["tokens"] += int(lens.sum())
+        chain = torch.tensor([chain_score(self._steps[b], self.aggregate) for b in branches], dtype=torch.float32)
+        return new, chain

@@ -18,7 +18,20 @@ from o1kernels._checks import available_memory, check_fits_memory, format_bytes
 
 
 class KVPoolExhausted(RuntimeError):
-    """The fixed-size pool has too few free pages."""
+    """The fixed-size pool has too few free pages (or a KVBudget is spent)."""
+
+
+class KVBudget:
+    """One byte budget for the pages referenced in several pools (a policy's and its PRM's, whose page shapes
+    differ): memory goes to whichever pool needs it. A pool's alloc raises KVPoolExhausted when the referenced
+    pages of all pools sharing the budget would exceed max_bytes. `used`: bytes referenced now, all pools together.
+    The pools' storage may exceed the budget (a growable pool doubles); the budget bounds the KV held."""
+
+    def __init__(self, max_bytes: int):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.used = 0
 
 
 class PagedKVPool:
@@ -26,15 +39,19 @@ class PagedKVPool:
 
     k[layer], v[layer]: [num_pages, page_size, Hkv, D] in `dtype` on `device`. With num_pages=None the pool starts
     small and grows (doubling, page indices stay valid) when it runs out; with a fixed num_pages running out raises
-    KVPoolExhausted saying how many pages were needed.
+    KVPoolExhausted saying how many pages were needed. budget: a KVBudget shared with other pools (None: none).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, page_size: int = 16,
-                 num_pages: int | None = None, dtype=torch.float32, device="cpu", initial_pages: int = 64):
+                 num_pages: int | None = None, dtype=torch.float32, device="cpu", initial_pages: int = 64,
+                 budget: KVBudget | None = None):
         for name, val in (("page_size", page_size), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim), ("initial_pages", initial_pages)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if budget is not None and not isinstance(budget, KVBudget):
+            raise TypeError(f"budget must be a KVBudget or None, got {type(budget).__name__}")
+        self.budget = budget
         if num_pages is not None and (isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1):
             raise ValueError(f"num_pages must be a positive integer or None (grow on demand), got {num_pages!r}")
         self.page_size = page_size
@@ -95,6 +112,12 @@ class PagedKVPool:
 
     def alloc(self, n: int) -> list[int]:
         """n free pages, each with refcount 1."""
+        budget, need = self.budget, n * self.bytes_per_page
+        if budget is not None and budget.used + need > budget.max_bytes:
+            raise KVPoolExhausted(
+                f"KV budget exhausted: {n} more pages ({format_bytes(need)}) would bring the KV held to "
+                f"{format_bytes(budget.used + need)}, over the budget of {format_bytes(budget.max_bytes)} its pools "
+                "share")
         if n > len(self._free):
             if not self.growable:
                 raise KVPoolExhausted(
@@ -103,6 +126,8 @@ class PagedKVPool:
                     f"larger num_pages, or num_pages=None to grow the pool on demand")
             self._grow(n - len(self._free))
         pages = [self._free.pop() for _ in range(n)]
+        if budget is not None:
+            budget.used += need
         self.refcount[pages] = 1
         self.peak_pages = max(self.peak_pages, self.pages_in_use)
         self._record("alloc", tuple(pages))
@@ -126,6 +151,8 @@ class PagedKVPool:
         self.refcount[idx] -= 1
         freed = [int(p) for p in idx[self.refcount[idx] == 0]]
         self._free.extend(freed)
+        if self.budget is not None:
+            self.budget.used -= len(freed) * self.bytes_per_page
         self._record("release", idx, len(freed))
 
     def _record(self, *change) -> None:
@@ -155,11 +182,15 @@ class PagedKVPool:
             if kind == "alloc":  # alloc popped these pages off the end of the free list
                 self.refcount[list(arg[0])] = 0
                 self._free.extend(reversed(arg[0]))
+                if self.budget is not None:
+                    self.budget.used -= len(arg[0]) * self.bytes_per_page
             elif kind == "retain":
                 self.refcount[arg[0]] -= arg[1]
             elif kind == "release":  # it appended the pages that reached 0 to the free list
                 del self._free[len(self._free) - arg[1]:]
                 self.refcount[arg[0]] += 1
+                if self.budget is not None:
+                    self.budget.used += arg[1] * self.bytes_per_page
             else:  # grow: drop the pages it added (a view of the first `old` pages; the storage is kept)
                 old = arg[0]
                 del self._free[:self.num_pages - old]
