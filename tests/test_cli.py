@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from o1kernels.decode import DEFAULT_MODEL, TREE_PAGE_SIZE, main
+from o1kernels.decode import DEFAULT_MODEL, DEFAULT_SCORER, TREE_PAGE_SIZE, VERIFIER_MODEL, main
 from o1kernels.decoder.task import extract_answer, generate_problems
 
 FAST = ["--no-progress", "--max-steps", "8", "--backend", "torch"]
@@ -141,6 +141,8 @@ BAD_ARGUMENTS = [
     (["--device", "cpu:5"], "--device cpu:5: the CPU has no device index 5"),
     (["--device", "gpu"], "--device gpu: not a device"),
     (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    (["--scorer", "both"], "argument --scorer: invalid choice: 'both'"),
+    (["--scorer", "head", "--prm", str(DEFAULT_MODEL)], "--scorer head: not with --prm"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -260,3 +262,21 @@ def test_cuda_run_warms_up_and_says_so(capsys):
     assert "warming up on cuda" in err and "capturing a CUDA graph" in err and "warm-up done" in err
     report = json.loads(out)
     assert report["tokens_per_s"] > 0 and len(report["problems"]) == 2
+
+
+def test_scorer_chooses_the_reward_head_or_the_shipped_verifier(capsys):
+    """--scorer: the policy's reward head, or the shipped verifier run beside it as a separate PRM (the default for the
+    shipped model, as its training script chose); another --model defaults to its own head."""
+    reports = {}
+    for scorer in ("head", "verifier"):
+        code, out, err = _run(capsys, ["--json", "--scorer", scorer, "--n", "4", *FAST])
+        assert code == 0, err
+        reports[scorer] = json.loads(out)
+    assert reports["head"]["prm"] is None and reports["verifier"]["prm"] == str(VERIFIER_MODEL)
+    head, verifier = reports["head"]["candidates"], reports["verifier"]["candidates"]
+    assert [c["steps"] for c in head] == [c["steps"] for c in verifier]  # the same samples, scored differently
+    assert [c["step_scores"] for c in head] != [c["step_scores"] for c in verifier]
+    code, out, err = _run(capsys, ["--n", "4", *FAST])
+    assert code == 0, err
+    assert {"verifier": "step scores from the shipped verifier (--scorer verifier)",
+            "head": "step scores from the policy's reward head (--scorer head)"}[DEFAULT_SCORER] in out
