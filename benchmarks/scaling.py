@@ -32,8 +32,8 @@ budget marked (_frontier.png). --out DIR_OR_PREFIX writes elsewhere; --update-sh
 scaling_<tag>.* the README shows. A progress bar on stderr counts problems over all runs (--no-progress hides
 it). Rows are written as they come (the files marked partial until the run ends). --scorers picks the step scorers:
 the policy's reward head (head) and/or the separate verifier (verifier, through PRMScoredDecoder); --merge joins
-runs made side by side. Full run with the head alone: about 12 minutes on 2 CPU threads; --quick: 100 problems, N up
-to 64.
+runs made side by side. Full run with the head alone: about 12 minutes on 2 CPU threads; the verifier's rows cost
+more (its teacher-forced forward per branch and step, see the README); --quick: 100 problems, N up to 16.
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--problems", type=positive_int, default=None, help="held-out problems (default 200)")
     parser.add_argument("--ns", type=positive_ints, default=None, help="comma-separated N values (default 1,4,16,64,256)")
     parser.add_argument("--quick", action="store_true",
-                        help="100 problems, N 1,4,16,64 unless given (~90 s on 2 CPU threads)")
+                        help="100 problems, N 1,4,16 unless given (under 3 minutes on 2 CPU threads)")
     parser.add_argument("--beam-width", type=positive_int, default=4)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--scorers", type=scorer_list, default=SCORERS,
@@ -234,6 +234,8 @@ def main(argv=None, prog=None) -> None:
     parser.add_argument("--decoder", choices=("tree", "naive"), default="tree",
                         help="tree (shared paged KV, our kernels) or naive (dense KV per branch); same results")
     parser.add_argument("--strategies", default="beam_search,dvts", help="tree strategies to run per N")
+    parser.add_argument("--sampling", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the sampling strategies (majority, best-of-N, weighted best-of-N; default: yes)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: the physical cores available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -248,7 +250,7 @@ def main(argv=None, prog=None) -> None:
             args.device)), parser)
     wall, cpu = time.perf_counter(), time.process_time()
     n_problems = args.problems or (100 if args.quick else 200)
-    ns = sorted(args.ns or ((1, 4, 16, 64) if args.quick else (1, 4, 16, 64, 256)))
+    ns = sorted(args.ns or ((1, 4, 16) if args.quick else (1, 4, 16, 64, 256)))
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or physical_cores_available())
@@ -263,9 +265,9 @@ def main(argv=None, prog=None) -> None:
     resample = bootstrap_indices(len(problems))
     rows, scores = [], {}  # scores[strategy, n]: per-problem accuracy [problems] float64
     strategies = [s for s in args.strategies.split(",") if s]
-    bar = tqdm(total=len(problems) * (1 + len(args.scorers) * (1 + len(strategies) * len(ns))), unit="problem",
-               file=sys.stderr,
-               disable=args.no_progress, dynamic_ncols=True)
+    runs = 1 + len(args.scorers) * (args.sampling + len(strategies) * len(ns))
+    bar = tqdm(total=len(problems) * runs, unit="problem", file=sys.stderr, disable=args.no_progress,
+               dynamic_ncols=True)
     print(table_header(COLUMNS), flush=True)
 
     def add(scorer, strategy, n, per_problem: torch.Tensor, fates: Counter, tokens, seconds):
@@ -292,9 +294,9 @@ def main(argv=None, prog=None) -> None:
     for scorer in args.scorers:
         by = {"verifier": verifier if scorer == "verifier" else None}
         cfg = dict(base, aggregate=aggregates[scorer])
-        res, _, tokens, sec = run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **cfg), args, bar,
-                                          **by)
-        for n in ns:
+        res, _, tokens, sec = (run_batched(model, tok, problems, "best_of_n", SearchConfig(n=n_max, **cfg), args, bar,
+                                           **by) if args.sampling else ([], None, 0, 0.0))
+        for n in ns if args.sampling else ():
             for strategy, method in SAMPLE_METHODS.items():
                 if strategy == "majority" and scorer != args.scorers[0]:
                     continue  # no PRM: the same samples give the same rows

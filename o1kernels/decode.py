@@ -9,7 +9,8 @@ Other models: --model is any Llama/Qwen2 HF checkpoint directory; its tokenizer 
 Hugging Face tokenizer, --step-separator (one token; backslash escapes) or --step-token-id the token that ends a step,
 --answer-regex how to read an answer. The PRM is the policy's reward head, or a separate checkpoint --prm DIR that
 shares the policy's tokenizer: with its own reward head, or a plain causal LM scored on two of its LM-head rows
-(--prm-token-pair "+,-", Math-Shepherd style).
+(--prm-token-pair "+,-", Math-Shepherd style). The shipped model's steps are scored by the shipped verifier, a
+separate PRM (weights/tiny-arith-verifier), unless --scorer head picks its own reward head.
 
 Prints what the lines show (settings, the chain score's aggregate, merged duplicate beams), then per problem
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
