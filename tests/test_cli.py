@@ -217,13 +217,13 @@ def test_scaling_forwards_its_own_options(capsys, tmp_path):
     assert code == 0, err
     assert "beam_search N=1" in err and "problem/s" in err  # the progress bar on stderr
     rows = json.loads((tmp_path / "run.json").read_text())["rows"]
-    assert [(r["strategy"], r["n"]) for r in rows] == [("greedy", 1), ("majority", 1), ("best_of_n", 1),
-                                                        ("weighted_best_of_n", 1), ("beam_search", 1),
-                                                        ("beam_search_weighted", 1)]
+    scored = [("best_of_n", 1), ("weighted_best_of_n", 1), ("beam_search", 1), ("beam_search_weighted", 1)]
+    assert [(r["scorer"], r["strategy"], r["n"]) for r in rows] == [
+        ("-", "greedy", 1), ("-", "majority", 1), *[("head", *k) for k in scored], *[("verifier", *k) for k in scored]]
     for r in rows:  # every problem is right or has one fate; the interval holds the accuracy
         assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
         assert r["accuracy"] + r["chose_wrong"] + r["pruned_correct"] + r["no_correct"] == pytest.approx(1)
-    assert out.startswith("| strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
+    assert out.startswith("| scorer | strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
     if importlib.util.find_spec("matplotlib") is not None:  # optional (the "plot" extra)
         assert (tmp_path / "run.png").is_file() and (tmp_path / "run_frontier.png").is_file()
 
