@@ -166,3 +166,8 @@ def test_synthetic_chains_go_wrong_first_as_asked(kind):
         hits += kinds[first] == kind
         CharTokenizer().encode("".join(steps))
     assert hits >= 0.8 * len(problems), hits
+
+
+def test_synthetic_chains_need_a_known_error_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        first_error_steps(generate_problems(1, 0)[0], "typo", random.Random(0))

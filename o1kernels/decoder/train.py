@@ -88,7 +88,8 @@ from .engine import TreeDecoder
 from .model import REWARD_HEAD_KEY, ModelConfig, Transformer
 from .prm import PRMScoredDecoder
 from .search import AGGREGATES, SearchConfig, aggregate_scores, choose, search
-from .task import STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct, step_error_kinds
+from .task import (ERROR_KINDS, STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct,
+                   step_error_kinds)
 
 DEFAULT_OUT = Path(__file__).parent / "weights" / "tiny-arith"
 VERIFIER_OUT = Path(__file__).parent / "weights" / "tiny-arith-verifier"
@@ -536,6 +537,8 @@ def first_error_steps(problem: Problem, kind: str, rng: random.Random) -> list[s
     """A solution whose first wrong step is of this kind (task.ERROR_KINDS; the checker's kind may differ when a slip
     happens to look like another), at a random step; later operations continue from the values written, slipping
     again with probability SLIP_PROB / 2, and the answer repeats the last value written."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"kind must be one of {ERROR_KINDS}, got {kind!r}")
     ops = list(zip(problem.ops, problem.operands[1:]))
     values = [problem.operands[0], *problem.running_values()]
     n = len(ops)
