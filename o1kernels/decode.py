@@ -11,7 +11,9 @@ Hugging Face tokenizer, --step-separator (one token; backslash escapes) or --ste
 incrementally (o1kernels.decoder.prm.PRMScorer: every search step's new steps of all branches in one PRM forward) in
 its own input format (--prm-format): reward_head (default: the policy's token ids, the PRM's reward head, or two of
 its LM-head rows with --prm-token-pair "+,-"), qwen_math_prm, math_shepherd or skywork_prm (the PRM's template and
-step separators, with its own tokenizer: --prm-tokenizer DIR or the --prm directory's tokenizer files).
+step separators, with its own tokenizer: --prm-tokenizer DIR or the --prm directory's tokenizer files). The shipped
+model's steps are scored by the shipped verifier, a separate PRM (weights/tiny-arith-verifier) on that path, unless
+--scorer head picks its own reward head.
 
 Prints what the lines show (settings, the chain score's aggregate, merged duplicate beams), then per problem
 every candidate's steps with their PRM step scores, the chosen answer and whether it is correct; then tokens/s
@@ -35,9 +37,15 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).parent / "decoder" / "weights" / "tiny-arith"
+VERIFIER_MODEL = Path(__file__).parent / "decoder" / "weights" / "tiny-arith-verifier"
 # The chain-score aggregate `python -m o1kernels.decoder.train` chose for the shipped reward head on its eval problems
 # (the training log's "chosen aggregate").
 DEFAULT_AGGREGATE = "min"
+# What scores the shipped model's steps by default, and the verifier's aggregate: the choice of
+# `python -m o1kernels.decoder.train --verifier` on its eval problems (its log's "chosen scorer").
+DEFAULT_SCORER = "verifier"
+DEFAULT_VERIFIER_AGGREGATE = "min"
+SCORERS = ("head", "verifier")
 DTYPES = ("float32", "float16", "bfloat16")
 PROBLEM_SEED = 1234  # the CLI's problems: disjoint from the training streams of decoder/train.py
 
@@ -78,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature, 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0,
                    help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
-                   help=f"step-score aggregation into a chain's score (default {DEFAULT_AGGREGATE}: chosen for the "
-                        "shipped PRM by its training script on problems of its own; search-and-learn's default is "
-                        "last)")
+    p.add_argument("--aggregate", choices=AGGREGATES, default=None,
+                   help=f"step-score aggregation into a chain's score (default {DEFAULT_AGGREGATE} with a reward head, "
+                        f"{DEFAULT_VERIFIER_AGGREGATE} with the shipped verifier: chosen for each by the training "
+                        "script on problems of its own; search-and-learn's default is last)")
     p.add_argument("--select", choices=TREE_SELECTIONS, default="argmax",
                    help="beam_search/dvts: final answer among the finished chains: argmax (the best-scored chain, "
                         "default) or weighted (the answer with the largest sum of chain scores)")
@@ -113,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--answer-regex", default=None,
                    help="an answer is the first group (or the whole) of the regex's last match in a candidate's text "
                         "(default: the task's 'A:<number>')")
+    p.add_argument("--scorer", choices=SCORERS, default=None,
+                   help="what scores the steps: head (the policy's reward head) or verifier (the shipped verifier "
+                        "checkpoint beside the policy, a separate PRM); default: " + DEFAULT_SCORER + " with the "
+                        "shipped model (its training script's choice), head with another --model; not with --prm")
     p.add_argument("--prm", type=Path, default=None,
                    help="separate PRM checkpoint directory, scored incrementally in one forward per search step "
                         "(default: the policy's reward head)")
@@ -203,6 +215,13 @@ def _check_args(args) -> None:
         raise UsageError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the task "
                          f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task, or "
                          "a Hugging Face tokenizer (--tokenizer)")
+    if args.scorer is not None and args.prm is not None:
+        raise UsageError(f"--scorer {args.scorer}: not with --prm (which gives the PRM)")
+    if args.prm is None and (args.scorer or (DEFAULT_SCORER if Path(args.model).resolve() == DEFAULT_MODEL.resolve()
+                                             else "head")) == "verifier":
+        args.prm = VERIFIER_MODEL
+    verifier = args.prm is not None and Path(args.prm).resolve() == VERIFIER_MODEL.resolve()
+    args.aggregate = args.aggregate or (DEFAULT_VERIFIER_AGGREGATE if verifier else DEFAULT_AGGREGATE)
     args.prm_format_obj = _check_prm(args, config, tok)
     if args.strategy != "majority" and config.reward_head is None and args.prm is None:
         raise UsageError(f"--strategy {args.strategy} needs a PRM, but {args.model} has no reward head (give --prm)")
@@ -542,6 +561,10 @@ def _print_legend(report: dict, out) -> None:
           + f", temperature {report['temperature']:g}, {report['decoder']} decoder on {report['device']}"
           + (f", {report['threads']} CPU thread{'s' * (report['threads'] != 1)}" if report["threads"] else ""),
           file=out)
+    prm = report["prm"]
+    scorer = ("the policy's reward head (--scorer head)" if prm is None else "the shipped verifier (--scorer verifier)"
+              if Path(prm).resolve() == VERIFIER_MODEL.resolve() else f"the PRM {prm}")
+    print(f"step scores from {scorer}", file=out)
     print(f"each candidate: its steps with their PRM step scores in parentheses; score = "
           f"{AGGREGATE_WORDS[report['aggregate']]} of its step scores (--aggregate {report['aggregate']})", file=out)
     if strategy == "beam_search" and report["filter_duplicates"]:

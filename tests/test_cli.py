@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from o1kernels.decode import DEFAULT_MODEL, TREE_PAGE_SIZE, main
+from o1kernels.decode import DEFAULT_MODEL, DEFAULT_SCORER, TREE_PAGE_SIZE, VERIFIER_MODEL, main
 from o1kernels.decoder.task import extract_answer, generate_problems
 
 FAST = ["--no-progress", "--max-steps", "8", "--backend", "torch"]
@@ -141,6 +141,8 @@ BAD_ARGUMENTS = [
     (["--device", "cpu:5"], "--device cpu:5: the CPU has no device index 5"),
     (["--device", "gpu"], "--device gpu: not a device"),
     (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    (["--scorer", "both"], "argument --scorer: invalid choice: 'both'"),
+    (["--scorer", "head", "--prm", str(DEFAULT_MODEL)], "--scorer head: not with --prm"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))
@@ -215,13 +217,13 @@ def test_scaling_forwards_its_own_options(capsys, tmp_path):
     assert code == 0, err
     assert "beam_search N=1" in err and "problem/s" in err  # the progress bar on stderr
     rows = json.loads((tmp_path / "run.json").read_text())["rows"]
-    assert [(r["strategy"], r["n"]) for r in rows] == [("greedy", 1), ("majority", 1), ("best_of_n", 1),
-                                                        ("weighted_best_of_n", 1), ("beam_search", 1),
-                                                        ("beam_search_weighted", 1)]
+    scored = [("best_of_n", 1), ("weighted_best_of_n", 1), ("beam_search", 1), ("beam_search_weighted", 1)]
+    assert [(r["scorer"], r["strategy"], r["n"]) for r in rows] == [
+        ("-", "greedy", 1), ("-", "majority", 1), *[("head", *k) for k in scored], *[("verifier", *k) for k in scored]]
     for r in rows:  # every problem is right or has one fate; the interval holds the accuracy
         assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
         assert r["accuracy"] + r["chose_wrong"] + r["pruned_correct"] + r["no_correct"] == pytest.approx(1)
-    assert out.startswith("| strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
+    assert out.startswith("| scorer | strategy | n |") and "columns:" in out and (tmp_path / "run.md").is_file()
     if importlib.util.find_spec("matplotlib") is not None:  # optional (the "plot" extra)
         assert (tmp_path / "run.png").is_file() and (tmp_path / "run_frontier.png").is_file()
 
@@ -260,3 +262,21 @@ def test_cuda_run_warms_up_and_says_so(capsys):
     assert "warming up on cuda" in err and "capturing a CUDA graph" in err and "warm-up done" in err
     report = json.loads(out)
     assert report["tokens_per_s"] > 0 and len(report["problems"]) == 2
+
+
+def test_scorer_chooses_the_reward_head_or_the_shipped_verifier(capsys):
+    """--scorer: the policy's reward head, or the shipped verifier run beside it as a separate PRM (the default for the
+    shipped model, as its training script chose); another --model defaults to its own head."""
+    reports = {}
+    for scorer in ("head", "verifier"):
+        code, out, err = _run(capsys, ["--json", "--scorer", scorer, "--n", "4", *FAST])
+        assert code == 0, err
+        reports[scorer] = json.loads(out)
+    assert reports["head"]["prm"] is None and reports["verifier"]["prm"] == str(VERIFIER_MODEL)
+    head, verifier = reports["head"]["candidates"], reports["verifier"]["candidates"]
+    assert [c["steps"] for c in head] == [c["steps"] for c in verifier]  # the same samples, scored differently
+    assert [c["step_scores"] for c in head] != [c["step_scores"] for c in verifier]
+    code, out, err = _run(capsys, ["--n", "4", *FAST])
+    assert code == 0, err
+    assert {"verifier": "step scores from the shipped verifier (--scorer verifier)",
+            "head": "step scores from the policy's reward head (--scorer head)"}[DEFAULT_SCORER] in out

@@ -1,13 +1,16 @@
 """The scaling benchmark's analysis: each problem's fate (right, PRM error, policy limit), the paired bootstrap test
-for drops with N, and the compute-optimal frontier."""
+for drops with N (per strategy and scorer), the compute-optimal frontier, and merging runs."""
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.scaling import BOOTSTRAP, bootstrap_indices, drops, fate, frontier, interval  # noqa: E402
+from benchmarks.scaling import (BOOTSTRAP, bootstrap_indices, drops, fate, frontier, interval, main,  # noqa: E402
+                                scorer_list)
 from o1kernels.decoder.search import Candidate  # noqa: E402
 from o1kernels.decoder.task import Problem  # noqa: E402
 
@@ -78,3 +81,34 @@ def test_frontier_keeps_the_best_strategy_per_budget():
     assert [(r["strategy"], r["n"]) for r in frontier(rows)] == [("greedy", 1), ("beam_search", 4), ("dvts", 16)]
     assert frontier([]) == []
 
+
+
+def test_scorer_list():
+    assert scorer_list("verifier") == ("verifier",) and scorer_list("head,verifier") == ("head", "verifier")
+    for bad in ("", "prm", "head,head", "head,"):
+        with pytest.raises(Exception, match="expected distinct comma-separated names among head,verifier"):
+            scorer_list(bad)
+
+
+def _rows(scorer, accuracies):
+    return [{"scorer": scorer, "strategy": "best_of_n", "n": n, "accuracy": sum(a) / len(a), "ci_low": 0, "ci_high": 1,
+             "tokens_per_problem": 30 * n, "seconds": 1.0, "chose_wrong": 0, "pruned_correct": 0, "no_correct": 0,
+             "per_problem": a} for n, a in accuracies.items()]
+
+
+def test_merge_tests_drops_per_scorer_across_runs(tmp_path, capsys):
+    """--merge: the rows of a head run and a verifier run in one table; the head's fall is a drop, the verifier's
+    rise is not, and the same strategy and N under two scorers stay apart."""
+    problems = 200
+    good = [1.0] * 180 + [0.0] * 20
+    for name, rows in (("head", _rows("head", {4: good, 16: [0.0] * 60 + good[60:]})),
+                       ("verifier", _rows("verifier", {4: good, 16: [1.0] * problems}))):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"meta": {"notes": [f"{name} run"]}, "rows": rows}))
+    main(["--merge", f"{tmp_path / 'head.json'},{tmp_path / 'verifier.json'}", "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [(r["scorer"], r["n"]) for r in merged["rows"]] == [("head", 4), ("head", 16), ("verifier", 4),
+                                                               ("verifier", 16)]
+    drop_note = merged["meta"]["notes"][-1]
+    assert "best_of_n (head) N=4 -> 16: -0.3" in drop_note and "verifier" not in drop_note
+    assert "head.json: head run" in merged["meta"]["notes"]
+    assert "| verifier | best_of_n | 16 | 1 |" in (tmp_path / "merged.md").read_text()

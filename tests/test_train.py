@@ -1,14 +1,17 @@
 """The training script on a few-update configuration: it runs every phase end to end, writes a checkpoint that the
 decoder loads, and is deterministic (two runs give bit-identical weights; a different seed does not); phase 3 changes
-the reward head alone; the rank-based AUC equals the pairwise definition."""
+the reward head alone; the rank-based AUC equals the pairwise definition; the separate verifier's training is
+reproducible and its synthetic chains go wrong as asked."""
 import dataclasses
 import math
+import random
 
 import pytest
 import torch
 
 from o1kernels.decoder import load_checkpoint
-from o1kernels.decoder.train import TrainConfig, auc, train
+from o1kernels.decoder.task import ERROR_KINDS, CharTokenizer, generate_problems, step_error_kinds
+from o1kernels.decoder.train import TrainConfig, VerifierConfig, auc, build_verifier, first_error_steps, train
 
 TINY = TrainConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, reward_hidden=8,
                    batch_size=8, lm_steps=3, prm_rounds=1, rollout_problems=2, rollouts_per_problem=2,
@@ -113,3 +116,58 @@ def test_head_only_run_needs_a_reward_head(tmp_path):
     with pytest.raises(ValueError, match="policy: .*lm has no reward head to train"):
         train(TINY, tmp_path / "out", log=lambda _: None, policy=tmp_path / "lm")
     assert not (tmp_path / "out").exists()
+
+
+VERIFIER_TINY = VerifierConfig(rollout_problems=2, rollouts_per_problem=2, steps=2, correct_per_batch=2,
+                               synthetic_per_batch=2, rollouts_per_batch=2, head_synthetic=4, head_steps=3,
+                               head_batch=8, eval_problems=2, heldout_problems=2, select_n=2)
+
+
+def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
+    """`train --verifier` on a small configuration: a rerun writes the same bytes, another seed does not; the policy is
+    left as it was; the log compares the verifier with the reward head and names the scorer it chose."""
+    threads = torch.get_num_threads()
+    try:
+        _run(TINY, tmp_path / "policy")
+        before = (tmp_path / "policy" / "model.safetensors").read_bytes()
+        logs = []
+        build_verifier(VERIFIER_TINY, tmp_path / "policy", tmp_path / "a", log=logs.append)
+        build_verifier(VERIFIER_TINY, tmp_path / "policy", tmp_path / "b", log=lambda _: None)
+        build_verifier(dataclasses.replace(VERIFIER_TINY, seed=1), tmp_path / "policy", tmp_path / "c",
+                       log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    first = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert first == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert first != (tmp_path / "c" / "model.safetensors").read_bytes()
+    assert (tmp_path / "policy" / "model.safetensors").read_bytes() == before
+    for expected in ("verifier step", "verifier head step", "verifier:    first_error", "reward head: first_error",
+                     "chosen scorer:"):
+        assert any(expected in line for line in logs), expected
+    verifier = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.float32)
+    assert verifier.reward_head is not None
+
+
+@pytest.mark.parametrize("kind", ERROR_KINDS)
+def test_synthetic_chains_go_wrong_first_as_asked(kind):
+    """first_error_steps: the checker finds the first error of the kind asked for (nearly always: a slip can happen to
+    look like another kind), the steps before it are the correct ones, and every step is in the task's vocabulary."""
+    rng = random.Random(0)
+    problems = generate_problems(200, 11)
+    hits = 0
+    for p in problems:
+        steps = first_error_steps(p, kind, rng)
+        kinds = step_error_kinds(p, steps)
+        first = next((i for i, k in enumerate(kinds) if k is not None), None)
+        assert first is not None or kind == "extra_step"  # an extra operation that would go negative is left out
+        if first is None:
+            continue
+        assert steps[:first] == p.solution_steps()[:first]
+        hits += kinds[first] == kind
+        CharTokenizer().encode("".join(steps))
+    assert hits >= 0.8 * len(problems), hits
+
+
+def test_synthetic_chains_need_a_known_error_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        first_error_steps(generate_problems(1, 0)[0], "typo", random.Random(0))

@@ -2,6 +2,7 @@
 
     python -m o1kernels.decoder.train [--out DIR]                  all three phases, from scratch
     python -m o1kernels.decoder.train --policy DIR [--out DIR]     phase 3 alone, on DIR's policy
+    python -m o1kernels.decoder.train --verifier [--policy DIR] [--out DIR]   the separate verifier (see below)
 
 The shipped o1kernels/decoder/weights/tiny-arith is `--policy o1kernels/decoder/weights/tiny-arith`'s output:
 its policy is phase 2's of an earlier run of this script (see below), its reward head phase 3's. Phase 3
@@ -51,6 +52,15 @@ benchmark's): the one with the best mean accuracy of best-of-N and DVTS, each wi
 The head scores steps locally and rates a step that continues correctly from an earlier wrong value highly,
 so a chain's score must aggregate all its steps (prod or min), not take the last one.
 
+The verifier (--verifier; train_verifier; default policy weights/tiny-arith, output weights/tiny-arith-verifier) is a
+separate PRM in its own checkpoint, run beside the policy by PRMScoredDecoder, so that a step is judged by weights the
+policy's sampling does not use. It is a copy of the policy (trunk and head: 0.8M parameters) trained to check steps on
+the policy's rollouts and on synthetic chains with every kind of first error (first_error_steps), each step labelled
+1 iff it and every earlier step are correct; then a fresh head on its frozen features. A verifier trained from scratch
+instead (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on slipped results 0.58),
+too slow for the 15-minute budget. The script then logs both scorers' held-out step AUCs per error kind on the same
+rollouts, and which scorer (with its chain-score aggregate) does better on the eval problems: the CLI's default.
+
 Determinism: fixed seeds, a fixed data order (problems drawn from seeded generators), the sampling
 generator seeded per round, torch.set_num_threads(2). The rollouts go through TreeDecoder(backend="auto"),
 so bit-identical weights also need the same kernel backend (compiled CPU extension built or not), and the
@@ -76,12 +86,15 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import TreeDecoder
 from .model import REWARD_HEAD_KEY, ModelConfig, Transformer
+from .prm import PRMScoredDecoder
 from .search import AGGREGATES, SearchConfig, aggregate_scores, choose, search
-from .task import STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct, step_error_kinds
+from .task import (ERROR_KINDS, STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct,
+                   step_error_kinds)
 
 DEFAULT_OUT = Path(__file__).parent / "weights" / "tiny-arith"
+VERIFIER_OUT = Path(__file__).parent / "weights" / "tiny-arith-verifier"
 # Seeds of the disjoint problem streams.
-SEED_LM, SEED_ROLLOUT, SEED_EVAL, SEED_SYNTHETIC, SEED_HELDOUT = 1, 2, 3, 4, 5
+SEED_LM, SEED_ROLLOUT, SEED_EVAL, SEED_SYNTHETIC, SEED_HELDOUT, SEED_VERIFIER = 1, 2, 3, 4, 5, 6
 # Result slips of the synthetic negatives, drawn uniformly (+-1 listed twice: the policy's most common error).
 SLIPS = (-1, 1, -1, 1, -2, 2, -10, 10)
 SLIP_PROB = 0.35  # per step of a slipped synthetic solution
@@ -446,18 +459,20 @@ def train_head(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) ->
 
 @torch.no_grad()
 def select_aggregate(model: Transformer, tok: CharTokenizer, problems, n: int, temperature: float, seed: int,
-                     log) -> str:
+                     log, decoder=None) -> tuple[str, float]:
     """The chain-score aggregate whose mean accuracy over best-of-N, weighted best-of-N and DVTS (beam width 4) with
     either final choice (SearchConfig.select), n candidates per problem, is the highest on `problems` (ties: the
-    earlier in AGGREGATES); logs all of them."""
+    earlier in AGGREGATES), and that mean; logs all of them. decoder: a function returning a fresh search decoder
+    (default: make_decoder(model), the policy scored by its own reward head)."""
     model.eval()
+    decoder = decoder or (lambda: make_decoder(model))
     prompts = [tok.encode(p.prompt, bos=True) for p in problems]
     cfg = SearchConfig(n=n, beam_width=math.gcd(n, 4), max_steps=8, max_step_tokens=12, temperature=temperature,
                        seed=seed)
-    samples, _ = search(make_decoder(model), tok, prompts, "best_of_n", cfg)
+    samples, _ = search(decoder(), tok, prompts, "best_of_n", cfg, has_prm=True)
     accuracy = {}
     for how in AGGREGATES:
-        dvts, _ = search(make_decoder(model), tok, prompts, "dvts", dataclasses.replace(cfg, aggregate=how))
+        dvts, _ = search(decoder(), tok, prompts, "dvts", dataclasses.replace(cfg, aggregate=how), has_prm=True)
         for name, results, method in (("best-of-N", samples, "argmax"), ("weighted best-of-N", samples, "weighted"),
                                       ("DVTS", dvts, "argmax"), ("weighted DVTS", dvts, "weighted")):
             right = 0
@@ -471,7 +486,170 @@ def select_aggregate(model: Transformer, tok: CharTokenizer, problems, n: int, t
     mean = {how: sum(accuracy[how, name] for name in names) / len(names) for how in AGGREGATES}
     log(f"N={n} on {len(problems)} eval problems, {' / '.join(names)} by aggregate: "
         + ", ".join(f"{how} " + " / ".join(f"{accuracy[how, name]:.3f}" for name in names) for how in AGGREGATES))
-    return max(AGGREGATES, key=mean.get)
+    best = max(AGGREGATES, key=mean.get)
+    return best, mean[best]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifierConfig:
+    """The separate verifier (see train_verifier): its data and its schedule (its sizes are the policy's)."""
+
+    rollout_problems: int = 4096  # x rollouts_per_problem rollouts of the policy, sampled once
+    rollouts_per_problem: int = 8
+    temperature: float = 1.0
+    steps: int = 500  # updates of trunk and head together
+    correct_per_batch: int = 16  # rows per update: these (also next-token targets) + synthetic + rollouts
+    synthetic_per_batch: int = 56
+    rollouts_per_batch: int = 56
+    lr: float = 5e-4
+    aux_weight: float = 1.0
+    lm_weight: float = 0.5
+    head_synthetic: int = 32768  # synthetic chains (and as many correct solutions) beside the rollouts for the head
+    head_steps: int = 3000
+    head_batch: int = 4096
+    head_lr: float = 1e-3
+    eval_problems: int = 200
+    heldout_problems: int = 512
+    select_n: int = 16
+    seed: int = 0
+
+
+def _hard_slip(value: int, rng: random.Random) -> int:
+    """A plausible wrong result: off by SLIPS, a lost or extra carry (+-10, +-9, +-11), a digit replaced, the digits
+    swapped; never `value` itself, never negative."""
+    way = rng.randrange(4)
+    if way == 0:
+        return _slip(value, rng)
+    if way == 1:
+        delta = rng.choice((-11, -10, -9, 9, 10, 11))
+        return value + delta if value + delta >= 0 else value - delta
+    digits = list(str(value))
+    if way == 2 and len(digits) > 1 and digits[0] != digits[-1]:
+        wrong = int("".join(reversed(digits)))
+    else:
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (d != "0" or i or len(digits) == 1)])
+        wrong = int("".join(digits))
+    return wrong if wrong != value else value + 1
+
+
+def first_error_steps(problem: Problem, kind: str, rng: random.Random) -> list[str]:
+    """A solution whose first wrong step is of this kind (task.ERROR_KINDS; the checker's kind may differ when a slip
+    happens to look like another), at a random step; later operations continue from the values written, slipping
+    again with probability SLIP_PROB / 2, and the answer repeats the last value written."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"kind must be one of {ERROR_KINDS}, got {kind!r}")
+    ops = list(zip(problem.ops, problem.operands[1:]))
+    values = [problem.operands[0], *problem.running_values()]
+    n = len(ops)
+    if kind in ("answer", "extra_step"):
+        at = n
+    elif kind == "skip":
+        at = rng.randrange(n - 1) if n > 1 else 0
+        kind = kind if n > 1 else "result"
+    else:
+        at = rng.randrange(n + (kind == "format"))
+    steps = problem.solution_steps()[:at]
+    value = values[at]
+    if kind == "early_answer":
+        return steps + [f"A:{value if rng.random() < 0.5 else _hard_slip(value, rng)}"]
+    if kind == "answer":
+        return steps + [f"A:{_hard_slip(value, rng)}"]
+    if kind == "format":
+        expected = problem.solution_steps()[at]
+        return steps + [expected[:rng.randrange(1, len(expected) - 1)] + rng.choice(["", "=", "+", "A:"]) + "\n"]
+    rest = ops[at:]
+    if kind == "extra_step":
+        rest = [(rng.choice("+-"), rng.randint(1, 49))]
+    elif kind == "skip":
+        del rest[0:rng.randint(1, len(rest) - 1)]
+    for i, (op, b) in enumerate(rest):
+        a = value
+        slip = kind if i == 0 else ("result" if rng.random() < SLIP_PROB / 2 else None)
+        if slip == "copy":
+            a = _hard_slip(value, rng)
+        elif slip == "operand":
+            b = _hard_slip(b, rng) if rng.random() < 0.8 else b
+            op = op if b != rest[0][1] else "+-"[op == "+"]
+        c = a + b if op == "+" else a - b
+        if c < 0:
+            break
+        if slip == "result":
+            c = _hard_slip(c, rng)
+        steps.append(f"{a}{op}{b}={c}{STEP_SEPARATOR}")
+        value = c
+    return steps + [f"A:{value}"]
+
+
+VERIFIER_KINDS = ("result", "result", "result", "copy", "operand", "skip", "early_answer", "answer", "extra_step",
+                  "format")  # first-error kinds of the synthetic chains, "result" (the policy's commonest) weighted 3x
+
+
+def verifier_rows(problems, tok: CharTokenizer, rng: random.Random) -> list[Row]:
+    """One synthetic chain per problem, its first error of a kind drawn from VERIFIER_KINDS, labelled by the checker."""
+    return [solution_row(p, tok, first_error_steps(p, rng.choice(VERIFIER_KINDS), rng), lm=False) for p in problems]
+
+
+def train_verifier(cfg: VerifierConfig, policy: Transformer, tok: CharTokenizer, log) -> Transformer:
+    """The verifier: a copy of the policy (trunk and reward head) trained to check steps. Labels: 1 iff the step and
+    every earlier one are correct (so it must read the whole prefix), on rows of three sources: correct solutions,
+    synthetic chains with each kind of first error (verifier_rows), and rollouts of `policy` (sampled once, labelled by
+    the checker). (a) cfg.steps updates of trunk and head on mixed batches, binary cross-entropy plus, to keep the
+    trunk computing what checking needs, the next-token loss on the correct solutions and the digits of each step's
+    own result and of the true running value (aux_targets) from a training-only linear head; (b) a fresh reward head
+    on the frozen trunk's features of every step of all the rollouts, head_synthetic synthetic chains and as many
+    correct solutions (as phase 3 does for the policy's head, here on every step)."""
+    model = copy.deepcopy(policy).train()
+    t0 = time.perf_counter()
+    rows = rollouts(policy, cfg, tok, generate_problems(cfg.rollout_problems, SEED_VERIFIER * 1000), seed=cfg.seed + 200)
+    labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
+    log(f"verifier: {len(rows)} policy rollouts, {len(labels)} steps, {labels.mean().item():.3f} correct "
+        f"({time.perf_counter() - t0:.0f} s)")
+    torch.manual_seed(cfg.seed + 200)
+    aux_head = torch.nn.Linear(model.config.hidden_size, 2 * AUX_DIGITS * 10)
+    params = list(model.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    per_update = cfg.correct_per_batch + cfg.synthetic_per_batch
+    synthetic = generate_problems(cfg.steps * per_update + cfg.head_synthetic, SEED_VERIFIER)
+    rng = random.Random(SEED_VERIFIER)
+    gen = torch.Generator().manual_seed(cfg.seed + 200)
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr)
+        problems = synthetic[step * per_update:(step + 1) * per_update]
+        batch = [solution_row(p, tok, lm=True) for p in problems[:cfg.correct_per_batch]]
+        batch += verifier_rows(problems[cfg.correct_per_batch:], tok, rng)
+        batch += [rows[i] for i in torch.randint(len(rows), (cfg.rollouts_per_batch,), generator=gen).tolist()]
+        lm, prm, aux = losses(model, batch, tok, aux_head)
+        opt.zero_grad(set_to_none=True)
+        (prm + cfg.lm_weight * lm + cfg.aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"verifier step {step:5d}  prm loss {prm.item():.4f}  aux loss {aux.item():.4f}  lm loss {lm.item():.4f}"
+                f"  ({time.perf_counter() - t0:.0f} s)")
+    head_problems = synthetic[cfg.steps * per_update:]
+    rows = rows + verifier_rows(head_problems, tok, rng) + [solution_row(p, tok, lm=False) for p in head_problems]
+    features = step_features(model, rows, tok)
+    labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 200)
+        for layer in (model.reward_head.mlp, model.reward_head.out):
+            if layer is not None:
+                layer.reset_parameters()
+    opt = torch.optim.AdamW(model.reward_head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
+    for step in range(cfg.head_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.head_steps, cfg.head_lr)
+        batch = torch.randint(len(labels), (cfg.head_batch,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(head_logits(model, features[batch]), labels[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 1000 == 0 or step == cfg.head_steps - 1:
+            log(f"verifier head step {step:5d}  loss {loss.item():.4f} ({len(labels)} steps, "
+                f"{time.perf_counter() - t0:.0f} s)")
+    return model.eval()
 
 
 def train(cfg: TrainConfig, out: Path, log=print, policy: Path | None = None) -> Transformer:
@@ -511,19 +689,59 @@ def train(cfg: TrainConfig, out: Path, log=print, policy: Path | None = None) ->
     heldout = rollouts(model, cfg, tok, generate_problems(cfg.heldout_problems, SEED_HELDOUT), seed=cfg.seed)
     log(f"held-out rollouts ({len(heldout)} on {cfg.heldout_problems} fresh problems), step-level AUC by error kind: "
         f"{format_aucs(prm_aucs(model, heldout, tok))}")
-    log(f"chosen aggregate: {select_aggregate(model, tok, eval_set, cfg.select_n, cfg.temperature, cfg.seed, log)}")
+    log(f"chosen aggregate: {select_aggregate(model, tok, eval_set, cfg.select_n, cfg.temperature, cfg.seed, log)[0]}")
     return model
+
+
+def build_verifier(cfg: VerifierConfig, policy: Path, out: Path, log=print) -> Transformer:
+    """`train --verifier`: trains the verifier on the rollouts of `policy`'s checkpoint, writes it to `out`, then logs
+    held-out step AUCs per error kind of the verifier and of the policy's reward head on the same rollouts, and which
+    scorer (with its chain-score aggregate) gives the better mean accuracy on the eval problems (see select_aggregate)."""
+    torch.set_num_threads(2)
+    tok = CharTokenizer()
+    model = load_checkpoint(policy, device="cpu", dtype=torch.float32)
+    if model.reward_head is None:
+        raise ValueError(f"policy: {policy} has no reward head to compare the verifier with")
+    log(f"verifier: {sum(p.numel() for p in model.parameters()):,} parameters, from the policy {policy}")
+    wall, cpu = time.perf_counter(), time.process_time()
+    verifier = train_verifier(cfg, model, tok, log)
+    save_checkpoint(verifier, out)
+    log(f"wrote {out}; verifier training took {time.perf_counter() - wall:.0f} s wall, "
+        f"{time.process_time() - cpu:.0f} s CPU (evaluations excluded)")
+    heldout = rollouts(model, cfg, tok, generate_problems(cfg.heldout_problems, SEED_HELDOUT), seed=cfg.seed)
+    log(f"held-out rollouts ({len(heldout)} on {cfg.heldout_problems} fresh problems), step-level AUC by error kind:")
+    log(f"  verifier:    {format_aucs(prm_aucs(verifier, heldout, tok))}")
+    log(f"  reward head: {format_aucs(prm_aucs(model, heldout, tok))}")
+    eval_set = generate_problems(cfg.eval_problems, SEED_EVAL)
+    choice = {}
+    for name, decoder in (("reward head", None),
+                          ("verifier", lambda: PRMScoredDecoder(make_decoder(model), verifier))):
+        log(f"{name}:")
+        choice[name] = select_aggregate(model, tok, eval_set, cfg.select_n, cfg.temperature, cfg.seed, log, decoder)
+    best = max(choice, key=lambda name: choice[name][1])
+    log("chosen scorer: " + best + " with aggregate " + choice[best][0] + " ("
+        + ", ".join(f"{name}: {how} {mean:.3f}" for name, (how, mean) in choice.items()) + ")")
+    return verifier
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory to write")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint directory to write")
     parser.add_argument("--policy", type=Path, default=None,
                         help="checkpoint directory whose policy to keep: run phase 3 (the reward head) alone on it")
+    parser.add_argument("--verifier", action="store_true",
+                        help=f"train the separate verifier on --policy's rollouts (default policy {DEFAULT_OUT.name}, "
+                             f"default --out {VERIFIER_OUT.name})")
     args = parser.parse_args(argv)
+    if args.verifier:
+        args.policy = DEFAULT_OUT if args.policy is None else args.policy
+        args.out = VERIFIER_OUT if args.out is None else args.out
     if args.policy is not None and not (args.policy / "config.json").is_file():
         parser.error(f"--policy: {args.policy} is not a checkpoint directory (no config.json)")
-    train(TrainConfig(), args.out, policy=args.policy)
+    if args.verifier:
+        build_verifier(VerifierConfig(), args.policy, args.out)
+    else:
+        train(TrainConfig(), args.out or DEFAULT_OUT, policy=args.policy)
 
 
 if __name__ == "__main__":
