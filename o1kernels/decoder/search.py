@@ -34,6 +34,8 @@ from typing import Callable, Hashable
 
 import torch
 
+from o1kernels.prm_formats import chain_score
+
 from .task import extract_answer
 from .tokenizers import as_search_tokenizer
 
@@ -83,15 +85,9 @@ def aggregate_scores(scores: list[float | None], how: str) -> float | None:
     """Chain score from its step scores; None if a score is missing or there are no steps."""
     if not scores or any(s is None for s in scores):
         return None
-    if how == "last":
-        return scores[-1]
-    if how == "min":
-        return min(scores)
-    if how == "prod":
-        return math.prod(scores)
-    if how == "mean":
-        return sum(scores) / len(scores)
-    raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+    if how not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {how!r}")
+    return chain_score(scores, how)
 
 
 @dataclass
