@@ -435,16 +435,25 @@ def train_head(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) ->
     with torch.no_grad():
         log(f"head: {len(rows)} rollouts; the replaced reward head's AUC on them: "
             f"{format_aucs(aucs_by_kind(head_logits(model, features), kinds))}")
-    with torch.random.fork_rng(devices=[]):  # a fresh head: the result depends on the policy alone
-        torch.manual_seed(cfg.seed + 100)
-        for layer in (model.reward_head.mlp, model.reward_head.out):
-            if layer is not None:
-                layer.reset_parameters()
     up_to_first_error = torch.tensor([k != "after_error" for k in kinds])
     features = features[up_to_first_error]
     labels = torch.tensor([k is None for k in kinds], dtype=torch.float32)[up_to_first_error]
+    # a fresh head: the result depends on the policy alone
+    fit_fresh_head(model, features, labels, cfg, cfg.seed + 100, torch.Generator().manual_seed(cfg.seed + 100),
+                   lambda step, loss: log(f"head step {step:5d}  loss {loss:.4f} ({len(labels)} steps)"))
+
+
+def fit_fresh_head(model: Transformer, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, init_seed: int,
+                   gen: torch.Generator, log_step) -> None:
+    """The reward head re-initialized (torch seed init_seed, the global RNG untouched) and fitted alone on frozen
+    features [n, H] to labels [n] (1 correct step, 0 wrong): cfg.head_steps AdamW steps of cfg.head_batch rows
+    drawn by gen; log_step(step, loss) every 1000 steps and at the last."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        for layer in (model.reward_head.mlp, model.reward_head.out):
+            if layer is not None:
+                layer.reset_parameters()
     opt = torch.optim.AdamW(model.reward_head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(cfg.seed + 100)
     for step in range(cfg.head_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.head_steps, cfg.head_lr)
@@ -454,7 +463,7 @@ def train_head(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) ->
         loss.backward()
         opt.step()
         if step % 1000 == 0 or step == cfg.head_steps - 1:
-            log(f"head step {step:5d}  loss {loss.item():.4f} ({len(labels)} steps)")
+            log_step(step, loss.item())
 
 
 @torch.no_grad()
@@ -632,23 +641,9 @@ def train_verifier(cfg: VerifierConfig, policy: Transformer, tok: CharTokenizer,
     rows = rows + verifier_rows(head_problems, tok, rng) + [solution_row(p, tok, lm=False) for p in head_problems]
     features = step_features(model, rows, tok)
     labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 200)
-        for layer in (model.reward_head.mlp, model.reward_head.out):
-            if layer is not None:
-                layer.reset_parameters()
-    opt = torch.optim.AdamW(model.reward_head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
-    for step in range(cfg.head_steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.head_steps, cfg.head_lr)
-        batch = torch.randint(len(labels), (cfg.head_batch,), generator=gen)
-        loss = F.binary_cross_entropy_with_logits(head_logits(model, features[batch]), labels[batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 1000 == 0 or step == cfg.head_steps - 1:
-            log(f"verifier head step {step:5d}  loss {loss.item():.4f} ({len(labels)} steps, "
-                f"{time.perf_counter() - t0:.0f} s)")
+    fit_fresh_head(model, features, labels, cfg, cfg.seed + 200, gen,
+                   lambda step, loss: log(f"verifier head step {step:5d}  loss {loss:.4f} ({len(labels)} steps, "
+                                          f"{time.perf_counter() - t0:.0f} s)"))
     return model.eval()
 
 
