@@ -594,7 +594,8 @@ def _print_report(report: dict, out) -> None:
               f"the prompts), {report['prm_tokens']} new-step tokens, KV peak {report['prm_kv_bytes'] / 1024:.1f} KiB "
               "(counted in the KV cache line)", file=out)
     if report["decoder"] == "tree":
-        ratio = f" ({naive / kv:.1f}x less)" if kv else ""
+        # pages round each branch's own tokens up: with nothing shared (a prompt under one page) paging holds more
+        ratio = "" if not kv else f" ({naive / kv:.1f}x less)" if naive >= kv else f" ({kv / naive:.1f}x more)"
         print(f"KV cache: peak {kv / 1024:.1f} KiB with shared pages vs {naive / 1024:.1f} KiB for the naive "
               f"per-branch copies{ratio}", file=out)
     else:
