@@ -348,6 +348,14 @@ def test_window_plans_skip_pages_behind_the_window(seed):
     report_mismatch("o (full after window)", attn.run(q, k, v), o_full, *TOLERANCES[torch.float32])
 
 
+def test_window_plan_refuses_a_window_that_is_not_a_positive_int():
+    attn = PagedAttention(4, (4, 2), 8, backend="torch", dtype=torch.float32)
+    table = np.array([[0, 1], [0, 2]])
+    for bad in (0, -3, 2.5, True):  # check_count's rule: a ValueError naming the argument
+        with pytest.raises(ValueError, match=r"window must be an int in \[1, 2\*\*31 - 1\]"):
+            attn.plan(table, np.array([6, 7]), window=bad)
+
+
 def test_window_plan_of_samples_in_step_still_shares():
     """4 samples of one prompt decoding in step, window 20 on pages of 4: columns 0-2 are behind every window (stale
     ids, different per row); the prompt's pages 3-5 are still one segment read once for the 4 rows."""
