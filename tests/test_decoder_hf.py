@@ -21,13 +21,7 @@ from o1kernels.decoder.tokenizers import HFTokenizer, as_search_tokenizer, load_
 from o1kernels.prm_formats import RewardHeadFormat  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds contention on the shared 2-core test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def char_vocab_tokenizer(as_transformers: bool = True):

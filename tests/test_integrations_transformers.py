@@ -25,14 +25,8 @@ from test_kv_cache import expected_refcounts  # noqa: E402
 VOCAB = 101
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared CPU (a stock generate here took 0.04 s
-    on one thread and 4 s on two on the loaded 2-core test machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# a stock generate here took 0.04 s on one thread and 4 s on two on the loaded 2-core test machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(arch: str, **overrides):

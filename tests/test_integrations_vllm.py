@@ -247,19 +247,24 @@ def test_prefix_caching_off_and_preemption_equal_vllm(preemption_runs):
     assert_same(ours, theirs)
 
 
-@pytest.fixture(scope="module")
-def qwen2_runs(tmp_path_factory):
-    model = write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1)
+def run_workloads(model: str, workloads: dict, **engine) -> dict:
+    """{ours: {workload: completions}}: each workload (prompts, params) on an engine with our backend, then vLLM's."""
     runs = {}
     for ours in (True, False):
-        llm = start(model, ours, **LLAMA)
+        llm = start(model, ours, **engine)
         try:
             runs[ours] = {name: completions(llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                          use_tqdm=False))
-                          for name, (prompts, params) in WORKLOADS.items() if name != "forest_3x8"}
+                          for name, (prompts, params) in workloads.items()}
         finally:
             stop(llm)
     return runs
+
+
+@pytest.fixture(scope="module")
+def qwen2_runs(tmp_path_factory):
+    model = write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1)
+    return run_workloads(model, {name: w for name, w in WORKLOADS.items() if name != "forest_3x8"}, **LLAMA)
 
 
 @pytest.mark.parametrize("workload", ["greedy", "sampling_n16"])
@@ -272,19 +277,10 @@ def variant_runs(request, tmp_path_factory):
     """Models needing the attention variants: Mistral (sliding window of 48 tokens over 100-150-token prompts) and
     Gemma2 (window on every other layer, logit soft-cap 20, query_pre_attn_scalar 24)."""
     model = write_checkpoint(tmp_path_factory.mktemp(request.param), request.param, seed=2)
-    prompts = {"greedy": ([tokens(5, 150)], SamplingParams(max_tokens=24, temperature=0.0, logprobs=3)),
-               "sampling_n8": ([tokens(6, 100)], SamplingParams(n=8, max_tokens=24, temperature=1.0, seed=3,
-                                                                 logprobs=3))}
-    runs = {}
-    for ours in (True, False):
-        llm = start(model, ours, **LLAMA)
-        try:
-            runs[ours] = {name: completions(llm.generate([{"prompt_token_ids": p} for p in ps], params,
-                                                         use_tqdm=False))
-                          for name, (ps, params) in prompts.items()}
-        finally:
-            stop(llm)
-    return runs
+    workloads = {"greedy": ([tokens(5, 150)], SamplingParams(max_tokens=24, temperature=0.0, logprobs=3)),
+                 "sampling_n8": ([tokens(6, 100)], SamplingParams(n=8, max_tokens=24, temperature=1.0, seed=3,
+                                                                   logprobs=3))}
+    return run_workloads(model, workloads, **LLAMA)
 
 
 @pytest.mark.parametrize("workload", ["greedy", "sampling_n8"])

@@ -26,12 +26,7 @@ tokenizers = pytest.importorskip("tokenizers")
 SPECIALS = ["<s>", "<|im_start|>", "<|im_end|>", "<extra_0>", "ки"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prm_tokenizer():
