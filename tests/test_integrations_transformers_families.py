@@ -16,7 +16,9 @@ from o1kernels.capabilities import FEATURES  # noqa: E402
 from o1kernels.integrations.transformers import (  # noqa: E402
     ATTN_IMPLEMENTATION, TokenPairHead, TreeCache, attention_specs, cache_argument, check_model, generate_branches,
     score_steps, stock_attention)
-from test_integrations_transformers import VOCAB, _one_thread, assert_no_leak, prompts  # noqa: E402, F401
+from test_integrations_transformers import VOCAB, assert_no_leak, prompts  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LOGIT_ATOL = 1e-4
 PROMPT = 20  # longer than every window below (8), so windows cut into the prompt
