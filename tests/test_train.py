@@ -118,9 +118,8 @@ def test_head_only_run_needs_a_reward_head(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-VERIFIER_TINY = VerifierConfig(rollout_problems=2, rollouts_per_problem=2, steps=2, correct_per_batch=2,
-                               synthetic_per_batch=2, rollouts_per_batch=2, head_synthetic=4, head_steps=3,
-                               head_batch=8, eval_problems=2, heldout_problems=2, select_n=2)
+VERIFIER_TINY = VerifierConfig(rollout_problems=2, rollouts_per_problem=2, steps=2, paired_per_batch=2,
+                               rollouts_per_batch=2, eval_problems=2, heldout_problems=2, select_n=2)
 
 
 def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
@@ -141,7 +140,7 @@ def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
     assert first == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert first != (tmp_path / "c" / "model.safetensors").read_bytes()
     assert (tmp_path / "policy" / "model.safetensors").read_bytes() == before
-    for expected in ("verifier step", "verifier head step", "verifier:    first_error", "reward head: first_error",
+    for expected in ("verifier step", "verifier:    first_error", "reward head: first_error",
                      "chosen scorer:"):
         assert any(expected in line for line in logs), expected
     verifier = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.float32)
@@ -171,3 +170,87 @@ def test_synthetic_chains_go_wrong_first_as_asked(kind):
 def test_synthetic_chains_need_a_known_error_kind():
     with pytest.raises(ValueError, match="kind must be one of"):
         first_error_steps(generate_problems(1, 0)[0], "typo", random.Random(0))
+
+
+def test_prm_until_first_error_reads_the_steps_up_to_the_first_wrong_one():
+    """losses(prm_until_first_error=True): the PRM loss is the mean binary cross-entropy over every step up to each
+    row's first wrong one (that one included), none after it; without it, over every step. The other losses are the
+    same either way."""
+    import torch.nn.functional as F
+
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.train import AUX_TARGETS, losses, model_config, pack, reward_logits, solution_row
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = Transformer(model_config(TINY, tok))
+    aux_head = torch.nn.Linear(TINY.hidden_size, AUX_TARGETS * 10)
+    p, q = generate_problems(2, 7)
+    wrong = p.solution_steps()
+    wrong[0] = wrong[0].replace("=", "=1", 1)  # a slipped first result: every later step is after_error
+    rows = [solution_row(q, tok, lm=True), solution_row(p, tok, wrong, lm=False)]
+    ids, _, _, step_mask, labels, _ = pack(rows, tok)
+    with torch.no_grad():
+        _, hidden = model(ids, return_hidden=True)
+        each = F.binary_cross_entropy_with_logits(reward_logits(model, hidden[step_mask]), labels, reduction="none")
+        after = torch.tensor([k == "after_error" for r in rows for k in r.kinds])
+        assert after.sum() == len(p.solution_steps()) - 1
+        every = losses(model, rows, tok, aux_head)
+        first = losses(model, rows, tok, aux_head, prm_until_first_error=True)
+    torch.testing.assert_close(every[1], each.mean())
+    torch.testing.assert_close(first[1], each[~after].mean())
+    assert torch.equal(every[0], first[0]) and torch.equal(every[2], first[2])
+
+
+def test_verifier_rows_pair_each_correct_solution_with_a_first_error_chain():
+    from o1kernels.decoder.train import verifier_rows
+
+    tok = CharTokenizer()
+    problems = generate_problems(50, 8)
+    rows = verifier_rows(problems, tok, random.Random(0))
+    assert len(rows) == 2 * len(problems)
+    for p, right, wrong in zip(problems, rows[0::2], rows[1::2]):
+        assert right.lm and all(right.labels) and right.prompt == wrong.prompt
+        assert not wrong.lm
+        first = next((i for i, k in enumerate(wrong.kinds) if k is not None), None)
+        if first is not None:  # an extra step that would go negative is left out (see first_error_steps)
+            assert right.steps[:first] == wrong.steps[:first]
+
+
+def test_rollout_weights_are_one_over_sqrt_of_the_kind_count():
+    from o1kernels.decoder.train import labelled_row, rollout_weights
+
+    tok = CharTokenizer()
+    p = generate_problems(1, 9)[0]
+    good = p.solution_steps()
+    slipped = [good[0].replace("=", "=1", 1), *good[1:]]
+    early = [f"A:{p.operands[0]}"]
+    chains = [good] * 4 + [slipped] * 9 + [early]
+    rows = [labelled_row(p, tok, [tok.encode(s) for s in steps], steps, lm=False) for steps in chains]
+    w = rollout_weights(rows)
+    assert w.dtype == torch.float64
+    assert torch.allclose(w, torch.tensor([1 / 2] * 4 + [1 / 3] * 9 + [1.0], dtype=torch.float64))
+
+
+def test_aux_targets_of_a_correct_solution():
+    """aux_targets per step of correct solutions: |a op b| and the running value after it (the policy's six), then the
+    value the step starts from (the answer for the answer step), the operand and op due; -100 where a target has no
+    value (no operation in the answer step, nothing due after the last operation)."""
+    from o1kernels.decoder.train import AUX_DIGITS, AUX_TARGETS, aux_targets
+
+    def digits(v, k=AUX_DIGITS):
+        return [v // 10 ** i % 10 for i in range(k)]
+
+    for p in generate_problems(30, 10):
+        values = [p.operands[0], *p.running_values()]
+        steps = p.solution_steps()
+        for i, step in enumerate(steps):
+            t = aux_targets(step, i, p)
+            assert len(t) == AUX_TARGETS
+            if i < len(p.ops):
+                assert t == (digits(values[i + 1]) * 2 + digits(values[i]) + digits(p.operands[i + 1], 2)
+                             + ["+-".index(p.ops[i])])
+            else:
+                assert t == [-100] * AUX_DIGITS + digits(p.answer) * 2 + [-100] * 3
+        extra = aux_targets("5+3=8\n", len(steps), p)  # an operation after the answer's place
+        assert extra == digits(8) + [-100] * (AUX_TARGETS - AUX_DIGITS)

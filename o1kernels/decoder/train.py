@@ -54,12 +54,30 @@ so a chain's score must aggregate all its steps (prod or min), not take the last
 
 The verifier (--verifier; train_verifier; default policy weights/tiny-arith, output weights/tiny-arith-verifier) is a
 separate PRM in its own checkpoint, run beside the policy by PRMScoredDecoder, so that a step is judged by weights the
-policy's sampling does not use. It is a copy of the policy (trunk and head: 0.8M parameters) trained to check steps on
-the policy's rollouts and on synthetic chains with every kind of first error (first_error_steps), each step labelled
-1 iff it and every earlier step are correct; then a fresh head on its frozen features. A verifier trained from scratch
-instead (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on slipped results 0.58),
-too slow for the 15-minute budget. The script then logs both scorers' held-out step AUCs per error kind on the same
-rollouts, and which scorer (with its chain-score aggregate) does better on the eval problems: the CLI's default.
+policy's sampling does not use. It is a copy of the policy (trunk and head: 0.8M parameters) trained, as the policy's
+head is in phase 3, on each step's correctness given a correct prefix: every step up to a chain's first wrong one,
+labelled 1 for a correct step and 0 for the first wrong one, so that a chain's min (or product) of step scores rates
+it. Each batch pairs correct solutions (also next-token targets) with synthetic chains going wrong at one step of the
+same prefix (first_error_steps; the kinds behind best-of-N's losses at large N drawn more often: misread operands,
+wrong copies, slipped answers) and adds rollouts of the policy drawn with weight 1 / sqrt(rollouts of their first
+error kind) (its common result slips, and its rare errors more often). Auxiliary digit targets at every step's end
+(aux_targets: phase 2's, plus the value the step must start from and the operand and op due) make the trunk compute
+what checking needs where the reward head reads. What the exploration runs measured on the eval problems (200 x 256
+policy samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.855 / 0.828 / 0.670):
+- first-error labels, pairs, these kinds, 1000 updates of 128 rows, then a fresh head on frozen features: 0.887 /
+  0.917 / 0.840 (the trunk's own head 0.884 / 0.916 / 0.845: the refit was dropped);
+- + the start/operand/op targets, 1400 updates: 0.886 / 0.934 / 0.900 (copy AUC 0.942, operand 0.956);
+- the same rows in 2600 updates of 64: 0.891 / 0.951 / 0.945, no drop beyond the paired 95% interval; held-out AUC
+  after an error 0.563 (the head's 0.796), copy 0.943 (0.933);
+- + the steps after the first error in the PRM loss at weight 0.3 (labelled 0) and in the auxiliary loss: 0.886 /
+  0.936 / 0.910; correct answer lines then score lower (a step must vouch for the whole prefix);
+- the shipped recipe: those steps in the auxiliary loss alone (their targets are the true values, which the written
+  chain contradicts), 5000 updates of 32 rows at lr 7e-4: 0.890 / 0.951 / 0.940, no drop beyond the paired 95%
+  interval; held-out AUC after an error 0.773, copy 0.970, operand 0.987; 771 s.
+A verifier trained from scratch (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on
+slipped results 0.58), too slow for the 15-minute budget. The script then logs both scorers' held-out step AUCs per
+error kind on the same rollouts, and which scorer (with its chain-score aggregate) does better on the eval problems:
+the CLI's default.
 
 Determinism: fixed seeds, a fixed data order (problems drawn from seeded generators), the sampling
 generator seeded per round, torch.set_num_threads(2). The rollouts go through TreeDecoder(backend="auto"),
@@ -78,6 +96,7 @@ import math
 import random
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,6 +119,7 @@ SLIPS = (-1, 1, -1, 1, -2, 2, -10, 10)
 SLIP_PROB = 0.35  # per step of a slipped synthetic solution
 ERRORS = ("result", "result", "result", "copy", "operand", "skip")  # synthetic error kinds, "result" the commonest
 AUX_DIGITS = 3  # the auxiliary head predicts ones, tens, hundreds of |a op b| and of the true running value
+AUX_TARGETS = 2 * AUX_DIGITS + AUX_DIGITS + 3  # + (verifier) the value the step must start from, its operand and op
 _OPERATION = re.compile(r"(\d+)([+-])(\d+)=")
 
 
@@ -207,24 +227,35 @@ def slipped_steps(problem: Problem, rng: random.Random) -> list[str]:
 
 
 def aux_targets(step_text: str, index: int, problem: Problem) -> list[int]:
-    """Auxiliary targets of step `index`: digits (ones first) of |a op b| for a step "a op b=..." and of the
-    problem's true running value after index + 1 operations (the answer for the answer step); -100 = ignore."""
+    """Auxiliary targets of step `index` (AUX_TARGETS classes of 10, -100 = ignore): digits (ones first) of |a op b|
+    for a step "a op b=..." and of the problem's true running value after index + 1 operations (the answer for the
+    answer step), the policy's phase 2 reads these; then what checking the step against a correct prefix needs, the
+    verifier reads all: digits of the value it must start from (the answer, for the answer step), of the operand due
+    and the op due (0 "+", 1 "-")."""
     m = _OPERATION.match(step_text)
     own = [-100] * AUX_DIGITS
     if m is not None:
         value = abs(int(m.group(1)) + (int(m.group(3)) if m.group(2) == "+" else -int(m.group(3))))
         own = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
+    values = [problem.operands[0], *problem.running_values()]
+    n = len(problem.ops)
     running = [-100] * AUX_DIGITS
-    if index <= len(problem.ops):
-        value = problem.running_values()[min(index, len(problem.ops) - 1)]
+    if index <= n:
+        value = values[min(index, n - 1) + 1]
         running = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
-    return own + running
+    start = [-100] * AUX_DIGITS
+    if index <= n:
+        start = [values[index] // 10 ** i % 10 for i in range(AUX_DIGITS)]
+    due = [-100] * 3
+    if index < n:
+        due = [problem.operands[index + 1] % 10, problem.operands[index + 1] // 10 % 10, "+-".index(problem.ops[index])]
+    return own + running + start + due
 
 
 def pack(rows: list[Row], tok: CharTokenizer):
     """Rows -> ids [B, T] (right-padded), solution_mask [B, T] (solution tokens of every row), lm_rows [B] (rows
     whose solution is a next-token target), step_mask [B, T] (last token of every step of labelled rows), labels [S]
-    float32 and aux targets [S, 2 * AUX_DIGITS] in step_mask's row-major order."""
+    float32 and aux targets [S, AUX_TARGETS] in step_mask's row-major order."""
     seqs = [r.prompt + [t for s in r.steps for t in s] for r in rows]
     ids = torch.full((len(rows), max(map(len, seqs))), tok.pad_id, dtype=torch.long)
     solution_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -239,7 +270,7 @@ def pack(rows: list[Row], tok: CharTokenizer):
             labels += r.labels
             aux += r.aux
     return (ids, solution_mask, torch.tensor([r.lm for r in rows]), step_mask, torch.tensor(labels, dtype=torch.float32),
-            torch.tensor(aux, dtype=torch.long).view(-1, 2 * AUX_DIGITS))
+            torch.tensor(aux, dtype=torch.long).view(-1, AUX_TARGETS))
 
 
 def reward_logits(model: Transformer, hidden: torch.Tensor) -> torch.Tensor:
@@ -257,10 +288,12 @@ def head_logits(model: Transformer, normed: torch.Tensor) -> torch.Tensor:
 
 
 def losses(model: Transformer, rows: list[Row], tok: CharTokenizer, aux_head: torch.nn.Linear | None = None,
-           teacher: Transformer | None = None):
+           teacher: Transformer | None = None, prm_until_first_error: bool = False):
     """One forward over the rows -> (policy loss, PRM binary cross-entropy on labelled steps or None, auxiliary
     result-digit cross-entropy or None). The policy loss is the next-token loss on the lm rows' solutions, or with a
-    teacher the mean KL(teacher || model) of the next-token distributions at every row's solution tokens."""
+    teacher the mean KL(teacher || model) of the next-token distributions at every row's solution tokens. The PRM loss
+    reads every step, or with prm_until_first_error the steps up to each row's first wrong one; the auxiliary loss
+    reads every step."""
     ids, solution_mask, lm_rows, step_mask, labels, aux = pack(rows, tok)
     logits, hidden = model(ids, return_hidden=True)
     if teacher is None:
@@ -275,11 +308,15 @@ def losses(model: Transformer, rows: list[Row], tok: CharTokenizer, aux_head: to
     if not len(labels):
         return policy, None, None
     steps = hidden[step_mask]
-    prm = F.binary_cross_entropy_with_logits(reward_logits(model, steps), labels)
+    logits = reward_logits(model, steps)
+    if prm_until_first_error:
+        keep = torch.tensor([k != "after_error" for r in rows if r.labels is not None for k in r.kinds])
+        logits, labels = logits[keep], labels[keep]
+    prm = F.binary_cross_entropy_with_logits(logits, labels)
     aux_loss = None
-    if aux_head is not None:
+    if aux_head is not None:  # the first aux_head.out_features // 10 targets
         aux_logits = aux_head(model.model.norm(steps)).view(-1, 10)
-        aux_loss = F.cross_entropy(aux_logits, aux.view(-1), ignore_index=-100)
+        aux_loss = F.cross_entropy(aux_logits, aux[:, :aux_head.out_features // 10].reshape(-1), ignore_index=-100)
     return policy, prm, aux_loss
 
 
@@ -506,17 +543,12 @@ class VerifierConfig:
     rollout_problems: int = 4096  # x rollouts_per_problem rollouts of the policy, sampled once
     rollouts_per_problem: int = 8
     temperature: float = 1.0
-    steps: int = 500  # updates of trunk and head together
-    correct_per_batch: int = 16  # rows per update: these (also next-token targets) + synthetic + rollouts
-    synthetic_per_batch: int = 56
-    rollouts_per_batch: int = 56
-    lr: float = 5e-4
+    steps: int = 5000  # updates of trunk and head together
+    paired_per_batch: int = 10  # problems per update, each as its correct solution and a chain with a first error
+    rollouts_per_batch: int = 12  # rollouts per update, drawn with weight 1 / sqrt(rollouts of their first error kind)
+    lr: float = 7e-4
     aux_weight: float = 1.0
     lm_weight: float = 0.5
-    head_synthetic: int = 32768  # synthetic chains (and as many correct solutions) beside the rollouts for the head
-    head_steps: int = 3000
-    head_batch: int = 4096
-    head_lr: float = 1e-3
     eval_problems: int = 200
     heldout_problems: int = 512
     select_n: int = 16
@@ -590,46 +622,57 @@ def first_error_steps(problem: Problem, kind: str, rng: random.Random) -> list[s
     return steps + [f"A:{value}"]
 
 
-VERIFIER_KINDS = ("result", "result", "result", "copy", "operand", "skip", "early_answer", "answer", "extra_step",
-                  "format")  # first-error kinds of the synthetic chains, "result" (the policy's commonest) weighted 3x
+# First-error kinds of the synthetic chains. The policy's own errors are nearly all slipped results, and its rollouts
+# hold plenty of those; what wins best-of-N at large N is the rest (slipped answers, misread operands, wrong copies of
+# the previous value), so those are drawn more often here.
+VERIFIER_KINDS = ("result", "copy", "copy", "operand", "operand", "answer", "answer", "early_answer", "skip",
+                  "extra_step", "format")
 
 
 def verifier_rows(problems, tok: CharTokenizer, rng: random.Random) -> list[Row]:
-    """One synthetic chain per problem, its first error of a kind drawn from VERIFIER_KINDS, labelled by the checker."""
-    return [solution_row(p, tok, first_error_steps(p, rng.choice(VERIFIER_KINDS), rng), lm=False) for p in problems]
+    """Per problem its correct solution (also a next-token target) and a chain whose first error is of a kind drawn
+    from VERIFIER_KINDS (the same prefix up to it), each labelled by the checker: a pair that differs at one step."""
+    rows = []
+    for p in problems:
+        rows += [solution_row(p, tok, lm=True),
+                 solution_row(p, tok, first_error_steps(p, rng.choice(VERIFIER_KINDS), rng), lm=False)]
+    return rows
+
+
+def rollout_weights(rows: list[Row]) -> torch.Tensor:
+    """Sampling weight per rollout: 1 / sqrt(number of rollouts whose first error has its kind; correct chains are
+    one kind), so the policy's rare errors are seen more often without the few of them crowding the batches."""
+    first = [next((k for k in r.kinds if k is not None), None) for r in rows]
+    counts = Counter(first)
+    return torch.tensor([counts[k] ** -0.5 for k in first], dtype=torch.float64)
 
 
 def train_verifier(cfg: VerifierConfig, policy: Transformer, tok: CharTokenizer, log) -> Transformer:
-    """The verifier: a copy of the policy (trunk and reward head) trained to check steps. Labels: 1 iff the step and
-    every earlier one are correct (so it must read the whole prefix), on rows of three sources: correct solutions,
-    synthetic chains with each kind of first error (verifier_rows), and rollouts of `policy` (sampled once, labelled by
-    the checker). (a) cfg.steps updates of trunk and head on mixed batches, binary cross-entropy plus, to keep the
-    trunk computing what checking needs, the next-token loss on the correct solutions and the digits of each step's
-    own result and of the true running value (aux_targets) from a training-only linear head; (b) a fresh reward head
-    on the frozen trunk's features of every step of all the rollouts, head_synthetic synthetic chains and as many
-    correct solutions (as phase 3 does for the policy's head, here on every step)."""
+    """The verifier: a copy of the policy (trunk and reward head) trained to check steps (see the module docstring).
+    cfg.steps updates of trunk and head on batches of verifier_rows pairs and rollouts of `policy` (sampled once,
+    labelled by the checker, drawn by rollout_weights): binary cross-entropy on every step up to a chain's first wrong
+    one, plus the next-token loss on the correct solutions and the auxiliary digit targets (aux_targets, every step)
+    from a training-only linear head."""
     model = copy.deepcopy(policy).train()
     t0 = time.perf_counter()
     rows = rollouts(policy, cfg, tok, generate_problems(cfg.rollout_problems, SEED_VERIFIER * 1000), seed=cfg.seed + 200)
+    weights = rollout_weights(rows)
     labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
     log(f"verifier: {len(rows)} policy rollouts, {len(labels)} steps, {labels.mean().item():.3f} correct "
         f"({time.perf_counter() - t0:.0f} s)")
     torch.manual_seed(cfg.seed + 200)
-    aux_head = torch.nn.Linear(model.config.hidden_size, 2 * AUX_DIGITS * 10)
+    aux_head = torch.nn.Linear(model.config.hidden_size, AUX_TARGETS * 10)
     params = list(model.parameters()) + list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    per_update = cfg.correct_per_batch + cfg.synthetic_per_batch
-    synthetic = generate_problems(cfg.steps * per_update + cfg.head_synthetic, SEED_VERIFIER)
+    synthetic = generate_problems(cfg.steps * cfg.paired_per_batch, SEED_VERIFIER)
     rng = random.Random(SEED_VERIFIER)
     gen = torch.Generator().manual_seed(cfg.seed + 200)
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr)
-        problems = synthetic[step * per_update:(step + 1) * per_update]
-        batch = [solution_row(p, tok, lm=True) for p in problems[:cfg.correct_per_batch]]
-        batch += verifier_rows(problems[cfg.correct_per_batch:], tok, rng)
-        batch += [rows[i] for i in torch.randint(len(rows), (cfg.rollouts_per_batch,), generator=gen).tolist()]
-        lm, prm, aux = losses(model, batch, tok, aux_head)
+        batch = verifier_rows(synthetic[step * cfg.paired_per_batch:(step + 1) * cfg.paired_per_batch], tok, rng)
+        batch += [rows[i] for i in torch.multinomial(weights, cfg.rollouts_per_batch, True, generator=gen).tolist()]
+        lm, prm, aux = losses(model, batch, tok, aux_head, prm_until_first_error=True)
         opt.zero_grad(set_to_none=True)
         (prm + cfg.lm_weight * lm + cfg.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -637,13 +680,6 @@ def train_verifier(cfg: VerifierConfig, policy: Transformer, tok: CharTokenizer,
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"verifier step {step:5d}  prm loss {prm.item():.4f}  aux loss {aux.item():.4f}  lm loss {lm.item():.4f}"
                 f"  ({time.perf_counter() - t0:.0f} s)")
-    head_problems = synthetic[cfg.steps * per_update:]
-    rows = rows + verifier_rows(head_problems, tok, rng) + [solution_row(p, tok, lm=False) for p in head_problems]
-    features = step_features(model, rows, tok)
-    labels = torch.tensor([x for r in rows for x in r.labels], dtype=torch.float32)
-    fit_fresh_head(model, features, labels, cfg, cfg.seed + 200, gen,
-                   lambda step, loss: log(f"verifier head step {step:5d}  loss {loss:.4f} ({len(labels)} steps, "
-                                          f"{time.perf_counter() - t0:.0f} s)"))
     return model.eval()
 
 
