@@ -73,7 +73,10 @@ policy samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.8
   0.936 / 0.910; correct answer lines then score lower (a step must vouch for the whole prefix);
 - the shipped recipe: those steps in the auxiliary loss alone (their targets are the true values, which the written
   chain contradicts), 5000 updates of 32 rows at lr 7e-4: 0.890 / 0.951 / 0.940, no drop beyond the paired 95%
-  interval; held-out AUC after an error 0.773, copy 0.970, operand 0.987; 771 s.
+  interval; held-out AUC after an error 0.773, copy 0.970, operand 0.987; 771 s. The shipped weights are this
+  recipe's run through --verifier (the PRM loss's steps picked by a mask, not a zero weight: the same loss, other
+  rounding): 0.893 / 0.943 / 0.910, a drop beyond the interval (-0.033, [-0.064, -0.001]); AUC after an error 0.761,
+  copy 0.971, operand 0.969; 810 s. Runs of one recipe differ most on misread operands (5 and 12 of their losses).
 A verifier trained from scratch (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on
 slipped results 0.58), too slow for the 15-minute budget. The script then logs both scorers' held-out step AUCs per
 error kind on the same rollouts, and which scorer (with its chain-score aggregate) does better on the eval problems:
