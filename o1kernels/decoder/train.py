@@ -229,29 +229,31 @@ def slipped_steps(problem: Problem, rng: random.Random) -> list[str]:
     return steps + [f"A:{answer}"]
 
 
+def _digits(value: int, count: int = AUX_DIGITS) -> list[int]:
+    """The lowest `count` decimal digits of value >= 0, ones first."""
+    return [value // 10 ** i % 10 for i in range(count)]
+
+
 def aux_targets(step_text: str, index: int, problem: Problem) -> list[int]:
     """Auxiliary targets of step `index` (AUX_TARGETS classes of 10, -100 = ignore): digits (ones first) of |a op b|
     for a step "a op b=..." and of the problem's true running value after index + 1 operations (the answer for the
     answer step), the policy's phase 2 reads these; then what checking the step against a correct prefix needs, the
     verifier reads all: digits of the value it must start from (the answer, for the answer step), of the operand due
     and the op due (0 "+", 1 "-")."""
+    ignore = [-100] * AUX_DIGITS
     m = _OPERATION.match(step_text)
-    own = [-100] * AUX_DIGITS
+    own = ignore
     if m is not None:
-        value = abs(int(m.group(1)) + (int(m.group(3)) if m.group(2) == "+" else -int(m.group(3))))
-        own = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
+        a, b = int(m.group(1)), int(m.group(3))
+        own = _digits(abs(a + b if m.group(2) == "+" else a - b))
     values = [problem.operands[0], *problem.running_values()]
     n = len(problem.ops)
-    running = [-100] * AUX_DIGITS
+    running = start = ignore
     if index <= n:
-        value = values[min(index, n - 1) + 1]
-        running = [value // 10 ** i % 10 for i in range(AUX_DIGITS)]
-    start = [-100] * AUX_DIGITS
-    if index <= n:
-        start = [values[index] // 10 ** i % 10 for i in range(AUX_DIGITS)]
+        running, start = _digits(values[min(index, n - 1) + 1]), _digits(values[index])
     due = [-100] * 3
     if index < n:
-        due = [problem.operands[index + 1] % 10, problem.operands[index + 1] // 10 % 10, "+-".index(problem.ops[index])]
+        due = _digits(problem.operands[index + 1], 2) + ["+-".index(problem.ops[index])]
     return own + running + start + due
 
 
