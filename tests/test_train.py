@@ -140,7 +140,7 @@ def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
     assert first == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert first != (tmp_path / "c" / "model.safetensors").read_bytes()
     assert (tmp_path / "policy" / "model.safetensors").read_bytes() == before
-    for expected in ("verifier step", "verifier:    first_error", "reward head: first_error",
+    for expected in ("verifier step", "verifier:    first_error", "reward head: first_error", "chain's min so far",
                      "chosen scorer:"):
         assert any(expected in line for line in logs), expected
     verifier = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.float32)
@@ -200,6 +200,52 @@ def test_prm_until_first_error_reads_the_steps_up_to_the_first_wrong_one():
     torch.testing.assert_close(every[1], each.mean())
     torch.testing.assert_close(first[1], each[~after].mean())
     assert torch.equal(every[0], first[0]) and torch.equal(every[2], first[2])
+
+
+def test_rows_without_a_next_token_target_give_a_zero_policy_loss():
+    """losses on rows none of which is a next-token target (one half of a verifier batch can be): the policy loss is
+    zero with a zero gradient, not NaN, and the PRM loss is unchanged."""
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.train import AUX_TARGETS, losses, model_config, solution_row
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = Transformer(model_config(TINY, tok))
+    aux_head = torch.nn.Linear(TINY.hidden_size, AUX_TARGETS * 10)
+    p, q = generate_problems(2, 8)
+    rows = [solution_row(p, tok, lm=False), solution_row(q, tok, lm=False)]
+    lm, prm, aux = losses(model, rows, tok, aux_head)
+    assert lm.item() == 0.0 and torch.isfinite(prm) and torch.isfinite(aux)
+    lm.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with_lm = losses(model, [dataclasses.replace(rows[0], lm=True), rows[1]], tok, aux_head)
+    assert with_lm[0].item() > 0 and torch.equal(with_lm[1], prm)
+
+
+def test_running_min_aucs_rank_each_step_by_its_chain_min_so_far():
+    """prm_aucs(running_min=True): the AUCs of each step's lowest logit among it and the earlier steps of its row, rows
+    of different lengths, at least one after an error; without it, of the step's own logit."""
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.train import aucs_by_kind, head_logits, model_config, prm_aucs, solution_row, step_features
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = Transformer(model_config(TINY, tok)).eval()
+    rows = []
+    for i, p in enumerate(generate_problems(6, 12)):
+        steps = p.solution_steps()
+        if i % 2:
+            steps[0] = steps[0].replace("=", "=1", 1)
+        rows.append(solution_row(p, tok, steps, lm=False))
+    kinds = [k for r in rows for k in r.kinds]
+    assert "after_error" in kinds and len({len(r.steps) for r in rows}) > 1
+    logits = head_logits(model, step_features(model, rows, tok))
+    running, i = [], 0
+    for r in rows:
+        running += [min(logits[i:i + j + 1].tolist()) for j in range(len(r.steps))]
+        i += len(r.steps)
+    assert prm_aucs(model, rows, tok, running_min=True) == aucs_by_kind(torch.tensor(running), kinds)
+    assert prm_aucs(model, rows, tok) == aucs_by_kind(logits, kinds)
 
 
 def test_verifier_rows_pair_each_correct_solution_with_a_first_error_chain():
