@@ -499,21 +499,13 @@ def train_head(model: Transformer, cfg: TrainConfig, tok: CharTokenizer, log) ->
     up_to_first_error = torch.tensor([k != "after_error" for k in kinds])
     features = features[up_to_first_error]
     labels = torch.tensor([k is None for k in kinds], dtype=torch.float32)[up_to_first_error]
-    # a fresh head: the result depends on the policy alone
-    fit_fresh_head(model, features, labels, cfg, cfg.seed + 100, torch.Generator().manual_seed(cfg.seed + 100),
-                   lambda step, loss: log(f"head step {step:5d}  loss {loss:.4f} ({len(labels)} steps)"))
-
-
-def fit_fresh_head(model: Transformer, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, init_seed: int,
-                   gen: torch.Generator, log_step) -> None:
-    """The reward head re-initialized (torch seed init_seed, the global RNG untouched) and fitted alone on frozen
-    features [n, H] to labels [n] (1 correct step, 0 wrong): cfg.head_steps AdamW steps of cfg.head_batch rows
-    drawn by gen; log_step(step, loss) every 1000 steps and at the last."""
+    # a fresh head (seeded, the global RNG untouched): the result depends on the policy alone
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
+        torch.manual_seed(cfg.seed + 100)
         for layer in (model.reward_head.mlp, model.reward_head.out):
             if layer is not None:
                 layer.reset_parameters()
+    gen = torch.Generator().manual_seed(cfg.seed + 100)
     opt = torch.optim.AdamW(model.reward_head.parameters(), lr=cfg.head_lr, weight_decay=0.01)
     for step in range(cfg.head_steps):
         for g in opt.param_groups:
@@ -524,7 +516,7 @@ def fit_fresh_head(model: Transformer, features: torch.Tensor, labels: torch.Ten
         loss.backward()
         opt.step()
         if step % 1000 == 0 or step == cfg.head_steps - 1:
-            log_step(step, loss.item())
+            log(f"head step {step:5d}  loss {loss.item():.4f} ({len(labels)} steps)")
 
 
 @torch.no_grad()
