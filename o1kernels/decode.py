@@ -215,6 +215,10 @@ def _check_args(args) -> None:
         raise UsageError(f"--model {args.model}: vocab_size {config.vocab_size} is smaller than the task "
                          f"vocabulary ({len(tok)} tokens); the CLI needs a model trained on the arithmetic task, or "
                          "a Hugging Face tokenizer (--tokenizer)")
+    if config.reward_head is not None and config.reward_head["likelihood_weight"]:
+        raise UsageError(f"--model {args.model}: its reward head multiplies by the step's likelihood "
+                         f"(likelihood_weight {config.reward_head['likelihood_weight']:g}), which only a separate PRM "
+                         "computes: give it as --prm, beside a policy")
     if args.scorer is not None and args.prm is not None:
         raise UsageError(f"--scorer {args.scorer}: not with --prm (which gives the PRM)")
     if args.prm is None and (args.scorer or (DEFAULT_SCORER if Path(args.model).resolve() == DEFAULT_MODEL.resolve()

@@ -191,7 +191,7 @@ def test_config_roundtrip_and_hf_variants():
     again = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
     assert again == cfg
     assert again.reward_head == {"activation": "sigmoid", "num_classes": 1, "hidden": None, "positive_index": 0,
-                                 "step_token_id": 7}
+                                 "step_token_id": 7, "likelihood_weight": 0.0}
     # transformers >= 5 writes theta and scaling under rope_parameters
     hf5 = {k: v for k, v in cfg.to_hf().items() if k not in ("rope_theta", "rope_scaling")}
     hf5["rope_parameters"] = {"rope_theta": 500.0, **LLAMA3}

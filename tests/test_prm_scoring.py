@@ -54,6 +54,8 @@ def random_prm(vocab: int, head: dict | None, seed: int, model_type: str = "qwen
 
 QWEN_HEAD = {"activation": "softmax", "num_classes": 2, "hidden": 32, "positive_index": 1}
 VALUE_HEAD = {"activation": "sigmoid", "num_classes": 1}
+# A head times the step's likelihood: the power small enough that scores of random weights' likelihoods spread in (0, 1).
+LIKELIHOOD = 0.05
 
 
 def family(name: str):
@@ -66,12 +68,17 @@ def family(name: str):
         return MathShepherd(tok), random_prm(vocab, None, 2, "llama")
     if name == "skywork":
         return SkyworkPRM(tok, bos_id=0), random_prm(vocab, VALUE_HEAD, 3)
+    if name == "qwen_likelihood":
+        return QwenMathPRM(tok), random_prm(vocab, {**QWEN_HEAD, "likelihood_weight": LIKELIHOOD}, 5)
+    if name == "reward_head_likelihood":
+        return RewardHeadFormat(), random_prm(len(CharTokenizer()), {**VALUE_HEAD, "likelihood_weight": LIKELIHOOD}, 6)
     return RewardHeadFormat(separator=[CharTokenizer().step_id]), random_prm(len(CharTokenizer()), QWEN_HEAD, 4)
 
 
 @torch.no_grad()
 def reencode_scores(model: Transformer, fmt, question, steps) -> list[float]:
-    """Full fp32 re-encode of the branch's PRM text: one causal forward, the head applied in plain torch."""
+    """Full fp32 re-encode of the branch's PRM text: one causal forward, the head applied in plain torch (times each
+    step's likelihood from the same forward's LM head, to the power likelihood_weight, when the head has one)."""
     ids, positions = fmt.encode(question, steps)
     t = len(ids)
 
@@ -89,6 +96,12 @@ def reencode_scores(model: Transformer, fmt, question, steps) -> list[float]:
         x = torch.relu(head.mlp(x))
     z = head.out(x)
     p = torch.sigmoid(z[:, 0]) if spec["activation"] == "sigmoid" else torch.softmax(z, -1)[:, spec["positive_index"]]
+    if spec["likelihood_weight"]:
+        logp = torch.log_softmax(model.lm_head(model.model.norm(hidden)).double(), -1)
+        starts = [len(fmt.encode(question, [])[0])] + [q + 1 for q in positions]
+        for k in range(len(positions)):  # step k's tokens: ids[starts[k]:starts[k + 1]], each predicted one before
+            step_logp = sum(logp[t - 1, ids[t]] for t in range(starts[k], starts[k + 1]))
+            p[k] *= torch.exp(step_logp * spec["likelihood_weight"]).float()
     return p.tolist()
 
 
@@ -164,7 +177,8 @@ def run_random_tree(scorer, fmt, reference, count, seed: int) -> None:
         scorer.release(b)
 
 
-@pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head"])
+@pytest.mark.parametrize("name", ["qwen", "shepherd", "skywork", "reward_head", "qwen_likelihood",
+                                  "reward_head_likelihood"])
 @pytest.mark.parametrize("seed,backend", [(0, "torch"), (1, "torch"), (2, "auto")])  # auto: the compiled CPU kernels
 def test_random_trees_equal_reencoding(name, seed, backend):
     fmt, model = family(name)
@@ -305,6 +319,17 @@ def test_formats_and_scorer_errors():
     policy = TreeDecoder(load_checkpoint(DEFAULT_MODEL), backend="torch")
     with pytest.raises(ValueError, match="tokenizer: QwenMathPRM reads text"):
         PRMScoredDecoder(policy, scorer)
+    with_likelihood = random_prm(len(CharTokenizer()), {**VALUE_HEAD, "likelihood_weight": 1.0}, 0)
+    with pytest.raises(ValueError, match=r"likelihood_weight 1.0\), which only a PRMScorer computes"):
+        TreeDecoder(with_likelihood, backend="torch")
+    with pytest.raises(ValueError, match="likelihood_weight 1.0\\), which needs each step's tokens"):
+        with_likelihood.step_rewards(torch.randn(1, 2, 32), torch.ones(1, 2, dtype=torch.bool))
+    with_likelihood.lm_head = None
+    with pytest.raises(ValueError, match="which needs an LM head; the model has none"):
+        PRMScorer(with_likelihood)
+    for bad in (-0.5, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=f"likelihood_weight must be a finite number >= 0, got {bad!r}"):
+            random_prm(10, {**VALUE_HEAD, "likelihood_weight": bad}, 0)
 
 
 def hf_family(name: str):

@@ -69,6 +69,10 @@ class SearchDecoder:
     def __init__(self, model: Transformer):
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be an o1kernels.decoder.Transformer, got {type(model).__name__}")
+        if model.reward_head is not None and model.config.reward_head["likelihood_weight"]:
+            raise ValueError("model: its reward head's scores include the step's likelihood (likelihood_weight "
+                             f"{model.config.reward_head['likelihood_weight']}), which only a PRMScorer computes: "
+                             "score with it as a separate PRM (PRMScoredDecoder), not as a policy's own head")
         self.model = model
         self._last_hidden: dict[int, torch.Tensor] = {}  # branch -> pre-norm hidden [H] of its last token
         # host_syncs: reads of device values by the decode loop (per token in the naive loop; per

@@ -21,7 +21,9 @@ from torch import nn
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 REWARD_ACTIVATIONS = ("sigmoid", "softmax")
-# Key of our reward-head extension inside config.json.
+# Key of our reward-head extension inside config.json. Its fields: activation, num_classes, hidden (an MLP layer before
+# the output layer), positive_index, step_token_id, likelihood_weight (w >= 0, default 0: a step's reward is the head's
+# times the model's own LM probability of the step's tokens given the prefix, to the power w; a PRMScorer computes it).
 REWARD_HEAD_KEY = "o1kernels_reward_head"
 # The public PRM families' model classes, read as a Transformer with a reward head and no LM head (checkpoint.py maps
 # their parameter names; an LM head stored beside is not loaded), with the reward head each implies:
@@ -93,8 +95,11 @@ def _parse_reward_head(head, vocab_size: int) -> dict | None:
     step = head.get("step_token_id")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < vocab_size):
         raise ValueError(f"{REWARD_HEAD_KEY}.step_token_id must be a token id in [0, {vocab_size}) or null, got {step!r}")
+    weight = head.get("likelihood_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"{REWARD_HEAD_KEY}.likelihood_weight must be a finite number >= 0, got {weight!r}")
     return {"activation": act, "num_classes": num_classes, "hidden": hidden, "positive_index": pos,
-            "step_token_id": step}
+            "step_token_id": step, "likelihood_weight": float(weight)}
 
 
 @dataclass
@@ -451,6 +456,10 @@ class Transformer(nn.Module):
         """
         if self.reward_head is None:
             raise ValueError("this model has no reward head (config has no 'o1kernels_reward_head')")
+        if self.config.reward_head["likelihood_weight"]:
+            raise ValueError("this model's step scores include the step's likelihood (likelihood_weight "
+                             f"{self.config.reward_head['likelihood_weight']}), which needs each step's tokens: "
+                             "score with o1kernels.decoder.PRMScorer")
         from o1kernels import step_rewards
 
         head, spec = self.reward_head, self.config.reward_head

@@ -10,7 +10,10 @@ packed pre-norm hidden states (final norm fused) with the step mask at each row'
 tokens are processed: nothing is re-encoded.
 
 The reward is the model's reward head (config "o1kernels_reward_head", or a Qwen2.5-Math-PRM checkpoint's score.0 /
-score.2) or, when the format names a token pair (Math-Shepherd), P(positive) of those two LM-head rows.
+score.2) or, when the format names a token pair (Math-Shepherd), P(positive) of those two LM-head rows. A reward head
+whose spec sets likelihood_weight w > 0 (the shipped verifier) is multiplied by the PRM's own LM probability of the
+step's tokens given the prefix, to the power w: a step the PRM would not have written is doubted even where the head
+misses it. Each PRM branch keeps its last token's hidden state, which predicts the next step's first token.
 
 PRMScoredDecoder(policy, scorer, tokenizer=) joins a policy decoder (TreeDecoder, NaiveDecoder) and a PRMScorer into
 the decoder interface search() uses (add_prompt, fork, release, generate_step, kv_bytes, kv_bytes_naive, stats):
@@ -68,8 +71,13 @@ class PRMScorer:
         self.tree = KVTree(self.pool)
         self.attn = PagedAttention(page_size, (cfg.num_attention_heads, cfg.num_key_value_heads), cfg.head_dim,
                                    device=model.device, backend=backend, dtype=model.dtype)
+        self.likelihood_weight = model.config.reward_head["likelihood_weight"] if fmt.token_pair is None else 0.0
+        if self.likelihood_weight and model.lm_head is None:
+            raise ValueError(f"model: its reward head multiplies by the step's likelihood (likelihood_weight "
+                             f"{self.likelihood_weight}), which needs an LM head; the model has none")
         self.sm_scale = cfg.head_dim ** -0.5
         self._steps: dict[int, list[float]] = {}  # branch -> its step scores so far
+        self._last: dict[int, torch.Tensor] = {}  # branch -> pre-norm hidden [H] of its last token (likelihood only)
         self.stats = {"forwards": 0, "tokens": 0, "prompt_tokens": 0, "seconds": 0.0, "peak_kv_bytes": 0}
 
     def _check_branches(self, branches) -> list[int]:
@@ -89,8 +97,10 @@ class PRMScorer:
         self._check_ids("question", ids)
         with self.tree.atomic():
             branch = self.tree.new_branch()
-            self._forward([branch], [ids])
+            hidden = self._forward([branch], [ids])
         self._steps[branch] = []
+        if self.likelihood_weight:
+            self._last[branch] = hidden[-1].clone()
         self.stats["prompt_tokens"] += len(ids)
         return branch
 
@@ -100,11 +110,14 @@ class PRMScorer:
             kids = self.tree.fork(branch, n)
         for k in kids:
             self._steps[k] = list(self._steps[branch])
+            if self.likelihood_weight:
+                self._last[k] = self._last[branch]
         return kids
 
     def release(self, branch: int) -> None:
         self.tree.release(branch)
         del self._steps[branch]
+        self._last.pop(branch, None)
 
     @torch.no_grad()
     def score(self, branches, steps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,9 +144,14 @@ class PRMScorer:
             mask[cu[1:] - 1] = True
             dev = hidden.device
             _, last = self._head(hidden, mask.to(dev), cu.to(dev))  # per row its one step: "last" = the new score
+            if self.likelihood_weight:
+                last = last * self._likelihood(branches, ids, hidden, cu.to(dev)) ** self.likelihood_weight
             new = last.cpu()  # the one host read of the step
         for b, s in zip(branches, new.tolist()):
             self._steps[b].append(s)
+        if self.likelihood_weight:
+            for b, h in zip(branches, hidden[cu[1:] - 1]):
+                self._last[b] = h
         self.stats["tokens"] += int(cu[-1])
         self.stats["seconds"] += time.perf_counter() - t0
         chain = torch.tensor([chain_score(self._steps[b], self.aggregate) for b in branches], dtype=torch.float32)
@@ -171,6 +189,20 @@ class PRMScorer:
         self.stats["forwards"] += 1
         self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self.kv_bytes())
         return hidden
+
+    def _likelihood(self, branches: list[int], ids: list[list[int]], hidden: torch.Tensor, cu: torch.Tensor):
+        """The PRM's LM probability of each row's new tokens given its branch -> [B] float32: each token is predicted
+        by the hidden state before it (the branch's last one for the first token)."""
+        dev = hidden.device
+        before = torch.cat([torch.stack([self._last[b] for b in branches]), hidden])  # branch lasts, then the rows
+        n = len(branches)
+        row = torch.repeat_interleave(torch.arange(n, device=dev), cu[1:] - cu[:-1])
+        offset = torch.arange(hidden.shape[0], device=dev) - cu[:-1][row]  # token index inside its row
+        source = torch.where(offset == 0, row, n + torch.arange(hidden.shape[0], device=dev) - 1)
+        logp = torch.log_softmax(self.model.logits(before[source]), dim=-1)
+        tokens = torch.tensor([t for r in ids for t in r], device=dev)
+        per_token = logp.gather(1, tokens[:, None])[:, 0]
+        return torch.zeros(n, device=dev).index_add_(0, row, per_token).exp()
 
     def _head(self, hidden, mask, cu):
         """Packed pre-norm hidden [T, H], step mask [T], cu_seqlens [B+1] -> step_rewards' (step_scores [T], chain
