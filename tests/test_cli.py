@@ -143,6 +143,8 @@ BAD_ARGUMENTS = [
     (["--threads", "0"], "argument --threads: expected an integer >= 1"),
     (["--scorer", "both"], "argument --scorer: invalid choice: 'both'"),
     (["--scorer", "head", "--prm", str(DEFAULT_MODEL)], "--scorer head: not with --prm"),
+    (["--model", str(VERIFIER_MODEL)], f"--model {VERIFIER_MODEL}: its reward head multiplies by the step's "
+                                       "likelihood (likelihood_weight 1), which only a separate PRM computes"),
 ]
 if not torch.cuda.is_available():
     BAD_ARGUMENTS.append((["--device", "cuda"], "--device cuda: CUDA is not available"))

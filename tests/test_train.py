@@ -140,11 +140,13 @@ def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
     assert first == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert first != (tmp_path / "c" / "model.safetensors").read_bytes()
     assert (tmp_path / "policy" / "model.safetensors").read_bytes() == before
-    for expected in ("verifier step", "verifier:    first_error", "reward head: first_error", "chain's min so far",
-                     "chosen scorer:"):
+    for expected in ("verifier step", "verifier: held-out step-level AUC", "reward head: held-out step-level AUC",
+                     "verifier x likelihood^1: held-out step-level AUC", "chain's min so far", "chosen scorer:"):
         assert any(expected in line for line in logs), expected
     verifier = load_checkpoint(tmp_path / "a", device="cpu", dtype=torch.float32)
     assert verifier.reward_head is not None
+    written = [line for line in logs if line.startswith("wrote")]
+    assert written == [f"wrote {tmp_path / 'a'} (likelihood_weight {verifier.config.reward_head['likelihood_weight']:g})"]
 
 
 @pytest.mark.parametrize("kind", ERROR_KINDS)
@@ -246,6 +248,41 @@ def test_running_min_aucs_rank_each_step_by_its_chain_min_so_far():
         i += len(r.steps)
     assert prm_aucs(model, rows, tok, running_min=True) == aucs_by_kind(torch.tensor(running), kinds)
     assert prm_aucs(model, rows, tok) == aucs_by_kind(logits, kinds)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7])
+def test_step_log_scores_equal_the_incremental_scorer(weight):
+    """step_log_scores (the training script's AUCs) equals the log of PRMScorer's step scores, steps scored one at a
+    time over the PRM's paged tree, with and without the step likelihood; rows of different lengths, some wrong."""
+    from o1kernels.decoder.model import Transformer
+    from o1kernels.decoder.prm import PRMScorer
+    from o1kernels.decoder.train import model_config, solution_row, step_log_scores
+
+    tok = CharTokenizer()
+    cfg = model_config(TINY, tok)
+    cfg = dataclasses.replace(cfg, reward_head={**cfg.reward_head, "likelihood_weight": weight})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # weights large enough that the scores spread
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    rows = []
+    for i, p in enumerate(generate_problems(5, 13)):
+        steps = p.solution_steps()
+        if i % 2:
+            steps[-1] = steps[-1] + "7"
+        rows.append(solution_row(p, tok, steps, lm=False))
+    assert len({len(r.steps) for r in rows}) > 1
+    expected = step_log_scores(model, rows, tok, chunk=2)
+    scorer = PRMScorer(model, backend="torch")
+    got = []
+    for r in rows:
+        branch = scorer.add_prompt(r.prompt)
+        for step in r.steps:
+            got.append(scorer.score([branch], [step])[0].log().item())
+        scorer.release(branch)
+    assert expected.std() > 0.01  # 100x the tolerance
+    torch.testing.assert_close(torch.tensor(got), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_verifier_rows_pair_each_correct_solution_with_a_first_error_chain():

@@ -62,8 +62,11 @@ same prefix (first_error_steps; the kinds behind best-of-N's losses at large N d
 wrong copies, slipped answers) and adds rollouts of the policy drawn with weight 1 / sqrt(rollouts of their first
 error kind) (its common result slips, and its rare errors more often). Auxiliary digit targets at every step's end
 (aux_targets: phase 2's, plus the value the step must start from and the operand and op due) make the trunk compute
-what checking needs where the reward head reads. What the exploration runs measured on the eval problems (200 x 256
-policy samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.855 / 0.828 / 0.670):
+what checking needs where the reward head reads. Its step score is the reward head's times the verifier's own LM
+probability of the step's tokens given the prefix (likelihood_weight 1 in its reward-head spec, which PRMScorer and
+step_log_scores compute): the LM, trained further on correct solutions, gives a slipped digit a low probability where
+the head can still rate the step 0.99. What the exploration runs measured on the eval problems (200 x 256 policy
+samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.855 / 0.828 / 0.670):
 - first-error labels, pairs, these kinds, 1000 updates of 128 rows, then a fresh head on frozen features: 0.887 /
   0.917 / 0.840 (the trunk's own head 0.884 / 0.916 / 0.845: the refit was dropped);
 - + the start/operand/op targets, 1400 updates: 0.886 / 0.934 / 0.900 (copy AUC 0.942, operand 0.956);
@@ -90,11 +93,16 @@ policy samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.8
   shipped weights are its run through --verifier: 0.892 / 0.959 / 0.955, no drop (-0.004, [-0.028, +0.020]);
   held-out AUC copy 0.962, operand 0.989, after an error 0.767; 756 s. On the scaling benchmark's own 200 problems
   it still falls from N=64 to 256 under best-of-N (0.961 -> 0.925) and DVTS (0.965 -> 0.915), as the previous
-  weights did (0.964 -> 0.935, 0.970 -> 0.915).
+  weights did (0.964 -> 0.935, 0.970 -> 0.915);
+- the same weights, each step score times the step's likelihood under the verifier's LM (scoring alone changes):
+  0.895 / 0.966 / 0.990 (times its square root 0.895 / 0.968 / 0.990; the likelihood alone 0.897 / 0.964 / 0.990,
+  under the policy's LM 0.775 / 0.792 / 0.795); DVTS 0.970 / 0.995 / 0.995, no drop. Held-out AUC 1.000 on every
+  first-error kind (copy and operand 1.000 against 0.962 and 0.989 without the factor). This is the shipped scorer.
 A verifier trained from scratch (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on
-slipped results 0.58), too slow for the 15-minute budget. The script then logs both scorers' held-out step AUCs per
-error kind on the same rollouts, and which scorer (with its chain-score aggregate) does better on the eval problems:
-the CLI's default.
+slipped results 0.58), too slow for the 15-minute budget. The script then logs each scorer's held-out step AUCs per
+error kind on the same rollouts (the verifier once per likelihood_weight in VerifierConfig.likelihood_weights) and
+which scorer (with its chain-score aggregate) does best on the eval problems: the CLI's default. It writes the
+verifier with the likelihood_weight that did best there.
 
 Determinism: fixed seeds, a fixed data order (problems drawn from seeded generators), the sampling
 generator seeded per round, torch.set_num_threads(2). The rollouts go through TreeDecoder(backend="auto"),
@@ -435,11 +443,34 @@ def aucs_by_kind(scores: torch.Tensor, kinds: list[str | None]) -> dict[str, flo
 
 
 @torch.no_grad()
+def step_log_scores(model: Transformer, rows: list[Row], tok: CharTokenizer, chunk: int = 1024) -> torch.Tensor:
+    """Log of every step's reward as a PRMScorer gives it, [S] in pack's order: log sigmoid of the head's logit, plus
+    likelihood_weight times the model's log probability of the step's tokens given the row before them."""
+    weight = model.config.reward_head["likelihood_weight"]
+    model.eval()
+    scores = []
+    for start in range(0, len(rows), chunk):
+        ids, solution_mask, _, step_mask, _, _ = pack(rows[start:start + chunk], tok)
+        logits, hidden = model(ids, return_hidden=True)
+        score = F.logsigmoid(head_logits(model, model.model.norm(hidden[step_mask])))
+        if weight:
+            token = torch.zeros(ids.shape)  # log P(ids[b, t] | ids[b, :t]) at solution tokens, 0 elsewhere
+            token[:, 1:] = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            upto = (token * solution_mask).cumsum(1)[step_mask]  # a row's log probability up to each step's end
+            first = torch.ones_like(upto, dtype=torch.bool)  # the first step of its row
+            first[1:] = step_mask.nonzero()[1:, 0] != step_mask.nonzero()[:-1, 0]
+            score = score + weight * (upto - torch.where(first, 0.0, upto.roll(1)))
+        scores.append(score)
+    model.train()
+    return torch.cat(scores)
+
+
+@torch.no_grad()
 def prm_aucs(model: Transformer, rows: list[Row], tok: CharTokenizer, running_min: bool = False) -> dict[str, float]:
-    """aucs_by_kind of the reward head on the steps of `rows`; with running_min, of each step's chain score so far
-    under the min aggregate (the lowest score of the step and the ones before it in its row: what search ranks the
-    chain by after that step)."""
-    logits = head_logits(model, step_features(model, rows, tok))
+    """aucs_by_kind of the step scores (step_log_scores) on the steps of `rows`; with running_min, of each step's
+    chain score so far under the min aggregate (the lowest score of the step and the ones before it in its row: what
+    search ranks the chain by after that step)."""
+    logits = step_log_scores(model, rows, tok)
     if running_min:
         logits = torch.cat([torch.cummin(x, 0).values for x in logits.split([len(r.steps) for r in rows])])
     return aucs_by_kind(logits, [k for r in rows for k in r.kinds])
@@ -568,6 +599,7 @@ class VerifierConfig:
     eval_problems: int = 200
     heldout_problems: int = 512
     select_n: int = 16
+    likelihood_weights: tuple[float, ...] = (0.0, 1.0)  # the verifier's reward-head likelihood_weight candidates
     seed: int = 0
 
 
@@ -748,9 +780,11 @@ def train(cfg: TrainConfig, out: Path, log=print, policy: Path | None = None) ->
 
 
 def build_verifier(cfg: VerifierConfig, policy: Path, out: Path, log=print) -> Transformer:
-    """`train --verifier`: trains the verifier on the rollouts of `policy`'s checkpoint, writes it to `out`, then logs
-    held-out step AUCs per error kind of the verifier and of the policy's reward head on the same rollouts, and which
-    scorer (with its chain-score aggregate) gives the better mean accuracy on the eval problems (see select_aggregate)."""
+    """`train --verifier`: trains the verifier on the rollouts of `policy`'s checkpoint; logs held-out step AUCs per
+    error kind of the verifier (with each of cfg.likelihood_weights as its reward head's likelihood_weight) and of the
+    policy's reward head on the same rollouts, and the mean accuracy of each on the eval problems (select_aggregate,
+    with its best chain-score aggregate); writes the verifier to `out` with the likelihood_weight that did best, and
+    logs the scorer that did best overall (the CLI's default)."""
     torch.set_num_threads(2)
     tok = CharTokenizer()
     model = load_checkpoint(policy, device="cpu", dtype=torch.float32)
@@ -759,22 +793,28 @@ def build_verifier(cfg: VerifierConfig, policy: Path, out: Path, log=print) -> T
     log(f"verifier: {sum(p.numel() for p in model.parameters()):,} parameters, from the policy {policy}")
     wall, cpu = time.perf_counter(), time.process_time()
     verifier = train_verifier(cfg, model, tok, log)
-    save_checkpoint(verifier, out)
-    log(f"wrote {out}; verifier training took {time.perf_counter() - wall:.0f} s wall, "
-        f"{time.process_time() - cpu:.0f} s CPU (evaluations excluded)")
+    log(f"verifier training took {time.perf_counter() - wall:.0f} s wall, {time.process_time() - cpu:.0f} s CPU "
+        "(evaluations excluded)")
     heldout = rollouts(model, cfg, tok, generate_problems(cfg.heldout_problems, SEED_HELDOUT), seed=cfg.seed)
-    log(f"held-out rollouts ({len(heldout)} on {cfg.heldout_problems} fresh problems), step-level AUC by error kind:")
-    log(f"  verifier:    {format_aucs(prm_aucs(verifier, heldout, tok))}")
-    log(f"  reward head: {format_aucs(prm_aucs(model, heldout, tok))}")
-    log("the same, each step scored by its chain's min so far:")
-    log(f"  verifier:    {format_aucs(prm_aucs(verifier, heldout, tok, running_min=True))}")
-    log(f"  reward head: {format_aucs(prm_aucs(model, heldout, tok, running_min=True))}")
     eval_set = generate_problems(cfg.eval_problems, SEED_EVAL)
+    scorers = {"reward head": (model, None)}
+    for weight in cfg.likelihood_weights:
+        scorers[f"verifier x likelihood^{weight:g}" if weight else "verifier"] = (verifier, weight)
     choice = {}
-    for name, decoder in (("reward head", None),
-                          ("verifier", lambda: PRMScoredDecoder(make_decoder(model), verifier))):
-        log(f"{name}:")
+    for name, (scorer, weight) in scorers.items():
+        decoder = None
+        if weight is not None:
+            verifier.config.reward_head["likelihood_weight"] = weight
+            decoder = lambda: PRMScoredDecoder(make_decoder(model), verifier)  # noqa: E731
+        log(f"{name}: held-out step-level AUC by error kind ({len(heldout)} rollouts on {cfg.heldout_problems} fresh "
+            f"problems): {format_aucs(prm_aucs(scorer, heldout, tok))}")
+        log(f"{name}: the same, each step scored by its chain's min so far: "
+            f"{format_aucs(prm_aucs(scorer, heldout, tok, running_min=True))}")
         choice[name] = select_aggregate(model, tok, eval_set, cfg.select_n, cfg.temperature, cfg.seed, log, decoder)
+    best_verifier = max((name for name in scorers if scorers[name][1] is not None), key=lambda name: choice[name][1])
+    verifier.config.reward_head["likelihood_weight"] = scorers[best_verifier][1]
+    save_checkpoint(verifier, out)
+    log(f"wrote {out} (likelihood_weight {scorers[best_verifier][1]:g})")
     best = max(choice, key=lambda name: choice[name][1])
     log("chosen scorer: " + best + " with aggregate " + choice[best][0] + " ("
         + ", ".join(f"{name}: {how} {mean:.3f}" for name, (how, mean) in choice.items()) + ")")
