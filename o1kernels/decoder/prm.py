@@ -97,7 +97,7 @@ class PRMScorer:
         self._check_ids("question", ids)
         with self.tree.atomic():
             branch = self.tree.new_branch()
-            hidden = self._forward([branch], [ids])
+            hidden, _ = self._forward([branch], [ids])
         self._steps[branch] = []
         if self.likelihood_weight:
             self._last[branch] = hidden[-1].clone()
@@ -136,7 +136,7 @@ class PRMScorer:
             self._check_ids(f"steps[{i}]", row)
         t0 = time.perf_counter()
         with self.tree.atomic(branches):
-            hidden = self._forward(branches, ids)
+            hidden, tokens = self._forward(branches, ids)
             lens = torch.tensor([len(r) for r in ids])
             cu = torch.zeros(len(ids) + 1, dtype=torch.int64)
             torch.cumsum(lens, 0, out=cu[1:])
@@ -145,7 +145,7 @@ class PRMScorer:
             dev = hidden.device
             _, last = self._head(hidden, mask.to(dev), cu.to(dev))  # per row its one step: "last" = the new score
             if self.likelihood_weight:
-                last = last * self._likelihood(branches, ids, hidden, cu.to(dev)) ** self.likelihood_weight
+                last = last * self._likelihood(branches, tokens, hidden, cu.to(dev)) ** self.likelihood_weight
             new = last.cpu()  # the one host read of the step
         for b, s in zip(branches, new.tolist()):
             self._steps[b].append(s)
@@ -168,8 +168,9 @@ class PRMScorer:
         if bad:
             raise ValueError(f"{name}: token ids {bad[:4]} outside the PRM's vocabulary [0, {vocab})")
 
-    def _forward(self, branches: list[int], ids: list[list[int]]) -> torch.Tensor:
-        """Append ids[i] to branches[i] and run all of them in one forward -> pre-norm hidden [sum T_i, H]."""
+    def _forward(self, branches: list[int], ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ids[i] to branches[i] and run all of them in one forward -> (pre-norm hidden [sum T_i, H], the
+        packed token ids [sum T_i])."""
         dev = self.model.device
         starts = [self.tree.get(b).length for b in branches]
         slots = torch.tensor([s for b, row in zip(branches, ids) for s in self.tree.append(b, row)], device=dev)
@@ -188,19 +189,19 @@ class PRMScorer:
         hidden = self.model.run_layers(tokens, positions, attend)
         self.stats["forwards"] += 1
         self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self.kv_bytes())
-        return hidden
+        return hidden, tokens
 
-    def _likelihood(self, branches: list[int], ids: list[list[int]], hidden: torch.Tensor, cu: torch.Tensor):
-        """The PRM's LM probability of each row's new tokens given its branch -> [B] float32: each token is predicted
-        by the hidden state before it (the branch's last one for the first token)."""
+    def _likelihood(self, branches: list[int], tokens: torch.Tensor, hidden: torch.Tensor, cu: torch.Tensor):
+        """The PRM's LM probability of each row's new tokens (packed `tokens` [T], their hidden [T, H], cu_seqlens
+        [B+1]) given its branch -> [B] float32: each token is predicted by the hidden state before it (the branch's last
+        one for the first token)."""
         dev = hidden.device
         before = torch.cat([torch.stack([self._last[b] for b in branches]), hidden])  # branch lasts, then the rows
         n = len(branches)
+        position = torch.arange(hidden.shape[0], device=dev)
         row = torch.repeat_interleave(torch.arange(n, device=dev), cu[1:] - cu[:-1])
-        offset = torch.arange(hidden.shape[0], device=dev) - cu[:-1][row]  # token index inside its row
-        source = torch.where(offset == 0, row, n + torch.arange(hidden.shape[0], device=dev) - 1)
+        source = torch.where(position == cu[:-1][row], row, n + position - 1)  # a row's first token: its branch's last
         logp = torch.log_softmax(self.model.logits(before[source]), dim=-1)
-        tokens = torch.tensor([t for r in ids for t in r], device=dev)
         per_token = logp.gather(1, tokens[:, None])[:, 0]
         return torch.zeros(n, device=dev).index_add_(0, row, per_token).exp()
 

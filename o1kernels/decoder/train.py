@@ -457,8 +457,9 @@ def step_log_scores(model: Transformer, rows: list[Row], tok: CharTokenizer, chu
             token = torch.zeros(ids.shape)  # log P(ids[b, t] | ids[b, :t]) at solution tokens, 0 elsewhere
             token[:, 1:] = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
             upto = (token * solution_mask).cumsum(1)[step_mask]  # a row's log probability up to each step's end
+            row = step_mask.nonzero()[:, 0]
             first = torch.ones_like(upto, dtype=torch.bool)  # the first step of its row
-            first[1:] = step_mask.nonzero()[1:, 0] != step_mask.nonzero()[:-1, 0]
+            first[1:] = row[1:] != row[:-1]
             score = score + weight * (upto - torch.where(first, 0.0, upto.roll(1)))
         scores.append(score)
     model.train()
