@@ -149,6 +149,22 @@ def test_verifier_training_writes_the_same_bytes_on_a_rerun(tmp_path):
     assert written == [f"wrote {tmp_path / 'a'} (likelihood_weight {verifier.config.reward_head['likelihood_weight']:g})"]
 
 
+def test_verifier_likelihood_weights_are_checked_before_training(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        _run(TINY, tmp_path / "policy")
+        for bad, message in (((), r"likelihood_weights must name at least one candidate"),
+                             ((0.0, -1.0), "likelihood_weight must be a finite number >= 0, got -1.0"),
+                             ((float("nan"),), "likelihood_weight must be a finite number >= 0, got nan")):
+            logs = []
+            with pytest.raises(ValueError, match=message):
+                build_verifier(dataclasses.replace(VERIFIER_TINY, likelihood_weights=bad), tmp_path / "policy",
+                               tmp_path / "v", log=logs.append)
+            assert not any("verifier step" in line for line in logs) and not (tmp_path / "v").exists()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("kind", ERROR_KINDS)
 def test_synthetic_chains_go_wrong_first_as_asked(kind):
     """first_error_steps: the checker finds the first error of the kind asked for (nearly always: a slip can happen to

@@ -95,7 +95,7 @@ samples, best-of-N with min at N = 16 / 64 / 256; the first version's 0.855 / 0.
   it still falls from N=64 to 256 under best-of-N (0.961 -> 0.925) and DVTS (0.965 -> 0.915), as the previous
   weights did (0.964 -> 0.935, 0.970 -> 0.915);
 - the same weights, each step score times the step's likelihood under the verifier's LM (scoring alone changes):
-  0.895 / 0.966 / 0.990 (times its square root 0.895 / 0.968 / 0.990; the likelihood alone 0.897 / 0.964 / 0.990,
+  0.895 / 0.966 / 0.990 (times its fourth root 0.895 / 0.968 / 0.990; the likelihood alone 0.897 / 0.964 / 0.990,
   under the policy's LM 0.775 / 0.792 / 0.795); DVTS 0.970 / 0.995 / 0.995, no drop. Held-out AUC 1.000 on every
   first-error kind (copy and operand 1.000 against 0.962 and 0.989 without the factor). This is the shipped scorer.
 A verifier trained from scratch (3 layers, hidden 96, 313K parameters) was near chance after 400 updates (step AUC on
@@ -129,7 +129,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import TreeDecoder
-from .model import REWARD_HEAD_KEY, ModelConfig, Transformer
+from .model import REWARD_HEAD_KEY, ModelConfig, Transformer, _parse_reward_head
 from .prm import PRMScoredDecoder
 from .search import AGGREGATES, SearchConfig, aggregate_scores, choose, search
 from .task import (ERROR_KINDS, STEP_SEPARATOR, CharTokenizer, Problem, generate_problems, is_correct,
@@ -791,6 +791,10 @@ def build_verifier(cfg: VerifierConfig, policy: Path, out: Path, log=print) -> T
     model = load_checkpoint(policy, device="cpu", dtype=torch.float32)
     if model.reward_head is None:
         raise ValueError(f"policy: {policy} has no reward head to compare the verifier with")
+    if not cfg.likelihood_weights:
+        raise ValueError("cfg.likelihood_weights must name at least one candidate likelihood_weight, got ()")
+    for weight in cfg.likelihood_weights:  # each through the config's own check, before training
+        _parse_reward_head({**model.config.reward_head, "likelihood_weight": weight}, model.config.vocab_size)
     log(f"verifier: {sum(p.numel() for p in model.parameters()):,} parameters, from the policy {policy}")
     wall, cpu = time.perf_counter(), time.process_time()
     verifier = train_verifier(cfg, model, tok, log)
